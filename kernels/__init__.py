@@ -1,0 +1,121 @@
+"""Selective-scan ops for mamba4rec. Depends on torch (and, optionally, triton); nothing else.
+
+Public functions share mamba_ssm's ``selective_scan_fn`` signature:
+
+* ``selective_scan_ref``   plain-torch fp32 loop over L, the ground truth (kernels/reference.py)
+* ``selective_scan_torch`` the CPU / no-triton path with its own autograd (kernels/torch_scan.py)
+* ``selective_scan_fn``    the Triton kernels, forward and backward (kernels/selective_scan.py)
+* ``selective_scan``       dispatch by ``impl`` = auto | triton | torch | ref
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from .reference import selective_scan_ref
+
+__kernels_project__ = "mamba4rec"  # lets mamba4rec tell this package from PyPI's `kernels`
+
+SCAN_IMPLS = ("auto", "triton", "torch", "ref")
+#: Environment variable that forces a scan path for every call, whatever the config says.
+SCAN_IMPL_ENV = "MAMBA4REC_SCAN_IMPL"
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable, why): whether the Triton scan can be imported here."""
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken triton install
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    try:
+        importlib.import_module(__name__ + ".selective_scan")
+    except Exception as exc:
+        return False, f"the Triton scan failed to import ({type(exc).__name__}: {exc})"
+    return True, "triton is importable"
+
+
+def resolve_scan_impl(impl: str, device) -> tuple[str, str]:
+    """Pick the scan path for tensors on ``device``; return (path, one-line reason).
+
+    ``MAMBA4REC_SCAN_IMPL`` (auto | triton | torch | ref), when set, overrides ``impl``.
+    """
+    forced = os.environ.get(SCAN_IMPL_ENV, "").strip().lower()
+    source = f"scan_impl={impl!r}"
+    if forced:
+        if forced not in SCAN_IMPLS:
+            raise ValueError(
+                f"{SCAN_IMPL_ENV}={forced!r} is not a scan path; use one of {', '.join(SCAN_IMPLS)} "
+                f"or unset it"
+            )
+        impl, source = forced, f"{SCAN_IMPL_ENV}={forced}"
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"scan_impl={impl!r} is not a scan path; use one of {', '.join(SCAN_IMPLS)}")
+    dev_type = getattr(device, "type", str(device))
+    on_triton_device = dev_type == "cuda" or _triton_interpreting()
+    if impl == "auto":
+        if not on_triton_device:
+            return "torch", f"{source}: tensors on {dev_type}, so the chunked torch scan"
+        ok, why = triton_status()
+        if ok:
+            return "triton", f"{source}: tensors on {dev_type} and {why}"
+        return "torch", f"{source}: tensors on {dev_type} but {why}; falling back to the torch scan"
+    if impl == "triton":
+        if not on_triton_device:
+            raise ValueError(
+                f"{source} needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                f"tensors are on {dev_type}: use scan_impl=torch or auto"
+            )
+        ok, why = triton_status()
+        if not ok:
+            raise ValueError(f"{source} was asked for but {why}: pip install triton, or use scan_impl=torch")
+        return "triton", f"{source}"
+    return impl, source
+
+
+def get_scan_fn(path: str):
+    """The scan function of a resolved path ('triton', 'torch' or 'ref')."""
+    if path == "ref":
+        return selective_scan_ref
+    if path == "torch":
+        from .torch_scan import selective_scan_torch
+
+        return selective_scan_torch
+    if path == "triton":
+        from .selective_scan import selective_scan_fn
+
+        return selective_scan_fn
+    raise ValueError(f"unknown scan path {path!r}; expected triton, torch or ref")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, impl: str = "auto"):
+    """Selective scan through the path ``impl`` resolves to for ``u``'s device."""
+    path, _ = resolve_scan_impl(impl, u.device)
+    return get_scan_fn(path)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                             delta_softplus=delta_softplus, return_last_state=return_last_state)
+
+
+def __getattr__(name):  # lazy, so importing kernels never pulls in triton
+    if name == "selective_scan_torch":
+        return get_scan_fn("torch")
+    if name == "selective_scan_fn":
+        return get_scan_fn("triton")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "SCAN_IMPLS",
+    "SCAN_IMPL_ENV",
+    "get_scan_fn",
+    "resolve_scan_impl",
+    "selective_scan",
+    "selective_scan_fn",
+    "selective_scan_ref",
+    "selective_scan_torch",
+    "triton_status",
+]

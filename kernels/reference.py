@@ -1,0 +1,59 @@
+"""Plain-torch references: readable fp32 loops over L, the ground truth for every test.
+
+Shapes::
+
+    u, delta, z   : (B D L)          A : (D N)
+    B, C          : (B N L) or (B G N L)   channel d reads group d // (D // G)
+    D, delta_bias : (D,)
+    out           : (B D L) in u's dtype      last_state : (B D N) float32
+
+Recurrence, per channel d and state n::
+
+    dt  = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t          (h_0 = 0)
+    y_t = sum_n h_t * C_t + D * u_t ;   out = y * silu(z) if z is given
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import check_scan_inputs
+
+
+def _per_channel(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, N, L) or (B, G, N, L) -> (B, dim, N, L), each channel reading its group."""
+    if X.dim() == 3:
+        return X.unsqueeze(1).expand(X.shape[0], dim, X.shape[1], X.shape[2])
+    groups = X.shape[1]
+    return X.repeat_interleave(dim // groups, dim=1)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, return_last_state=False):
+    """Selective scan, one step at a time in float32. Same signature as mamba_ssm's."""
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    dtype_in = u.dtype
+    batch, dim, L = u.shape
+    u32, dt = u.float(), delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    A32 = A.float()
+    Bc, Cc = _per_channel(B.float(), dim), _per_channel(C.float(), dim)
+    h = u32.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(L):
+        dA = torch.exp(dt[:, :, t, None] * A32)                        # (B, D, N)
+        dBu = (dt[:, :, t] * u32[:, :, t])[:, :, None] * Bc[:, :, :, t]  # (B, D, N)
+        h = dA * h + dBu
+        ys.append((h * Cc[:, :, :, t]).sum(-1))                        # (B, D)
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.float()[:, None] * u32
+    if z is not None:
+        y = y * F.silu(z.float())
+    out = y.to(dtype_in)
+    return (out, h) if return_last_state else out
