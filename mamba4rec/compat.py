@@ -1,0 +1,218 @@
+"""The few shims that make RecBole 1.2.1 run on today's torch / numpy / pandas / setuptools.
+
+Each entry says what breaks without it; tests/test_compat.py shows each failure it prevents.
+
+1. numpy < 2 (pinned in setup.cfg). RecBole's ``Config.compatibility_settings`` assigns
+   ``np.float = np.float_`` and friends, and ``np.float_`` no longer exists in numpy 2: every
+   ``Config(...)`` would raise AttributeError. ray 2.6.3 (imported by ``recbole.quick_start``)
+   is also built against numpy 1. :func:`check_stack` turns a wrong install into one clear error.
+2. pandas < 3 (pinned). RecBole's ``Dataset`` fills missing values with
+   ``df[field].fillna(value, inplace=True)`` on a column; under pandas 3's copy-on-write that
+   writes into a temporary copy and is silently lost. :func:`check_stack` refuses pandas 3.
+3. setuptools < 80 (pinned). ``recbole.quick_start`` imports ray 2.6.3, which imports
+   ``pkg_resources``; recent setuptools no longer provides it. mamba4rec itself never imports
+   quick_start, but users' own pipelines often do. Checked (warning only) by :func:`check_stack`.
+4. torch >= 2.6 loads with ``weights_only=True`` by default, and RecBole's checkpoints pickle the
+   whole ``Config``: ``Trainer.evaluate(load_best_model=True)`` and ``resume_checkpoint`` fail for
+   every model. :func:`install_checkpoint_shim` records the sha256 of every checkpoint the
+   trainer writes in this process and lets RecBole's own ``torch.load`` call unpickle exactly those
+   files (same path, same bytes) with ``weights_only=False``; any other file keeps torch's safe
+   default. A checkpoint you wrote in an earlier process and trust can be opened explicitly with
+   :func:`trust_checkpoint`.
+5. RecBole's ``Dataset._fill_nan`` calls ``feat[field].fillna(..., inplace=True)``: pandas 2.2+
+   warns on every load and, under copy-on-write (pandas 3's only mode, opt-in in 2.x), the
+   fill is lost and NaN reaches the model. :func:`install_fill_nan_fix` assigns the filled
+   column back instead (same values, no chained assignment).
+6. RecBole 1.2.1 builds ``torch.cuda.amp.GradScaler`` at every ``fit``, which torch >= 2.4 flags
+   with a FutureWarning on every run; that one message is filtered (nothing else is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import os
+import threading
+import types
+import warnings
+
+_REGISTRY_LOCK = threading.Lock()
+#: realpath -> sha256 of checkpoints written by a RecBole trainer in this process (or trusted).
+_TRUSTED: dict[str, str] = {}
+_INSTALLED = False
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def check_stack(versions: dict | None = None) -> list[str]:
+    """Fail clearly when the installed stack is one RecBole 1.2.1 cannot run on.
+
+    ``versions`` (name -> version string) replaces the installed versions, for tests.
+    Raises ImportError for a fatal mismatch; returns the list of warnings it issued.
+    """
+    def ver(name):
+        if versions is not None:
+            return versions.get(name)
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    fix = 'reinstall with: pip install "numpy<2" "pandas<3" "setuptools<80"'
+    numpy_v, pandas_v = ver("numpy"), ver("pandas")
+    if numpy_v and _major(numpy_v) >= 2:
+        raise ImportError(
+            f"mamba4rec needs numpy < 2 (found {numpy_v}): RecBole 1.2.1's Config uses np.float_, "
+            f"removed in numpy 2, and ray 2.6.3 is built against numpy 1; {fix}"
+        )
+    if pandas_v and _major(pandas_v) >= 3:
+        raise ImportError(
+            f"mamba4rec needs pandas < 3 (found {pandas_v}): RecBole 1.2.1 fills missing values "
+            f"with in-place fillna on columns, which pandas 3 silently drops; {fix}"
+        )
+    issued = []
+    setuptools_v = ver("setuptools")
+    if setuptools_v and _major(setuptools_v) >= 80:
+        msg = (f"setuptools {setuptools_v} may lack pkg_resources, which ray 2.6.3 (imported by "
+               f"recbole.quick_start) needs; mamba4rec works without it, but for quick_start {fix}")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        issued.append(msg)
+    return issued
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def trust_checkpoint(path) -> None:
+    """Allow RecBole's trainer to unpickle ``path`` (its current bytes) in this process.
+
+    For a RecBole checkpoint you wrote yourself in an earlier run, before
+    ``trainer.resume_checkpoint(path)`` or ``trainer.evaluate(..., model_file=path)``.
+    If the file changes afterwards it is refused again.
+    """
+    real = os.path.realpath(os.fspath(path))
+    if not os.path.isfile(real):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with _REGISTRY_LOCK:
+        _TRUSTED[real] = _sha256(real)
+
+
+def is_trusted_checkpoint(path) -> bool:
+    try:
+        real = os.path.realpath(os.fspath(path))
+    except TypeError:  # a file object, a buffer: never trusted implicitly
+        return False
+    with _REGISTRY_LOCK:
+        digest = _TRUSTED.get(real)
+    return digest is not None and os.path.isfile(real) and _sha256(real) == digest
+
+
+def _trainer_load(f, *args, **kwargs):
+    """torch.load as RecBole's trainer calls it: full unpickling only for trusted files."""
+    import torch
+
+    if "weights_only" not in kwargs and is_trusted_checkpoint(f):
+        kwargs["weights_only"] = False
+    return torch.load(f, *args, **kwargs)
+
+
+def _trainer_save(obj, f, *args, **kwargs):
+    """torch.save for RecBole's trainer: write to a temporary file, then rename.
+
+    A kill mid-write leaves the previous checkpoint intact; the written file is then trusted.
+    """
+    import torch
+
+    if not isinstance(f, (str, os.PathLike)):
+        return torch.save(obj, f, *args, **kwargs)
+    path = os.fspath(f)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp, *args, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    trust_checkpoint(path)
+
+
+class _TorchForRecBoleTrainer(types.ModuleType):
+    """``torch`` as seen from recbole.trainer.trainer: everything is torch's, but load/save."""
+
+    def __init__(self, torch_module):
+        super().__init__("torch")
+        self.__dict__["_torch"] = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_torch"], name)
+
+    load = staticmethod(_trainer_load)
+    save = staticmethod(_trainer_save)
+
+
+def install_checkpoint_shim() -> None:
+    """Route recbole.trainer.trainer's torch.load / torch.save through the functions above.
+
+    Only that module's global name ``torch`` is replaced; torch itself is untouched, so no
+    other code in the process gets weaker loading.
+    """
+    import torch
+    import recbole.trainer.trainer as rb_trainer
+
+    if not isinstance(rb_trainer.torch, _TorchForRecBoleTrainer):
+        rb_trainer.torch = _TorchForRecBoleTrainer(torch)
+
+
+def _fill_nan(self):
+    """RecBole's Dataset._fill_nan, assigning the filled columns back (see note 5)."""
+    import numpy as np
+    from recbole.utils import FeatureType
+
+    for feat_name in self.feat_name_list:
+        feat = getattr(self, feat_name)
+        for field in feat:
+            ftype = self.field2type[field]
+            if ftype == FeatureType.TOKEN:
+                feat[field] = feat[field].fillna(value=0)
+            elif ftype == FeatureType.FLOAT:
+                feat[field] = feat[field].fillna(value=feat[field].mean())
+            else:
+                dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
+                feat[field] = feat[field].apply(
+                    lambda x, dtype=dtype: np.array([], dtype=dtype) if isinstance(x, float) else x)
+
+
+_RECBOLE_FILL_NAN = None  # RecBole's own, kept so a test can show what it does under CoW
+
+
+def install_fill_nan_fix() -> None:
+    global _RECBOLE_FILL_NAN
+    from recbole.data.dataset import Dataset
+
+    if Dataset._fill_nan is not _fill_nan:
+        _RECBOLE_FILL_NAN = Dataset._fill_nan
+        Dataset._fill_nan = _fill_nan
+
+
+def install() -> None:
+    """Apply every shim once (called by ``import mamba4rec``)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    check_stack()
+    warnings.filterwarnings(
+        "ignore", message=r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated.*",
+        category=FutureWarning,
+    )
+    install_checkpoint_shim()
+    install_fill_nan_fix()
+    _INSTALLED = True

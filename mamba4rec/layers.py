@@ -1,0 +1,124 @@
+"""Mamba4Rec's layers: the Mamba block, the position-wise feed-forward network, MambaLayer.
+
+Shapes: B batch, L sequence length, H hidden_size, Di = expand * H (inner width),
+N d_state, R dt_rank = ceil(H / 16).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import get_scan_fn, resolve_scan_impl
+
+logger = logging.getLogger(__name__)
+
+DT_INITS = ("paper", "mamba")
+
+
+class MambaBlock(nn.Module):
+    """in_proj -> causal depthwise conv1d + SiLU -> x_proj -> dt_proj -> selective scan
+    -> * SiLU(gate) -> out_proj.  Input and output (B, L, H)."""
+
+    def __init__(self, d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2,
+                 scan_impl: str = "auto"):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        self.scan_impl = scan_impl
+        self._scan_path = None  # (device type, path) last resolved, for the one log line
+
+        # define layers
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # S4D-real initialisation: A = -(1..N) per channel, kept as log for positivity.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.reset_dt_parameters()
+
+    @torch.no_grad()
+    def reset_dt_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1,
+                            dt_init_floor: float = 1e-4, dt_scale: float = 1.0) -> None:
+        """Mamba's own dt initialisation: dt = softplus(bias) log-uniform in [dt_min, dt_max].
+
+        Mamba4Rec's paper code overwrites this with normal(0, 0.02) weights and a zero bias
+        (its blanket Linear init); ``dt_init: mamba`` re-applies this after that init.
+        """
+        std = self.dt_rank ** -0.5 * dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def scan_path(self, device) -> str:
+        path, why = resolve_scan_impl(self.scan_impl, device)
+        key = (getattr(device, "type", str(device)), path)
+        if self._scan_path != key:
+            self._scan_path = key
+            logger.info("Mamba4Rec selective scan: %s path (%s)", path, why)
+        return path
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        L = hidden_states.shape[1]
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)       # [B, L, Di] each
+        x = x.transpose(1, 2)                                     # [B, Di, L]
+        x = F.silu(self.conv1d(x)[..., :L])                       # causal: drop the right padding
+        x_dbl = self.x_proj(x.transpose(1, 2))                    # [B, L, R + 2N]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]; bias goes to the scan
+        A = -torch.exp(self.A_log.float())                        # [Di, N]
+        scan = get_scan_fn(self.scan_path(x.device))
+        y = scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
+                 z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))                   # [B, L, H]
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: Linear(H, 4H) -> GELU -> dropout -> Linear(4H, H) -> dropout
+    -> + input -> LayerNorm."""
+
+    def __init__(self, d_model: int, inner_size: int, dropout: float):
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, inner_size)
+        self.w_2 = nn.Linear(inner_size, d_model)
+        self.activation = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.activation(self.w_1(input_tensor)))
+        hidden = self.dropout(self.w_2(hidden))
+        return self.LayerNorm(hidden + input_tensor)
+
+
+class MambaLayer(nn.Module):
+    """Mamba block -> dropout -> LayerNorm (residual only when stacked), then the PFFN.
+
+    The paper's code adds the residual around the block only when num_layers > 1; a single
+    layer normalises the block output alone. Kept as is: it is what the paper measured.
+    """
+
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dropout: float,
+                 num_layers: int, scan_impl: str = "auto"):
+        super().__init__()
+        self.num_layers = num_layers
+        self.mamba = MambaBlock(d_model, d_state, d_conv, expand, scan_impl=scan_impl)
+        self.dropout = nn.Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
+        self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.mamba(input_tensor))
+        if self.num_layers > 1:
+            hidden = hidden + input_tensor
+        return self.ffn(self.LayerNorm(hidden))

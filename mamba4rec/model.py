@@ -1,0 +1,176 @@
+"""Mamba4Rec: selective state space models for sequential recommendation.
+
+Reference:
+    Chengkai Liu, Jianghao Lin, Jianling Wang, Hanzhou Liu, James Caverlee.
+    "Mamba4Rec: Towards Efficient Sequential Recommendation with Selective State Space Models."
+    arXiv:2403.03900, 2024.
+
+Defaults follow the paper's official code (hidden 64, one layer, d_state 32, d_conv 4, expand 2,
+dropout, LayerNorm eps 1e-12, normal(0, 0.02) init, tied output embedding, CE loss).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn as nn
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.model.loss import BPRLoss
+
+from kernels import SCAN_IMPLS
+
+from .layers import DT_INITS, MambaLayer
+
+#: Every model key with its default: the single source; configs/model/Mamba4Rec.yaml mirrors it
+#: (tests/test_model.py checks that they agree).
+MODEL_DEFAULTS = {
+    "hidden_size": 64,
+    "num_layers": 1,
+    "dropout_prob": 0.2,
+    "d_state": 32,
+    "d_conv": 4,
+    "expand": 2,
+    "loss_type": "CE",
+    "scan_impl": "auto",
+    "position_embedding": False,
+    "dt_init": "paper",
+}
+LOSS_TYPES = ("CE", "BPR")
+
+
+def _bad(key, value, rule):
+    return ValueError(
+        f"Mamba4Rec config: {key}={value!r} is invalid: {rule}. Set it in "
+        f"configs/model/Mamba4Rec.yaml, a config file of yours or on the command line "
+        f"(--{key}=...); the default is {MODEL_DEFAULTS[key]!r}."
+    )
+
+
+def resolve_model_config(config) -> dict:
+    """Read Mamba4Rec's keys from a RecBole Config (or dict), fill defaults, validate.
+
+    Raises ValueError naming the key, the value and the allowed range. Called by the pipeline
+    before any data work, and again by the model for users' own pipelines.
+    """
+    get = config.get if isinstance(config, dict) else config.__getitem__
+    out = {}
+    for key, default in MODEL_DEFAULTS.items():
+        value = get(key)
+        out[key] = default if value is None else value
+    for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand"):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise _bad(key, v, "it must be an integer >= 1")
+        out[key] = int(v)
+    p = out["dropout_prob"]
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+        raise _bad("dropout_prob", p, "it must be a number in [0, 1)")
+    out["dropout_prob"] = float(p)
+    if out["loss_type"] not in LOSS_TYPES:
+        raise _bad("loss_type", out["loss_type"], f"it must be one of {', '.join(LOSS_TYPES)}")
+    if out["scan_impl"] not in SCAN_IMPLS:
+        raise _bad("scan_impl", out["scan_impl"], f"it must be one of {', '.join(SCAN_IMPLS)}")
+    if out["dt_init"] not in DT_INITS:
+        raise _bad("dt_init", out["dt_init"], f"it must be one of {', '.join(DT_INITS)}")
+    if not isinstance(out["position_embedding"], bool):
+        raise _bad("position_embedding", out["position_embedding"], "it must be True or False")
+    return out
+
+
+class Mamba4Rec(SequentialRecommender):
+    r"""Item embedding -> dropout -> LayerNorm -> num_layers x MambaLayer -> the output at the
+    last item -> scores against the (tied) item embedding."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+
+        # load parameters info
+        params = resolve_model_config(config)
+        self.hidden_size = params["hidden_size"]
+        self.num_layers = params["num_layers"]
+        self.dropout_prob = params["dropout_prob"]
+        self.d_state = params["d_state"]
+        self.d_conv = params["d_conv"]
+        self.expand = params["expand"]
+        self.loss_type = params["loss_type"]
+        self.scan_impl = params["scan_impl"]
+        self.dt_init = params["dt_init"]
+        self.use_position_embedding = params["position_embedding"]
+
+        # define layers and loss
+        self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
+        self.position_embedding = (
+            nn.Embedding(self.max_seq_length, self.hidden_size) if self.use_position_embedding else None
+        )
+        self.dropout = nn.Dropout(self.dropout_prob)
+        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=1e-12)
+        self.mamba_layers = nn.ModuleList(
+            MambaLayer(self.hidden_size, self.d_state, self.d_conv, self.expand, self.dropout_prob,
+                       self.num_layers, scan_impl=self.scan_impl)
+            for _ in range(self.num_layers)
+        )
+        if self.loss_type == "BPR":
+            self.loss_fct = BPRLoss()
+        elif self.loss_type == "CE":
+            self.loss_fct = nn.CrossEntropyLoss()
+        else:  # resolve_model_config already refused it; kept as RecBole's closed check
+            raise NotImplementedError("Make sure 'loss_type' in ['BPR', 'CE']!")
+
+        # parameters initialization
+        self.apply(self._init_weights)
+        if self.dt_init == "mamba":
+            for layer in self.mamba_layers:
+                layer.mamba.reset_dt_parameters()
+
+    @staticmethod
+    def _init_weights(module):
+        """The paper's init: normal(0, 0.02) for Linear/Embedding weights, zero Linear biases
+        (dt_proj's too), LayerNorm 1/0. Conv1d, A_log and D keep their own init."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def forward(self, item_seq, item_seq_len):
+        # Sequences are left-aligned and the model is causal, so the padding after the longest
+        # sequence of the batch cannot change any output we read: drop it (same result, less work).
+        L = int(item_seq_len.max())
+        item_seq = item_seq[:, :L]
+        item_emb = self.item_embedding(item_seq)                    # [B, L, H]
+        if self.position_embedding is not None:
+            positions = torch.arange(L, device=item_seq.device)
+            item_emb = item_emb + self.position_embedding(positions)[None]
+        hidden = self.LayerNorm(self.dropout(item_emb))
+        for layer in self.mamba_layers:
+            hidden = layer(hidden)
+        return self.gather_indexes(hidden, item_seq_len - 1)        # [B, H]
+
+    def calculate_loss(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        seq_output = self.forward(item_seq, item_seq_len)
+        pos_items = interaction[self.POS_ITEM_ID]
+        if self.loss_type == "BPR":
+            neg_items = interaction[self.NEG_ITEM_ID]
+            pos_score = torch.sum(seq_output * self.item_embedding(pos_items), dim=-1)  # [B]
+            neg_score = torch.sum(seq_output * self.item_embedding(neg_items), dim=-1)  # [B]
+            return self.loss_fct(pos_score, neg_score)
+        logits = torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))  # [B, n_items]
+        return self.loss_fct(logits, pos_items)
+
+    def predict(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        test_item = interaction[self.ITEM_ID]
+        seq_output = self.forward(item_seq, item_seq_len)
+        return torch.mul(seq_output, self.item_embedding(test_item)).sum(dim=1)  # [B]
+
+    def full_sort_predict(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        seq_output = self.forward(item_seq, item_seq_len)
+        return torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))  # [B, n_items]

@@ -1,0 +1,276 @@
+"""One pipeline for every model: build the config, check it, load data, train, evaluate.
+
+Used by run_recbole.py, the benchmarks and the tests. Mamba4Rec and any RecBole model name
+(SASRec, GRU4Rec, ...) go through the same code, configs and protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import recbole
+import yaml
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_trainer, init_logger, init_seed
+
+from .model import Mamba4Rec, resolve_model_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+BUNDLED_DATA = Path(recbole.__file__).resolve().parent / "dataset_example"
+OUR_MODELS = {"Mamba4Rec": Mamba4Rec}
+_RECBOLE_MODEL_PACKAGES = ("general_recommender", "sequential_recommender",
+                           "context_aware_recommender", "knowledge_aware_recommender")
+_ARGV_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
+
+
+def known_models() -> list[str]:
+    """Mamba4Rec plus every model class RecBole ships (as RecBole's get_model finds them)."""
+    from recbole.model.abstract_recommender import AbstractRecommender
+
+    names = set(OUR_MODELS)
+    for pkg in _RECBOLE_MODEL_PACKAGES:
+        try:
+            module = importlib.import_module(f"recbole.model.{pkg}")
+        except Exception:  # an optional dependency missing: skip that family
+            continue
+        for info in pkgutil.iter_modules(module.__path__):
+            for attr in dir(module):
+                obj = getattr(module, attr)
+                if (isinstance(obj, type) and issubclass(obj, AbstractRecommender)
+                        and attr.lower() == info.name):
+                    names.add(attr)
+    return sorted(names, key=str.lower)
+
+
+def resolve_model(model) -> tuple[type, str]:
+    """A model class or name -> (class, name). Unknown names list the known ones."""
+    if isinstance(model, type):
+        return model, model.__name__
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be a model class or name, got {model!r}")
+    if model in OUR_MODELS:
+        return OUR_MODELS[model], model
+    from recbole.utils import get_model
+
+    try:
+        return get_model(model), model
+    except (ValueError, AttributeError, ImportError):
+        raise ValueError(
+            f"unknown model {model!r}; known models: {', '.join(known_models())}"
+        ) from None
+
+
+def default_config_files(model_name: str, dataset: str) -> list[str]:
+    """configs/overall.yaml, configs/model/<model>.yaml, configs/dataset/<dataset>.yaml (those that exist)."""
+    candidates = [CONFIG_DIR / "overall.yaml", CONFIG_DIR / "model" / f"{model_name}.yaml",
+                  CONFIG_DIR / "dataset" / f"{dataset}.yaml"]
+    return [str(p) for p in candidates if p.is_file()]
+
+
+@contextlib.contextmanager
+def _recbole_argv(cmd_args):
+    """RecBole's Config reads --key=value overrides from sys.argv; give it exactly ours."""
+    with _ARGV_LOCK:
+        saved = sys.argv
+        sys.argv = [saved[0] if saved else "mamba4rec", *cmd_args]
+        try:
+            yield
+        finally:
+            sys.argv = saved
+
+
+def _check_cmd_args(cmd_args) -> list[str]:
+    cmd_args = list(cmd_args or [])
+    for arg in cmd_args:
+        if not (arg.startswith("--") and len(arg[2:].split("=")) == 2 and arg[2:].split("=")[0]):
+            raise ValueError(f"override {arg!r} is not of the form --key=value (e.g. --epochs=5)")
+    return cmd_args
+
+
+def _file_config_value(files, key):
+    value = None
+    for f in files:
+        with open(f) as fh:
+            data = yaml.load(fh, Loader=yaml.FullLoader) or {}
+        if key in data:
+            value = data[key]
+    return value
+
+
+def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None,
+                 cmd_args=None, use_default_configs=True) -> Config:
+    """A RecBole Config for ``model`` on ``dataset``, validated before any data work.
+
+    Files: configs/overall.yaml, configs/model/<model>.yaml, configs/dataset/<dataset>.yaml,
+    then ``config_files`` (later wins); then ``config_dict``; then ``cmd_args`` ("--key=value",
+    RecBole's command-line priority).
+    """
+    model_class, model_name = resolve_model(model)
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError(f"dataset must be a non-empty name, got {dataset!r}")
+    files = default_config_files(model_name, dataset) if use_default_configs else []
+    for f in config_files or []:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"config file {f!r} does not exist")
+        files.append(str(f))
+    cmd_args = _check_cmd_args(cmd_args)
+    config_dict = dict(config_dict or {})
+
+    with _recbole_argv(cmd_args):
+        config = Config(model=model_class, dataset=dataset, config_file_list=files or None,
+                        config_dict=config_dict)
+        # BPR needs a sampled negative; CE must have none. Give BPR RecBole's uniform 1:1
+        # sampling unless the user chose a sampler.
+        if (config["loss_type"] == "BPR" and not any(a.startswith("--train_neg_sample_args=") for a in cmd_args)
+                and config_dict.get("train_neg_sample_args") is None
+                and _file_config_value(files, "train_neg_sample_args") is None):
+            config_dict["train_neg_sample_args"] = {"distribution": "uniform", "sample_num": 1}
+            config = Config(model=model_class, dataset=dataset, config_file_list=files or None,
+                            config_dict=config_dict)
+    if model_class is Mamba4Rec or issubclass(model_class, Mamba4Rec):
+        resolve_model_config(config)  # ValueError naming key, value and range
+    _resolve_data_path(config)
+    return config
+
+
+def _resolve_data_path(config) -> None:
+    """ml-100k: the user's copy under data_path if there is one, else RecBole's bundled copy."""
+    if config["dataset"] != "ml-100k":
+        return
+    user_root = config.external_config_dict.get("data_path") or config.internal_config_dict.get("data_path")
+    user_dir = os.path.join(user_root or "dataset/", "ml-100k")
+    if os.path.isfile(os.path.join(user_dir, "ml-100k.inter")):
+        config["data_path"] = os.path.abspath(user_dir)
+    else:
+        config["data_path"] = str(BUNDLED_DATA / "ml-100k")
+
+
+def _downloadable() -> dict:
+    path = Path(recbole.__file__).resolve().parent / "properties" / "dataset" / "url.yaml"
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def check_dataset_files(config) -> None:
+    """Fail before any data work when the data set has no atomic files (unless RecBole can fetch it)."""
+    name, folder = config["dataset"], config["data_path"]
+    inter = os.path.join(folder, f"{name}.inter")
+    if os.path.isfile(inter):
+        return
+    how = (f"Prepare it with: python datasets/prepare.py --format seq-text --input FILE "
+           f"--dataset {name} --output-dir DIR (see docs/DATASETS.md), then pass --data_path=DIR; "
+           f"or point --data_path at the folder that holds {name}/{name}.inter.")
+    urls = _downloadable()
+    if name in urls and not os.path.exists(folder):
+        logger.warning("data set %r not found at %s: RecBole will download it from %s. Offline? %s",
+                       name, folder, urls[name], how)
+        return
+    raise FileNotFoundError(f"data set {name!r}: no atomic file at {inter}. {how}")
+
+
+@dataclass
+class RunResult:
+    model: str
+    dataset: str
+    best_valid_score: float
+    best_valid_result: dict
+    test_result: dict
+    params: int
+    epochs_run: int
+    best_epoch: int | None
+    train_seconds_per_epoch: float
+    eval_seconds: float
+    saved_model_file: str | None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_model(config, train_dataset, model_class=None):
+    model_class = model_class or resolve_model(config["model"])[0]
+    return model_class(config, train_dataset).to(config["device"])
+
+
+def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None, cmd_args=None,
+        saved=True, config=None) -> RunResult:
+    """Train ``model`` on ``dataset`` and evaluate the best checkpoint on the test split."""
+    model_class, model_name = resolve_model(model)
+    if config is None:
+        config = build_config(model_class, dataset, config_files, config_dict, cmd_args)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    log = logging.getLogger()
+    log.info(config)
+    check_dataset_files(config)
+
+    data = create_dataset(config)
+    log.info(data)
+    train_data, valid_data, test_data = data_preparation(config, data)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    net = build_model(config, train_data.dataset, model_class)
+    log.info(net)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+
+    train_times = []
+    inner_train_epoch = trainer._train_epoch
+
+    def timed_train_epoch(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = inner_train_epoch(*args, **kwargs)
+        train_times.append(time.perf_counter() - t0)
+        return out
+
+    trainer._train_epoch = timed_train_epoch
+    valid_scores = []  # (epoch, score) per validation, to report the best epoch
+    inner_valid_epoch = trainer._valid_epoch
+
+    def recorded_valid_epoch(*args, **kwargs):
+        score, result = inner_valid_epoch(*args, **kwargs)
+        valid_scores.append((len(train_times) - 1, float(score)))
+        return score, result
+
+    trainer._valid_epoch = recorded_valid_epoch
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    t0 = time.perf_counter()
+    test_result = trainer.evaluate(test_data, load_best_model=saved,
+                                   show_progress=config["show_progress"])
+    eval_seconds = time.perf_counter() - t0
+    log.info("best valid : %s", dict(best_valid_result))
+    log.info("test result: %s", dict(test_result))
+    return RunResult(
+        model=model_name,
+        dataset=config["dataset"],
+        best_valid_score=float(best_valid_score),
+        best_valid_result=dict(best_valid_result),
+        test_result=dict(test_result),
+        params=sum(p.numel() for p in net.parameters() if p.requires_grad),
+        epochs_run=len(train_times),
+        best_epoch=_best_epoch(valid_scores, config["valid_metric_bigger"]),
+        train_seconds_per_epoch=sum(train_times) / max(len(train_times), 1),
+        eval_seconds=eval_seconds,
+        saved_model_file=trainer.saved_model_file if saved else None,
+    )
+
+
+def _best_epoch(valid_scores, bigger_is_better=True):
+    """The (0-based) epoch of the first best validation score, as RecBole's early stopping keeps it."""
+    if not valid_scores:
+        return None
+    sign = 1.0 if bigger_is_better in (None, True) else -1.0
+    best = max(valid_scores, key=lambda es: (sign * es[1], -es[0]))
+    return best[0]

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny RecBole data set and a config that trains in about a second."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+TINY_DATA = TESTS / "data"
+#: ../shared/datasets beside the checkout (real benchmark data); tests using it skip without it.
+SHARED_DATASETS = TESTS.parents[1] / "shared" / "datasets"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config_dict(tmp_path, **overrides):
+    cfg = {
+        "data_path": str(TINY_DATA),
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "epochs": 1,
+        "train_batch_size": 64,
+        "eval_batch_size": 64,
+        "MAX_ITEM_LIST_LENGTH": 10,
+        "hidden_size": 16,
+        "d_state": 4,
+        "show_progress": False,
+        "state": "WARNING",
+        "stopping_step": 2,
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in a temporary folder: RecBole writes ./log/ into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,152 @@
+"""The RecBole flow end to end on a tiny data set: config, data, train, evaluate, CLI, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mamba4rec.pipeline as pipeline
+from mamba4rec import Mamba4Rec
+from tests.conftest import TINY_DATA, tiny_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = {"hit@10", "ndcg@10", "mrr@10"}
+
+
+@pytest.mark.parametrize("loss_type", ["CE", "BPR"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_train_and_evaluate(in_tmp, loss_type, num_layers):
+    cfg = tiny_config_dict(in_tmp, loss_type=loss_type, num_layers=num_layers, epochs=2)
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, cmd_args=["--scan_impl=torch"])
+    assert set(result.test_result) == METRICS and set(result.best_valid_result) == METRICS
+    for value in list(result.test_result.values()) + list(result.best_valid_result.values()):
+        assert 0.0 <= value <= 1.0
+    assert result.epochs_run == 2 and result.best_epoch in (0, 1)
+    assert Path(result.saved_model_file).is_file()  # load_best_model=True read it back
+    assert result.params > 0
+
+
+def test_the_papers_flow_works_with_load_best_model(in_tmp):
+    """Config(model=Mamba4Rec) -> create_dataset -> data_preparation -> Trainer.fit(saved=True)
+    -> trainer.evaluate(test, load_best_model=True): RecBole's own calls, as the paper's run.py."""
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.trainer import Trainer
+    from recbole.utils import init_seed
+
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch")
+    config = Config(model=Mamba4Rec, dataset="tiny", config_dict=cfg,
+                    config_file_list=[str(REPO / "configs" / "overall.yaml"),
+                                      str(REPO / "configs" / "model" / "Mamba4Rec.yaml")])
+    init_seed(config["seed"], config["reproducibility"])
+    train, valid, test = data_preparation(config, create_dataset(config))
+    model = Mamba4Rec(config, train.dataset).to(config["device"])
+    trainer = Trainer(config, model)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # evaluate must reload the best weights from the checkpoint
+    result = trainer.evaluate(test, load_best_model=True)
+    assert set(result) == METRICS
+    assert any(p.abs().sum() > 0 for p in model.parameters())
+
+
+def test_same_seed_gives_same_metrics(in_tmp):
+    runs = [pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch"))
+            for _ in range(2)]
+    assert runs[0].test_result == runs[1].test_result
+
+
+def test_baseline_runs_through_the_same_pipeline(in_tmp):
+    result = pipeline.run("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp, n_layers=1, n_heads=1))
+    assert result.model == "SASRec" and set(result.test_result) == METRICS
+
+
+def test_priority_cmd_over_dict_over_files(in_tmp):
+    extra = in_tmp / "extra.yaml"
+    extra.write_text("d_state: 8\nexpand: 3\nhidden_size: 24\n")
+    cfg = tiny_config_dict(in_tmp)
+    cfg.pop("hidden_size"), cfg.pop("d_state")
+    cfg["expand"] = 4
+    config = pipeline.build_config("Mamba4Rec", "tiny", config_files=[str(extra)], config_dict=cfg,
+                                   cmd_args=["--d_state=16"])
+    assert (config["d_state"], config["expand"], config["hidden_size"]) == (16, 4, 24)
+    # configs/overall.yaml and configs/model/Mamba4Rec.yaml are read
+    assert config["valid_metric"] == "NDCG@10" and config["d_conv"] == 4
+
+
+def test_bpr_gets_a_negative_sampler_ce_none(in_tmp):
+    bpr = pipeline.build_config("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, loss_type="BPR"))
+    assert bpr["train_neg_sample_args"]["distribution"] == "uniform"
+    ce = pipeline.build_config("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp))
+    assert ce["train_neg_sample_args"]["distribution"] == "none"
+
+
+def test_ml100k_resolves_to_the_bundled_copy(in_tmp):
+    config = pipeline.build_config("Mamba4Rec", "ml-100k", config_dict={"data_path": str(in_tmp)})
+    assert Path(config["data_path"], "ml-100k.inter").is_file()
+    assert Path(config["data_path"]).resolve() == (pipeline.BUNDLED_DATA / "ml-100k").resolve()
+    # a copy of the user's own under data_path wins
+    mine = in_tmp / "ml-100k"
+    mine.mkdir()
+    (mine / "ml-100k.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t1\t1\n")
+    config = pipeline.build_config("Mamba4Rec", "ml-100k", config_dict={"data_path": str(in_tmp)})
+    assert Path(config["data_path"]).resolve() == mine.resolve()
+
+
+@pytest.mark.parametrize("override", ["--d_state=0", "--dropout_prob=1.5", "--loss_type=MSE",
+                                      "--scan_impl=fast", "--num_layers=0"])
+def test_bad_config_fails_before_any_data_work(in_tmp, monkeypatch, override):
+    def no_data(*a, **k):
+        raise AssertionError("data work started before the config was checked")
+
+    monkeypatch.setattr(pipeline, "create_dataset", no_data)
+    with pytest.raises(ValueError, match=override.split("=")[0][2:]):
+        pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp), cmd_args=[override])
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError) as info:
+        pipeline.resolve_model("Mamba5Rec")
+    msg = str(info.value)
+    assert "Mamba5Rec" in msg and "SASRec" in msg and "GRU4Rec" in msg and "Mamba4Rec" in msg
+
+
+def test_dataset_without_files_says_where_and_how(in_tmp):
+    with pytest.raises(FileNotFoundError) as info:
+        pipeline.run("Mamba4Rec", "nosuchdata", config_dict={"data_path": str(in_tmp)})
+    msg = str(info.value)
+    assert str(in_tmp / "nosuchdata" / "nosuchdata.inter") in msg
+    assert "datasets/prepare.py" in msg
+
+
+def test_override_must_be_key_value(in_tmp):
+    with pytest.raises(ValueError, match="--key=value"):
+        pipeline.build_config("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp), cmd_args=["--epochs"])
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "run_recbole.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_and_prints_test_metrics(in_tmp):
+    proc = _cli(["--dataset=tiny", f"--data_path={TINY_DATA}", "--epochs=1", "--train_batch_size=64",
+                 "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--d_state=4", "--show_progress=False",
+                 f"--checkpoint_dir={in_tmp / 'saved'}",
+                 "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"], in_tmp)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test      : hit@10=" in proc.stdout and "ndcg@10=" in proc.stdout
+
+
+def test_cli_bad_input_exit_codes(in_tmp):
+    proc = _cli(["-m", "NoSuchModel", "--epochs=1"], in_tmp)
+    assert proc.returncode == 2 and "known models" in proc.stderr
+    proc = _cli(["--d_state=0"], in_tmp)
+    assert proc.returncode == 2 and "d_state=0" in proc.stderr
+    proc = _cli(["stray"], in_tmp)
+    assert proc.returncode == 2 and "--key=value" in proc.stderr
