@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""CPU training-epoch time and peak memory: Mamba4Rec vs SASRec vs GRU4Rec, side by side.
+
+Each (model, max length) runs in its own child process (clean peak RSS), on the same data,
+split, batch size and seed, through mamba4rec.pipeline (the models' RecBole defaults + the
+project's configs). Prints one table with the ratios to SASRec and writes CSV.
+
+    python benchmarks/bench_epoch_cpu.py                       # ml-100k, L=50 and 200, full epochs
+    python benchmarks/bench_epoch_cpu.py --max-batches 5       # time 5 batches, scale to an epoch
+    python benchmarks/bench_epoch_cpu.py --lengths 50 --models Mamba4Rec,SASRec
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(args) -> None:
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_trainer, init_seed
+
+    from mamba4rec import pipeline
+
+    cfg = {"MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": args.batch_size,
+           "show_progress": False, "state": "ERROR", "checkpoint_dir": args.tmp}
+    if args.scan_impl:
+        cfg["scan_impl"] = args.scan_impl
+    config = pipeline.build_config(args.model, args.dataset, config_dict=cfg)
+    init_seed(config["seed"], config["reproducibility"])
+    train, _, _ = data_preparation(config, create_dataset(config))
+    model = pipeline.build_model(config, train.dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    n_batches = len(train)
+    rss_before = _rss_mib()
+    model.train()
+    t0 = time.perf_counter()
+    done = 0
+    for interaction in train:  # the trainer's own step: forward, loss, backward, Adam
+        interaction = interaction.to(config["device"])
+        trainer.optimizer.zero_grad()
+        loss = model.calculate_loss(interaction)
+        loss.backward()
+        trainer.optimizer.step()
+        done += 1
+        if args.max_batches and done >= args.max_batches:
+            break
+    seconds = time.perf_counter() - t0
+    if not torch.isfinite(loss):
+        raise SystemExit(f"{args.model}: non-finite loss {loss.item()}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "model": args.model, "max_len": args.max_len, "batches_timed": done, "batches_per_epoch": n_batches,
+        "epoch_seconds": seconds / done * n_batches, "seconds_per_batch": seconds / done,
+        "peak_rss_mib": peak, "rss_before_train_mib": rss_before, "train_rss_growth_mib": peak - rss_before,
+        "params": sum(p.numel() for p in model.parameters()), "final_loss": float(loss),
+        "extrapolated": done < n_batches,
+    }))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--models", default="Mamba4Rec,SASRec,GRU4Rec")
+    p.add_argument("--lengths", default="50,200")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--max-batches", type=int, default=0, help="time only this many batches (0 = a full epoch)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--scan-impl", default=None, help="Mamba4Rec scan path (default: the config's, auto)")
+    p.add_argument("--csv", default=str(REPO / "benchmarks" / "out" / "epoch_cpu.csv"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default="/tmp/mamba4rec-bench", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    print(f"# {platform.platform()} | python {platform.python_version()} | torch {torch.__version__} | "
+          f"threads {args.threads} | cpus {os.cpu_count()} | {platform.processor() or platform.machine()}")
+    print(f"# dataset {args.dataset}, batch {args.batch_size}, "
+          f"{'first %d batches, scaled to an epoch' % args.max_batches if args.max_batches else 'full epoch'}")
+    rows = []
+    for L in [int(x) for x in args.lengths.split(",")]:
+        for model in args.models.split(","):
+            cmd = [sys.executable, __file__, "--child", "--model", model, "--max-len", str(L),
+                   "--dataset", args.dataset, "--batch-size", str(args.batch_size),
+                   "--max-batches", str(args.max_batches), "--threads", str(args.threads)]
+            if args.scan_impl and model == "Mamba4Rec":
+                cmd += ["--scan-impl", args.scan_impl]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.tmp if os.path.isdir(args.tmp) else None)
+            if proc.returncode != 0:
+                print(f"{model} L={L}: FAILED\n{proc.stderr[-1500:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  {model:10s} L={L:4d}  {row['epoch_seconds']:8.1f} s/epoch  "
+                  f"{row['seconds_per_batch']:6.2f} s/batch  peak RSS {row['peak_rss_mib']:7.0f} MiB", flush=True)
+    print()
+    print("| model | L | s/epoch | s/batch | peak RSS MiB | train RSS growth MiB | epoch time / SASRec | memory growth / SASRec |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next((r for r in rows if r["model"] == "SASRec" and r["max_len"] == row["max_len"]), None)
+        t_ratio = f"{row['epoch_seconds'] / base['epoch_seconds']:.2f}" if base else "-"
+        m_ratio = f"{row['train_rss_growth_mib'] / max(base['train_rss_growth_mib'], 1):.2f}" if base else "-"
+        print(f"| {row['model']} | {row['max_len']} | {row['epoch_seconds']:.1f} | {row['seconds_per_batch']:.2f} | "
+              f"{row['peak_rss_mib']:.0f} | {row['train_rss_growth_mib']:.0f} | {t_ratio} | {m_ratio} |")
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["model"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nCSV: {args.csv}")
+
+
+if __name__ == "__main__":
+    os.makedirs("/tmp/mamba4rec-bench", exist_ok=True)
+    main()
