@@ -73,9 +73,15 @@ def resolve_model(model) -> tuple[type, str]:
 
 
 def default_config_files(model_name: str, dataset: str) -> list[str]:
-    """configs/overall.yaml, configs/model/<model>.yaml, configs/dataset/<dataset>.yaml (those that exist)."""
+    """configs/overall.yaml, configs/model/<model>.yaml, configs/dataset/<dataset>.yaml and
+    configs/model/<model>/<dataset>.yaml (the model's settings for that data set), those that exist.
+
+    Per-(model, data set) settings live in their own file so that one model's tuning (say
+    Mamba4Rec's dropout_prob) never leaks into a baseline with a key of the same name.
+    """
     candidates = [CONFIG_DIR / "overall.yaml", CONFIG_DIR / "model" / f"{model_name}.yaml",
-                  CONFIG_DIR / "dataset" / f"{dataset}.yaml"]
+                  CONFIG_DIR / "dataset" / f"{dataset}.yaml",
+                  CONFIG_DIR / "model" / model_name / f"{dataset}.yaml"]
     return [str(p) for p in candidates if p.is_file()]
 
 

@@ -79,6 +79,14 @@ def test_priority_cmd_over_dict_over_files(in_tmp):
     assert config["valid_metric"] == "NDCG@10" and config["d_conv"] == 4
 
 
+def test_model_dataset_settings_do_not_leak_into_baselines():
+    mamba = pipeline.default_config_files("Mamba4Rec", "ml-100k")
+    assert [Path(f).relative_to(pipeline.CONFIG_DIR).as_posix() for f in mamba] == [
+        "overall.yaml", "model/Mamba4Rec.yaml", "dataset/ml-100k.yaml", "model/Mamba4Rec/ml-100k.yaml"]
+    gru = pipeline.build_config("GRU4Rec", "ml-100k")
+    assert gru["dropout_prob"] == 0.3  # RecBole's GRU4Rec default, not Mamba4Rec's
+
+
 def test_bpr_gets_a_negative_sampler_ce_none(in_tmp):
     bpr = pipeline.build_config("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, loss_type="BPR"))
     assert bpr["train_neg_sample_args"]["distribution"] == "uniform"
