@@ -115,7 +115,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of BATCHxDIMxNxL")
     p.add_argument("--budgets", default="", help="comma list of workspace budgets in MiB "
-                   f"(default: torch_scan.WORKSPACE_BYTES = {torch_scan.WORKSPACE_BYTES >> 20})")
+                   "('auto' or default: the module's default rule, WORKSPACE_BYTES = "
+                   f"{torch_scan.WORKSPACE_BYTES >> 20} MiB raised to MIN_STEP_ELEMS per step)")
     p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
@@ -127,7 +128,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = _DTYPES[a.dtype]
-    budgets = [int(float(b) * 2**20) for b in a.budgets.split(",") if b] or [torch_scan.WORKSPACE_BYTES]
+    budgets = [None if b == "auto" else int(float(b) * 2**20) for b in a.budgets.split(",") if b] or [None]
 
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | cpu {cpu_name()} "
           f"x{os.cpu_count()} | python {platform.python_version()} | load avg "
@@ -144,7 +145,8 @@ def main(argv=None):
             bbf = torch_scan._block_size(batch, L, dim, N, 2, isz, budget)
             bbb = torch_scan._block_size(batch, L, dim, N, 3, isz, budget)
             fn = lambda *x, _b=budget, **k: torch_scan.selective_scan_torch(*x, **k, workspace_bytes=_b)  # noqa: E731
-            runs.append(("torch", fn, f"{budget / 2**20:g}M", f"{bbf}/{bbb}", budget))
+            runs.append(("torch", fn, "auto" if budget is None else f"{budget / 2**20:g}M",
+                         f"{bbf}/{bbb}", "auto" if budget is None else budget))
         if not a.no_ref and batch * dim * L * N <= a.ref_max_numel:
             runs.append(("ref", selective_scan_ref, "-", "-", ""))
         elif not a.no_ref:

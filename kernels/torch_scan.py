@@ -31,10 +31,17 @@ import torch.nn.functional as F
 
 from ._validate import check_scan_inputs
 
-#: Bytes of (L, bb, D, N) workspace a call may hold (2 buffers forward, 3 backward).
-#: Chosen by sweeping benchmarks/bench_scan_cpu.py --budgets on the 2-core EPYC dev box
-#: (1 MiB L2/core, 32 MiB L3) at (2048, 128, 32, L=50/200): see docs/RESULTS.md.
-WORKSPACE_BYTES = 48 * 2**20
+#: Default bytes of (L, bb, D, N) workspace a call may hold (2 buffers forward, 3 backward).
+#: Chosen with benchmarks/bench_scan_cpu.py --budgets on the 2-core AMD EPYC dev box
+#: (1 MiB L2 per core, 32 MiB L3), batch 2048, D 128, N 32, fwd+bwd, 2 threads, idle box:
+#: L=50: 8 MiB (blocks of 5 fwd / 3 bwd) 3.6 s, 16 MiB 4.3 s, 32 MiB 4.8 s, 64 MiB 5.2 s --
+#: small blocks stay in cache. At L=200 the same 8 MiB means blocks of 1 and 23 s: the
+#: python loop's per-step dispatch (~10 us) then dominates, hence MIN_STEP_ELEMS.
+WORKSPACE_BYTES = 8 * 2**20
+#: With the default budget a block still covers at least this many (b, d, n) elements per
+#: time step (3 sequences at D=128, N=32), growing the budget with L if need be (29 MiB at
+#: L=200): L=200 then takes ~17 s instead of 23 s.  Explicit budgets are taken as given.
+MIN_STEP_ELEMS = 12288
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -44,9 +51,14 @@ def _compute_dtype(*tensors) -> torch.dtype:
 
 
 def _block_size(batch: int, L: int, dim: int, N: int, nbuf: int, itemsize: int,
-                workspace_bytes: int) -> int:
-    """Sequences per block so that ``nbuf`` (L, bb, dim, N) buffers fit the budget (>= 1)."""
+                workspace_bytes: int | None = None) -> int:
+    """Sequences per block so that ``nbuf`` (L, bb, dim, N) buffers fit the budget (>= 1).
+
+    ``None``: the default budget, WORKSPACE_BYTES or enough for MIN_STEP_ELEMS per step.
+    """
     per_seq = nbuf * L * dim * N * itemsize
+    if workspace_bytes is None:
+        workspace_bytes = max(WORKSPACE_BYTES, nbuf * L * MIN_STEP_ELEMS * itemsize)
     return max(1, min(batch, int(workspace_bytes) // per_seq))
 
 
@@ -113,9 +125,9 @@ class _Blocks:
 def _sum_state(X, Y, scratch, ones_n):
     """sum_n X * Y for (L, bb, G, Dg, N) X and Y broadcastable to it, as (L, bb, G*Dg).
 
-    Multiply into ``scratch`` then one mat-vec with ones: on a 2-core EPYC this is about
-    2x faster than a batched (Dg x N) @ (N x 1) matmul and 10x faster than a matmul over
-    d-strided batches (the ddt term), see the profile notes in benchmarks/bench_scan_cpu.py.
+    Multiply into ``scratch`` then one mat-vec with ones. Measured (torch.profiler, 1 thread,
+    a 13 MB block): 1.7 ms, vs 3.8 ms for the batched (Dg x N) @ (N x 1) matmul and 21 ms
+    for a matmul batched over d (the d-strided ddt = sum_n X * A term).
     """
     torch.mul(X, Y, out=scratch)
     L, bb, G, Dg, N = scratch.shape
@@ -275,16 +287,18 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         B, C: (batch, N, L) or grouped (batch, G, N, L); channel d reads group d // (dim // G).
         delta_softplus: dt = softplus(delta + delta_bias) instead of delta + delta_bias.
         return_last_state: also return h_{L-1}, (batch, dim, N) float32 (float64 for float64).
-        workspace_bytes: cap on the (L, bb, dim, N) workspace blocks; default WORKSPACE_BYTES.
+        workspace_bytes: cap on the (L, bb, dim, N) workspace blocks (at least one sequence's
+            worth is always used); default: WORKSPACE_BYTES, raised for long L so that a time
+            step covers MIN_STEP_ELEMS elements (see there).
             Memory stays O(batch*dim*(L+N)) + this, whatever the shape.
 
     Returns:
         out (batch, dim, L) in u's dtype [, last_state].
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    budget = WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
+    budget = None if workspace_bytes is None else int(workspace_bytes)
     return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                      bool(return_last_state), budget)
 
 
-__all__ = ["WORKSPACE_BYTES", "selective_scan_torch"]
+__all__ = ["MIN_STEP_ELEMS", "WORKSPACE_BYTES", "selective_scan_torch"]

@@ -88,6 +88,16 @@ def test_several_blocks_with_ragged_last(case):
     check_against_reference(case, workspace_bytes=budget)
 
 
+def test_default_budget_keeps_steps_large_and_bounded():
+    # L=50 (the model's): 8 MiB -> blocks of 5 forward, 3 backward; L=200: raised so a
+    # step still covers MIN_STEP_ELEMS; either way independent of the batch
+    for L, (f, b) in ((50, (5, 3)), (200, (3, 3))):
+        assert torch_scan._block_size(2048, L, 128, 32, 2, 4) == f
+        assert torch_scan._block_size(2048, L, 128, 32, 3, 4) == b
+        assert torch_scan._block_size(10**6, L, 128, 32, 3, 4) == b
+    assert torch_scan._block_size(2, 50, 128, 32, 3, 4) == 2
+
+
 def test_one_sequence_per_block():
     case = Case(3, 7, 6, 4, G=2)
     check_against_reference(case, workspace_bytes=1)  # budget below one sequence: bb = 1
