@@ -1,7 +1,7 @@
 """CPU micro-benchmark: kernels.torch_scan.selective_scan_torch against selective_scan_ref.
 
 Times forward, backward and forward+backward (median of --repeats after one warm-up) and
-the peak RSS growth while they run (a sampling thread reading /proc/self/statm), with the
+the peak RSS growth over the warm-up and the timed runs (a sampling thread reading /proc/self/statm), with the
 arguments a MambaBlock passes (D, z, delta_bias, delta_softplus=True). Prints the
 environment and writes one CSV row per (impl, shape, budget).
 
@@ -100,9 +100,9 @@ def run_once(fn, xs):
 
 
 def bench(fn, xs, repeats):
-    run_once(fn, xs)  # warm-up (allocator, OpenMP pool)
     fwd, bwd = [], []
-    with PeakRSS() as mem:
+    with PeakRSS() as mem:  # from before the warm-up: later calls reuse what it allocated
+        run_once(fn, xs)    # warm-up (allocator, OpenMP pool), not timed
         for _ in range(repeats):
             f, b = run_once(fn, xs)
             fwd.append(f)
