@@ -5,7 +5,7 @@ Shapes::
     u, delta, z   : (B D L)          A : (D N)
     B, C          : (B N L) or (B G N L)   channel d reads group d // (D // G)
     D, delta_bias : (D,)
-    out           : (B D L) in u's dtype      last_state : (B D N) float32
+    out           : (B D L) in u's dtype      last_state : (B D N) float32 (float64 for float64 u)
 
 Recurrence, per channel d and state n::
 
@@ -32,17 +32,22 @@ def _per_channel(X: torch.Tensor, dim: int) -> torch.Tensor:
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, return_last_state=False):
-    """Selective scan, one step at a time in float32. Same signature as mamba_ssm's."""
+    """Selective scan, one step at a time in float32. Same signature as mamba_ssm's.
+
+    float64 input is computed in float64 (so torch.autograd.gradcheck can check it);
+    every other dtype is computed in float32.
+    """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
+    cdt = torch.float64 if dtype_in == torch.float64 else torch.float32
     batch, dim, L = u.shape
-    u32, dt = u.float(), delta.float()
+    u32, dt = u.to(cdt), delta.to(cdt)
     if delta_bias is not None:
-        dt = dt + delta_bias.float()[:, None]
+        dt = dt + delta_bias.to(cdt)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    A32 = A.float()
-    Bc, Cc = _per_channel(B.float(), dim), _per_channel(C.float(), dim)
+    A32 = A.to(cdt)
+    Bc, Cc = _per_channel(B.to(cdt), dim), _per_channel(C.to(cdt), dim)
     h = u32.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(L):
@@ -52,8 +57,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         ys.append((h * Cc[:, :, :, t]).sum(-1))                        # (B, D)
     y = torch.stack(ys, dim=-1)
     if D is not None:
-        y = y + D.float()[:, None] * u32
+        y = y + D.to(cdt)[:, None] * u32
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(cdt))
     out = y.to(dtype_in)
     return (out, h) if return_last_state else out

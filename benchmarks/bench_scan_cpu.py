@@ -1,0 +1,174 @@
+"""CPU micro-benchmark: kernels.torch_scan.selective_scan_torch against selective_scan_ref.
+
+Times forward, backward and forward+backward (median of --repeats after one warm-up) and
+the peak RSS growth over the warm-up and the timed runs (a sampling thread reading /proc/self/statm), with the
+arguments a MambaBlock passes (D, z, delta_bias, delta_softplus=True). Prints the
+environment and writes one CSV row per (impl, shape, budget).
+
+    python benchmarks/bench_scan_cpu.py                          # default shapes, default budget
+    python benchmarks/bench_scan_cpu.py --shapes 2048x128x32x50 --budgets 8,16,32,64 --no-ref
+
+Shapes are BATCHxDIMxNxL. The reference keeps every step for autograd (about 4 tensors of
+batch*dim*N per step), so it runs only where batch*dim*L*N <= --ref-max-numel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import torch_scan  # noqa: E402
+from kernels.reference import selective_scan_ref  # noqa: E402
+
+DEFAULT_SHAPES = "2048x128x32x50,2048x128x32x200,64x64x16x50"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class PeakRSS:
+    """Peak resident-set growth (bytes) over a with-block, sampled every ~1 ms."""
+
+    def __init__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:  # not Linux: no sampling, report 0
+            return 0
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.delta = self.peak - self.base
+
+
+def make_inputs(batch, dim, N, L, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u, delta, z = r(batch, dim, L), r(batch, dim, L) * 0.5 - 1.0, r(batch, dim, L)
+    A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(dim, 1)  # S4D-real init, as Mamba
+    B, C = r(batch, N, L), r(batch, N, L)
+    D, bias = torch.ones(dim), r(dim) * 0.1
+    tensors = [u.to(dtype), delta.to(dtype), A, B.to(dtype), C.to(dtype), D, z.to(dtype), bias]
+    return [t.requires_grad_() for t in tensors]
+
+
+def run_once(fn, xs):
+    for x in xs:
+        x.grad = None
+    t0 = time.perf_counter()
+    out = fn(*xs[:5], D=xs[5], z=xs[6], delta_bias=xs[7], delta_softplus=True)
+    t1 = time.perf_counter()
+    out.backward(torch.ones_like(out))
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def bench(fn, xs, repeats):
+    fwd, bwd = [], []
+    with PeakRSS() as mem:  # from before the warm-up: later calls reuse what it allocated
+        run_once(fn, xs)    # warm-up (allocator, OpenMP pool), not timed
+        for _ in range(repeats):
+            f, b = run_once(fn, xs)
+            fwd.append(f)
+            bwd.append(b)
+    tot = [f + b for f, b in zip(fwd, bwd)]
+    return statistics.median(fwd), statistics.median(bwd), statistics.median(tot), mem.delta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of BATCHxDIMxNxL")
+    p.add_argument("--budgets", default="", help="comma list of workspace budgets in MiB "
+                   "('auto' or default: the module's default rule, WORKSPACE_BYTES = "
+                   f"{torch_scan.WORKSPACE_BYTES >> 20} MiB raised to MIN_STEP_ELEMS per step)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    p.add_argument("--no-ref", action="store_true", help="skip the reference")
+    p.add_argument("--ref-max-numel", type=float, default=1.1e8,
+                   help="run the reference only where batch*dim*L*N is at most this")
+    p.add_argument("--csv", default=str(Path(__file__).resolve().parent / "out" / "scan_cpu.csv"))
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = _DTYPES[a.dtype]
+    budgets = [None if b == "auto" else int(float(b) * 2**20) for b in a.budgets.split(",") if b] or [None]
+
+    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | cpu {cpu_name()} "
+          f"x{os.cpu_count()} | python {platform.python_version()} | load avg "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    rows = []
+    hdr = f"{'impl':<6} {'shape BxDxNxL':<18} {'budget':>7} {'bb f/b':>8} {'fwd s':>8} {'bwd s':>8} {'f+b s':>8} {'peak MiB':>9}"
+    print(hdr)
+    for spec in a.shapes.split(","):
+        batch, dim, N, L = (int(x) for x in spec.lower().split("x"))
+        xs = make_inputs(batch, dim, N, L, dtype)
+        runs = []
+        for budget in budgets:
+            isz = 8 if dtype == torch.float64 else 4
+            bbf = torch_scan._block_size(batch, L, dim, N, 2, isz, budget)
+            bbb = torch_scan._block_size(batch, L, dim, N, 3, isz, budget)
+            fn = lambda *x, _b=budget, **k: torch_scan.selective_scan_torch(*x, **k, workspace_bytes=_b)  # noqa: E731
+            runs.append(("torch", fn, "auto" if budget is None else f"{budget / 2**20:g}M",
+                         f"{bbf}/{bbb}", "auto" if budget is None else budget))
+        if not a.no_ref and batch * dim * L * N <= a.ref_max_numel:
+            runs.append(("ref", selective_scan_ref, "-", "-", ""))
+        elif not a.no_ref:
+            print(f"ref    {spec:<18} skipped: batch*dim*L*N = {batch * dim * L * N:.3g} > --ref-max-numel")
+        for impl, fn, bshow, bbshow, budget in runs:
+            f, b, t, mem = bench(fn, xs, a.repeats)
+            print(f"{impl:<6} {spec:<18} {bshow:>7} {bbshow:>8} {f:8.3f} {b:8.3f} {t:8.3f} {mem / 2**20:9.1f}",
+                  flush=True)
+            rows.append(dict(impl=impl, batch=batch, dim=dim, N=N, L=L, dtype=a.dtype,
+                             budget_bytes=budget, block_fwd_bwd=bbshow, threads=torch.get_num_threads(),
+                             fwd_s=f"{f:.4f}", bwd_s=f"{b:.4f}", fwd_bwd_s=f"{t:.4f}",
+                             peak_rss_delta_mib=f"{mem / 2**20:.1f}", torch=torch.__version__,
+                             cpu=cpu_name()))
+        del xs
+    out = Path(a.csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["impl"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
