@@ -24,6 +24,11 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", "-d", default="ml-100k", help="data set name (default: ml-100k)")
     parser.add_argument("--config_files", default=None,
                         help="space-separated extra YAML files, applied after configs/")
+    parser.add_argument("--compare", default=None, metavar="MODELS",
+                        help="comma-separated baselines (e.g. SASRec,GRU4Rec): train --model and each of "
+                             "them under the same protocol, write a table, CSV and chart")
+    parser.add_argument("--compare_dir", default=None,
+                        help="where --compare writes compare.md/.csv/.png (default saved/compare-<dataset>)")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -37,6 +42,8 @@ def main(argv=None) -> int:
 
     config_files = args.config_files.strip().split() if args.config_files else None
     try:
+        if args.compare:
+            return _compare(args, config_files, overrides)
         result = run(args.model, args.dataset, config_files=config_files, cmd_args=overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -46,6 +53,18 @@ def main(argv=None) -> int:
     print("best valid:", ", ".join(f"{k}={v:.4f}" for k, v in result.best_valid_result.items()))
     print("test      :", ", ".join(f"{k}={v:.4f}" for k, v in result.test_result.items()))
     return 0
+
+
+def _compare(args, config_files, overrides) -> int:
+    from mamba4rec.compare import compare, markdown_table
+
+    models = [args.model] + [m.strip() for m in args.compare.split(",") if m.strip()]
+    out_dir = args.compare_dir or f"saved/compare-{args.dataset}"
+    rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides)
+    print()
+    print(markdown_table(rows, args.dataset))
+    print(f"written: {out_dir}/compare.md, compare.csv, compare.png")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -158,3 +158,42 @@ def test_cli_bad_input_exit_codes(in_tmp):
     assert proc.returncode == 2 and "d_state=0" in proc.stderr
     proc = _cli(["stray"], in_tmp)
     assert proc.returncode == 2 and "--key=value" in proc.stderr
+
+
+def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, monkeypatch):
+    import csv
+
+    from mamba4rec import compare as cmp
+
+    real_run = cmp.run
+
+    def run_or_fail(name, *a, **k):
+        if name == "GRU4Rec":
+            raise RuntimeError("boom")
+        return real_run(name, *a, **k)
+
+    monkeypatch.setattr(cmp, "run", run_or_fail)
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch", n_layers=1, n_heads=1)
+    rows = cmp.compare(["Mamba4Rec", "GRU4Rec", "SASRec"], "tiny", in_tmp / "out", config_dict=cfg,
+                       progress=lambda *_: None)
+    assert [r["model"] for r in rows] == ["Mamba4Rec", "GRU4Rec", "SASRec"]
+    assert rows[1]["status"].startswith("failed: RuntimeError: boom")
+    for row in (rows[0], rows[2]):
+        assert row["status"] == "ok" and 0 <= row["test_ndcg@10"] <= 1 and row["peak_rss_mib"] > 0
+        assert row["train_s_per_epoch"] > 0 and row["params"] > 0
+    table = (in_tmp / "out" / "compare.md").read_text()
+    assert "| Mamba4Rec | ok |" in table and "failed: RuntimeError: boom" in table
+    with open(in_tmp / "out" / "compare.csv") as fh:
+        assert [r["model"] for r in csv.DictReader(fh)] == ["Mamba4Rec", "GRU4Rec", "SASRec"]
+    png = (in_tmp / "out" / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_refuses_unknown_or_repeated_models_before_training(in_tmp):
+    from mamba4rec.compare import compare
+
+    with pytest.raises(ValueError, match="known models"):
+        compare(["Mamba4Rec", "SASRecc"], "tiny", in_tmp)
+    with pytest.raises(ValueError, match="twice"):
+        compare(["Mamba4Rec", "SASRec", "SASRec"], "tiny", in_tmp)
+    assert not (in_tmp / "compare.md").exists()
