@@ -86,12 +86,12 @@ def main(argv=None) -> int:
               f"{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
         return 2
     folder = os.path.join(args.output_dir, args.dataset)
-    before = stats["before_filter"]
-    k = stats["kcore"]
+    before, k = stats["before_filter"], stats["kcore"]
     if k["user"] > 1 or k["item"] > 1:
+        removed = before["interactions"] - stats["interactions"]
         print(f"read {before['interactions']:,} interactions ({before['users']:,} users, "
-              f"{before['items']:,} items); k-core user >= {k['user']}, item >= {k['item']}: "
-              f"{k['passes']} pass(es)")
+              f"{before['items']:,} items); k-core (users >= {k['user']}, items >= {k['item']}): "
+              + (f"{removed:,} removed in {k['passes']} pass(es)" if removed else "already satisfied"))
     print(f"{args.dataset}: {dp.format_stats(stats)}")
     print(f"wrote {os.path.join(folder, args.dataset + '.inter')} and {args.dataset}.stats.json")
     return 0
