@@ -135,12 +135,13 @@ def _iter_lines(path: str, *, allow_zip: bool = False, progress: bool = False
             stream = raw
             total, position = os.fstat(raw.fileno()).st_size, None
         bar = _progress_bar(progress, total, os.path.basename(name))
-        lineno, done = 0, 0
+        lineno, done, shown = 0, 0, 0
         try:
             for lineno, data in enumerate(stream, 1):
                 if bar is not None:
                     done += len(data)
-                    if lineno % 65536 == 0:
+                    if done - shown >= 1 << 20:  # redraw about once per MiB read
+                        shown = done
                         bar.update((position() if position else done) - bar.n)
                 try:
                     text = data.decode("utf-8")
@@ -195,12 +196,9 @@ def read_movielens(path, progress: bool = False) -> Iterator[Record]:
     for name, lineno, line in _iter_lines(path, allow_zip=True, progress=progress):
         if not line.strip():
             continue
-        if "::" in line:
-            parts = line.split("::")
-        elif "\t" in line:
-            parts = line.split("\t")
-        else:
-            parts = line.split()
+        # "::" (ratings.dat) or tabs (u.data); not any whitespace, which would take a
+        # 4-token seq-text line for a rating
+        parts = line.split("::") if "::" in line else line.split("\t")
         if len(parts) != 4:
             raise _bad(name, lineno, f"expected 4 fields (user, item, rating, timestamp) separated "
                                      f"by '::' or tabs, found {len(parts)}", line)
