@@ -349,6 +349,12 @@ def kcore_pass(records: list, user_k: int = 0, item_k: int = 0) -> list:
             if (users is None or users[r[0]] >= user_k) and (items is None or items[r[1]] >= item_k)]
 
 
+def _check_k(user_k, item_k) -> None:
+    for what, k in (("user", user_k), ("item", item_k)):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise PrepareError(f"--kcore-{what} must be an integer >= 0, got {k!r}")
+
+
 def kcore_filter(records: list, user_k: int = 0, item_k: int = 0) -> tuple[list, int]:
     """k-core filtering repeated until nothing changes; returns ``(records, passes)``.
 
@@ -357,9 +363,7 @@ def kcore_filter(records: list, user_k: int = 0, item_k: int = 0) -> tuple[list,
     >= item_k interactions, whatever the order of removals. ``passes`` counts the passes that
     removed something. K <= 1 means no filtering on that side. Order is kept.
     """
-    for what, k in (("user", user_k), ("item", item_k)):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise PrepareError(f"--kcore-{what} must be an integer >= 0, got {k!r}")
+    _check_k(user_k, item_k)
     passes = 0
     while True:
         kept = kcore_pass(records, user_k, item_k)
@@ -492,6 +496,7 @@ def prepare(fmt: str, input_path, dataset: str, output_dir, user_k: int = 0, ite
     ``dataset.stats.json``; returns the statistics written. Nothing is written (no folder is
     created) unless the whole input was read and the result is not empty."""
     _check_name(dataset)
+    _check_k(user_k, item_k)  # before reading: a typo should not cost a full read
     if fmt not in READERS:
         raise PrepareError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     input_path = _check_input(input_path)
