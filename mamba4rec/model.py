@@ -35,6 +35,7 @@ MODEL_DEFAULTS = {
     "scan_impl": "auto",
     "position_embedding": False,
     "dt_init": "paper",
+    "length_buckets": 4,
 }
 LOSS_TYPES = ("CE", "BPR")
 
@@ -58,7 +59,7 @@ def resolve_model_config(config) -> dict:
     for key, default in MODEL_DEFAULTS.items():
         value = get(key)
         out[key] = default if value is None else value
-    for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand"):
+    for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "length_buckets"):
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise _bad(key, v, "it must be an integer >= 1")
@@ -97,6 +98,7 @@ class Mamba4Rec(SequentialRecommender):
         self.scan_impl = params["scan_impl"]
         self.dt_init = params["dt_init"]
         self.use_position_embedding = params["position_embedding"]
+        self.length_buckets = params["length_buckets"]
 
         # define layers and loss
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
@@ -136,10 +138,30 @@ class Mamba4Rec(SequentialRecommender):
             module.bias.data.zero_()
 
     def forward(self, item_seq, item_seq_len):
-        # Sequences are left-aligned and the model is causal, so the padding after the longest
-        # sequence of the batch cannot change any output we read: drop it (same result, less work).
+        """Output at position item_seq_len - 1 of each sequence.  [B, L] -> [B, H]
+
+        Sequences are left-aligned and every layer is causal and per-sequence, so the padding
+        after a sequence cannot change any output we read. With length_buckets > 1 the batch is
+        sorted by length and cut into that many buckets, each run only up to its own longest
+        sequence: the same outputs for less work when lengths vary (short Amazon histories
+        next to long ones in one batch).
+        """
+        batch = item_seq.shape[0]
+        n_buckets = min(self.length_buckets, batch)
+        if n_buckets <= 1:
+            return self._forward_trimmed(item_seq, item_seq_len)
+        order = torch.argsort(item_seq_len)
+        out = None
+        for idx in torch.tensor_split(order, n_buckets):
+            part = self._forward_trimmed(item_seq[idx], item_seq_len[idx])
+            if out is None:
+                out = part.new_empty(batch, part.shape[-1])
+            out[idx] = part
+        return out
+
+    def _forward_trimmed(self, item_seq, item_seq_len):
         L = int(item_seq_len.max())
-        item_seq = item_seq[:, :L]
+        item_seq = item_seq[:, :L]                                  # drop the shared padding
         item_emb = self.item_embedding(item_seq)                    # [B, L, H]
         if self.position_embedding is not None:
             positions = torch.arange(L, device=item_seq.device)

@@ -98,6 +98,23 @@ def test_forward_is_causal_and_ignores_padding():
     assert torch.allclose(prefix, full_at_4, atol=1e-6)
 
 
+@pytest.mark.parametrize("position_embedding", [False, True])
+def test_length_buckets_give_the_same_outputs_and_gradients(position_embedding):
+    torch.manual_seed(1)
+    lens = torch.tensor([1, 12, 3, 7, 12, 2, 5, 9, 4, 11])
+    seq = torch.randint(1, 50, (10, 12)) * (torch.arange(12)[None] < lens[:, None])
+    outs, grads = [], []
+    for buckets in (1, 3, 4, 64):
+        model = make_model(length_buckets=buckets, position_embedding=position_embedding).eval()
+        out = model(seq, lens)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(model.mamba_layers[0].mamba.A_log.grad.clone())
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert torch.allclose(out, outs[0], atol=1e-5)
+        assert torch.allclose(grad, grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_position_embedding_switch():
     model = make_model(position_embedding=True, max_len=12)
     assert model.position_embedding.weight.shape == (12, 64)
@@ -127,7 +144,7 @@ BAD_VALUES = [
     ("d_state", 0), ("d_conv", 0), ("expand", 0), ("hidden_size", -1), ("num_layers", 0),
     ("d_state", 2.5), ("num_layers", True), ("dropout_prob", 1.0), ("dropout_prob", -0.1),
     ("dropout_prob", "high"), ("loss_type", "MSE"), ("scan_impl", "cuda"), ("dt_init", "xavier"),
-    ("position_embedding", "yes"),
+    ("position_embedding", "yes"), ("length_buckets", 0),
 ]
 
 
