@@ -29,6 +29,16 @@ def parse_args(argv=None):
                              "them under the same protocol, write a table, CSV and chart")
     parser.add_argument("--compare_dir", default=None,
                         help="where --compare writes compare.md/.csv/.png (default saved/compare-<dataset>)")
+    dist = parser.add_argument_group("distributed (torch.distributed DDP through RecBole's trainer)")
+    dist.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1: no DDP)")
+    dist.add_argument("--world_size", type=int, default=None, help="processes over all nodes (default: nproc)")
+    dist.add_argument("--ip", default="127.0.0.1", help="address of the node running rank 0")
+    dist.add_argument("--port", type=int, default=29500, help="rendezvous port on that node")
+    dist.add_argument("--group_offset", type=int, default=0, help="global rank of this node's first process")
+    dist.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                      help="default: nccl with GPUs, gloo without")
+    dist.add_argument("--dist_timeout", type=float, default=300.0,
+                      help="seconds to wait for all processes to join (default 300)")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -44,6 +54,8 @@ def main(argv=None) -> int:
     try:
         if args.compare:
             return _compare(args, config_files, overrides)
+        if args.nproc > 1 or (args.world_size or 1) > 1:
+            return _distributed(args, config_files, overrides)
         result = run(args.model, args.dataset, config_files=config_files, cmd_args=overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -52,6 +64,21 @@ def main(argv=None) -> int:
           f"best epoch {result.best_epoch}, {result.train_seconds_per_epoch:.1f} s/epoch")
     print("best valid:", ", ".join(f"{k}={v:.4f}" for k, v in result.best_valid_result.items()))
     print("test      :", ", ".join(f"{k}={v:.4f}" for k, v in result.test_result.items()))
+    return 0
+
+
+def _distributed(args, config_files, overrides) -> int:
+    from mamba4rec.distributed import DistSpec, run_distributed
+
+    spec = DistSpec(nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
+                    group_offset=args.group_offset, backend=args.backend, timeout_s=args.dist_timeout)
+    result = run_distributed(args.model, args.dataset, spec, config_files=config_files, cmd_args=overrides)
+    if result is None:  # this node does not host rank 0, which prints the result
+        return 0
+    print(f"\n{result['model']} on {result['dataset']} ({spec.nproc} processes on this node): "
+          f"{result['epochs_run']} epochs, best epoch {result['best_epoch']}")
+    print("best valid:", ", ".join(f"{k}={v:.4f}" for k, v in result["best_valid_result"].items()))
+    print("test      :", ", ".join(f"{k}={v:.4f}" for k, v in result["test_result"].items()))
     return 0
 
 

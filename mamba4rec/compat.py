@@ -25,6 +25,13 @@ Each entry says what breaks without it; tests/test_compat.py shows each failure 
    column back instead (same values, no chained assignment).
 6. RecBole 1.2.1 builds ``torch.cuda.amp.GradScaler`` at every ``fit``, which torch >= 2.4 flags
    with a FutureWarning on every run; that one message is filtered (nothing else is).
+7. RecBole's ``AbstractTrainer`` wraps the model in ``DistributedDataParallel(model,
+   device_ids=[local_rank])``, which torch rejects for CPU modules: distributed training on
+   CPU-only machines (gloo) fails. :func:`install_ddp_cpu_fix` passes ``device_ids=None`` for
+   modules whose parameters are on the CPU, and leaves GPU modules exactly as RecBole does.
+8. RecBole's ``ensure_dir`` checks ``os.path.exists`` then calls ``os.makedirs``: two ranks
+   creating ./log or the checkpoint folder at once crash with FileExistsError. The copies of
+   that name inside RecBole's modules are replaced by ``os.makedirs(..., exist_ok=True)``.
 """
 
 from __future__ import annotations
@@ -203,6 +210,38 @@ def install_fill_nan_fix() -> None:
         Dataset._fill_nan = _fill_nan
 
 
+def _ddp_for_recbole(module, device_ids=None, *args, **kwargs):
+    from torch.nn.parallel import DistributedDataParallel
+
+    first = next(module.parameters(), None)
+    if first is not None and first.device.type == "cpu":
+        device_ids = None
+    return DistributedDataParallel(module, device_ids, *args, **kwargs)
+
+
+def install_ddp_cpu_fix() -> None:
+    import recbole.trainer.trainer as rb_trainer
+
+    rb_trainer.DistributedDataParallel = _ddp_for_recbole
+
+
+def _ensure_dir(dir_path):
+    os.makedirs(dir_path, exist_ok=True)
+
+
+def install_ensure_dir_fix() -> None:
+    import sys
+
+    import recbole.data.utils  # noqa: F401  (load every module that holds a copy of the name)
+    import recbole.trainer.trainer  # noqa: F401
+    import recbole.utils.logger  # noqa: F401
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("recbole") and getattr(module, "ensure_dir", None) is not None \
+                and getattr(module.ensure_dir, "__module__", "") == "recbole.utils.utils":
+            module.ensure_dir = _ensure_dir
+
+
 def install() -> None:
     """Apply every shim once (called by ``import mamba4rec``)."""
     global _INSTALLED
@@ -215,4 +254,6 @@ def install() -> None:
     )
     install_checkpoint_shim()
     install_fill_nan_fix()
+    install_ddp_cpu_fix()
+    install_ensure_dir_fix()
     _INSTALLED = True

@@ -116,7 +116,7 @@ def _file_config_value(files, key):
 
 
 def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None,
-                 cmd_args=None, use_default_configs=True) -> Config:
+                 cmd_args=None, use_default_configs=True, config_class=Config) -> Config:
     """A RecBole Config for ``model`` on ``dataset``, validated before any data work.
 
     Files: configs/overall.yaml, configs/model/<model>.yaml, configs/dataset/<dataset>.yaml,
@@ -135,16 +135,16 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
     config_dict = dict(config_dict or {})
 
     with _recbole_argv(cmd_args):
-        config = Config(model=model_class, dataset=dataset, config_file_list=files or None,
-                        config_dict=config_dict)
+        config = config_class(model=model_class, dataset=dataset, config_file_list=files or None,
+                              config_dict=config_dict)
         # BPR needs a sampled negative; CE must have none. Give BPR RecBole's uniform 1:1
         # sampling unless the user chose a sampler.
         if (config["loss_type"] == "BPR" and not any(a.startswith("--train_neg_sample_args=") for a in cmd_args)
                 and config_dict.get("train_neg_sample_args") is None
                 and _file_config_value(files, "train_neg_sample_args") is None):
             config_dict["train_neg_sample_args"] = {"distribution": "uniform", "sample_num": 1}
-            config = Config(model=model_class, dataset=dataset, config_file_list=files or None,
-                            config_dict=config_dict)
+            config = config_class(model=model_class, dataset=dataset, config_file_list=files or None,
+                                  config_dict=config_dict)
     if model_class is Mamba4Rec or issubclass(model_class, Mamba4Rec):
         resolve_model_config(config)  # ValueError naming key, value and range
     _resolve_data_path(config)
@@ -211,11 +211,12 @@ def build_model(config, train_dataset, model_class=None):
 
 
 def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None, cmd_args=None,
-        saved=True, config=None) -> RunResult:
+        saved=True, config=None, config_class=Config) -> RunResult:
     """Train ``model`` on ``dataset`` and evaluate the best checkpoint on the test split."""
     model_class, model_name = resolve_model(model)
     if config is None:
-        config = build_config(model_class, dataset, config_files, config_dict, cmd_args)
+        config = build_config(model_class, dataset, config_files, config_dict, cmd_args,
+                              config_class=config_class)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     log = logging.getLogger()
@@ -252,6 +253,8 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     trainer._valid_epoch = recorded_valid_epoch
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    if saved and not config["single_spec"]:
+        _share_best_checkpoint(trainer)
     t0 = time.perf_counter()
     test_result = trainer.evaluate(test_data, load_best_model=saved,
                                    show_progress=config["show_progress"])
@@ -271,6 +274,20 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
         eval_seconds=eval_seconds,
         saved_model_file=trainer.saved_model_file if saved else None,
     )
+
+
+def _share_best_checkpoint(trainer) -> None:
+    """Distributed: only rank 0 saves; every rank then evaluates rank 0's best checkpoint
+    (its file name carries rank 0's clock), trusted as this job's own (shared filesystem)."""
+    import torch.distributed as dist
+
+    from . import compat
+
+    name = [trainer.saved_model_file]
+    dist.broadcast_object_list(name, src=0)
+    dist.barrier()
+    trainer.saved_model_file = name[0]
+    compat.trust_checkpoint(name[0])
 
 
 def _best_epoch(valid_scores, bigger_is_better=True):

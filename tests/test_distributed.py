@@ -1,0 +1,78 @@
+"""DDP through RecBole's trainer on CPU (gloo): two processes, and the errors that must not hang."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from mamba4rec.distributed import DistSpec, check_spec, run_distributed
+from tests.conftest import tiny_config_dict
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_and_rank0_reports_metrics(in_tmp):
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch")
+    result = run_distributed("Mamba4Rec", "tiny", DistSpec(nproc=2, port=_free_port(), timeout_s=120),
+                             config_dict=cfg)
+    assert result["model"] == "Mamba4Rec" and result["epochs_run"] == 1
+    assert set(result["test_result"]) == {"hit@10", "ndcg@10", "mrr@10"}
+    assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())
+    # only rank 0 saved a checkpoint
+    assert len(list((in_tmp / "saved").glob("*.pth"))) == 1
+
+
+def test_port_in_use_is_refused_before_starting():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"--port={port}.*not available"):
+            check_spec(DistSpec(nproc=2, port=port))
+
+
+@pytest.mark.parametrize("spec,match", [
+    (DistSpec(nproc=2, world_size=1), "world_size=1 is too small"),
+    (DistSpec(nproc=0), "--nproc=0"),
+    (DistSpec(nproc=1, group_offset=-1), "--group_offset=-1"),
+    (DistSpec(nproc=1, backend="mpi"), "--backend='mpi'"),
+    (DistSpec(nproc=1, port=70000), "--port=70000"),
+])
+def test_bad_settings_are_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        check_spec(spec)
+
+
+def test_world_size_larger_than_the_processes_times_out_with_a_clear_error(in_tmp):
+    """world_size=3 but only 2 processes ever join: a bounded wait, then an error that says why."""
+    import torch.multiprocessing as mp
+
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch")
+    with pytest.raises(mp.ProcessRaisedException, match="could not form the process group"):
+        run_distributed("Mamba4Rec", "tiny",
+                        DistSpec(nproc=2, world_size=3, port=_free_port(), timeout_s=5), config_dict=cfg)
+
+
+def test_cli_distributed_on_cpu(in_tmp):
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_DATA
+    from tests.test_pipeline import REPO
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run_recbole.py"), "--dataset=tiny", f"--data_path={TINY_DATA}", "--nproc=2",
+         f"--port={_free_port()}", "--dist_timeout=120", "--epochs=1", "--train_batch_size=64",
+         "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--d_state=4", "--show_progress=False",
+         f"--checkpoint_dir={in_tmp / 'saved'}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"],
+        cwd=in_tmp, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test      : hit@10=") == 1  # printed once, by rank 0's launcher
+    proc = subprocess.run([sys.executable, str(REPO / "run_recbole.py"), "--nproc=2", "--world_size=1"],
+                          cwd=in_tmp, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "world_size=1 is too small" in proc.stderr
