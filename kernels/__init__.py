@@ -56,16 +56,17 @@ def resolve_scan_impl(impl: str, device) -> tuple[str, str]:
     if impl not in SCAN_IMPLS:
         raise ValueError(f"scan_impl={impl!r} is not a scan path; use one of {', '.join(SCAN_IMPLS)}")
     dev_type = getattr(device, "type", str(device))
-    on_triton_device = dev_type == "cuda" or _triton_interpreting()
     if impl == "auto":
-        if not on_triton_device:
+        # auto uses Triton on CUDA only; the interpreter (TRITON_INTERPRET=1) runs the same
+        # kernels on CPU for tests, far too slowly to be chosen automatically.
+        if dev_type != "cuda":
             return "torch", f"{source}: tensors on {dev_type}, so the chunked torch scan"
         ok, why = triton_status()
         if ok:
-            return "triton", f"{source}: tensors on {dev_type} and {why}"
-        return "torch", f"{source}: tensors on {dev_type} but {why}; falling back to the torch scan"
+            return "triton", f"{source}: tensors on cuda and {why}"
+        return "torch", f"{source}: tensors on cuda but {why}; falling back to the torch scan"
     if impl == "triton":
-        if not on_triton_device:
+        if dev_type != "cuda" and not _triton_interpreting():
             raise ValueError(
                 f"{source} needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                 f"tensors are on {dev_type}: use scan_impl=torch or auto"
