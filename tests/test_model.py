@@ -162,3 +162,19 @@ def test_bad_config_values_name_key_value_and_range(key, value):
 def test_missing_keys_fall_back_to_defaults():
     assert resolve_model_config({}) == MODEL_DEFAULTS
     assert resolve_model_config({"d_state": 8})["d_state"] == 8
+
+
+def test_scan_path_env_override_and_log_line(monkeypatch, caplog):
+    import logging
+
+    from kernels import SCAN_IMPL_ENV, resolve_scan_impl
+
+    monkeypatch.setenv(SCAN_IMPL_ENV, "ref")
+    assert resolve_scan_impl("torch", torch.device("cpu")) == ("ref", f"{SCAN_IMPL_ENV}=ref")
+    model = make_model(scan_impl="torch").eval()
+    with caplog.at_level(logging.INFO, logger="mamba4rec.layers"):
+        model(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
+    assert "selective scan: ref path" in caplog.text
+    monkeypatch.setenv(SCAN_IMPL_ENV, "fastest")
+    with pytest.raises(ValueError, match="MAMBA4REC_SCAN_IMPL='fastest' is not a scan path"):
+        resolve_scan_impl("auto", torch.device("cpu"))
