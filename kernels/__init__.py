@@ -5,7 +5,7 @@ Public functions share mamba_ssm's ``selective_scan_fn`` signature:
 * ``selective_scan_ref``   plain-torch fp32 loop over L, the ground truth (kernels/reference.py)
 * ``selective_scan_torch`` the CPU / no-triton path with its own autograd (kernels/torch_scan.py)
 * ``selective_scan_fn``    the Triton kernels, forward and backward (kernels/selective_scan.py)
-* ``selective_scan``       dispatch by ``impl`` = auto | triton | torch | ref
+* ``scan``                 dispatch by ``impl`` = auto | triton | torch | ref
 """
 
 from __future__ import annotations
@@ -93,9 +93,12 @@ def get_scan_fn(path: str):
     raise ValueError(f"unknown scan path {path!r}; expected triton, torch or ref")
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, impl: str = "auto"):
-    """Selective scan through the path ``impl`` resolves to for ``u``'s device."""
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+         return_last_state=False, impl: str = "auto"):
+    """Selective scan through the path ``impl`` resolves to for ``u``'s device.
+
+    (Not named ``selective_scan``: that is the submodule kernels/selective_scan.py, and importing
+    it would replace a package attribute of the same name.)"""
     path, _ = resolve_scan_impl(impl, u.device)
     return get_scan_fn(path)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                              delta_softplus=delta_softplus, return_last_state=return_last_state)
@@ -114,7 +117,7 @@ __all__ = [
     "SCAN_IMPL_ENV",
     "get_scan_fn",
     "resolve_scan_impl",
-    "selective_scan",
+    "scan",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_scan_torch",

@@ -156,7 +156,7 @@ def test_dispatch_reaches_torch_path():
     assert kernels.get_scan_fn("torch") is selective_scan_torch
     case = Case(2, 5, 4, 3)
     x = make_inputs(case)
-    out = kernels.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], impl="torch")
+    out = kernels.scan(x["u"], x["delta"], x["A"], x["B"], x["C"], impl="torch")
     ref = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"])
     assert_close("out", out.detach(), ref.detach(), torch.float32)
 
