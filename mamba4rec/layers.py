@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import get_scan_fn, resolve_scan_impl
+from kernels.state_update import state_update
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,20 @@ class MambaBlock(nn.Module):
                  z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))                   # [B, L, H]
 
+    def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One new position: x_t [B, H] -> [B, H]; conv_state [B, Di, d_conv - 1] (the last
+        conv inputs, oldest first) and ssm_state [B, Di, N] (float32) are updated in place.
+        Equals forward() at that position given the same history; O(1) in the history length."""
+        x, z = self.in_proj(x_t).chunk(2, dim=-1)                 # [B, Di] each
+        window = torch.cat([conv_state, x[:, :, None]], dim=-1)   # [B, Di, d_conv]
+        x = F.silu((window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
+        conv_state.copy_(window[:, :, 1:])
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.t()                          # [B, Di]; bias inside the update
+        y = state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y)
+
 
 class FeedForward(nn.Module):
     """Position-wise FFN: Linear(H, 4H) -> GELU -> dropout -> Linear(4H, H) -> dropout
@@ -121,4 +136,11 @@ class MambaLayer(nn.Module):
         hidden = self.dropout(self.mamba(input_tensor))
         if self.num_layers > 1:
             hidden = hidden + input_tensor
+        return self.ffn(self.LayerNorm(hidden))
+
+    def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """forward() for one new position [B, H], states updated in place (see MambaBlock.step)."""
+        hidden = self.dropout(self.mamba.step(x_t, conv_state, ssm_state))
+        if self.num_layers > 1:
+            hidden = hidden + x_t
         return self.ffn(self.LayerNorm(hidden))

@@ -15,6 +15,8 @@ import numbers
 
 import torch
 import torch.nn as nn
+from dataclasses import dataclass
+
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 
@@ -77,6 +79,19 @@ def resolve_model_config(config) -> dict:
     if not isinstance(out["position_embedding"], bool):
         raise _bad("position_embedding", out["position_embedding"], "it must be True or False")
     return out
+
+
+@dataclass
+class StreamState:
+    """What Mamba4Rec keeps per user to fold in one interaction at a time.
+
+    conv: per layer [B, d_inner, d_conv - 1], the last conv inputs (oldest first);
+    ssm: per layer [B, d_inner, d_state] float32; steps: [B] positions seen so far (used by the
+    position embedding, and to refuse going past max_seq_length with one)."""
+
+    conv: list
+    ssm: list
+    steps: torch.Tensor
 
 
 class Mamba4Rec(SequentialRecommender):
@@ -170,6 +185,39 @@ class Mamba4Rec(SequentialRecommender):
         for layer in self.mamba_layers:
             hidden = layer(hidden)
         return self.gather_indexes(hidden, item_seq_len - 1)        # [B, H]
+
+    # streaming: one interaction at a time, O(1) per step in the history length
+
+    def init_state(self, batch_size: int) -> StreamState:
+        """Empty states for ``batch_size`` users, on the model's device and dtype."""
+        p = self.item_embedding.weight
+        conv = [p.new_zeros(batch_size, layer.mamba.d_inner, self.d_conv - 1) for layer in self.mamba_layers]
+        ssm = [torch.zeros(batch_size, layer.mamba.d_inner, self.d_state, device=p.device, dtype=torch.float32)
+               for layer in self.mamba_layers]
+        return StreamState(conv, ssm, torch.zeros(batch_size, dtype=torch.long, device=p.device))
+
+    @torch.no_grad()
+    def step(self, item_ids: torch.Tensor, state: StreamState):
+        """Fold in one item per user: item_ids [B] (internal ids) -> (seq_output [B, H], state).
+
+        seq_output equals forward() for the sequence ending at this item (in eval mode). The
+        state is updated in place and also returned."""
+        if item_ids.dim() != 1 or item_ids.shape[0] != state.steps.shape[0]:
+            raise ValueError(f"item_ids must be [B] with B={state.steps.shape[0]} (the state's batch), "
+                             f"got shape {tuple(item_ids.shape)}")
+        if ((item_ids <= 0) | (item_ids >= self.n_items)).any():
+            raise ValueError(f"item ids must be internal ids in 1..{self.n_items - 1} (0 is padding)")
+        hidden = self.item_embedding(item_ids)                       # [B, H]
+        if self.position_embedding is not None:
+            if (state.steps >= self.max_seq_length).any():
+                raise ValueError(f"a sequence passed max_seq_length={self.max_seq_length}, the length the "
+                                 f"position embedding was trained for; restart it from its recent history")
+            hidden = hidden + self.position_embedding(state.steps)
+        hidden = self.LayerNorm(self.dropout(hidden))
+        for layer, conv, ssm in zip(self.mamba_layers, state.conv, state.ssm):
+            hidden = layer.step(hidden, conv, ssm)
+        state.steps += 1
+        return hidden, state
 
     def calculate_loss(self, interaction):
         item_seq = interaction[self.ITEM_SEQ]

@@ -1,0 +1,143 @@
+"""One step of the selective SSM for streaming inference: fold one new input into a state.
+
+Shapes::
+
+    state       : (batch, dim, N) float32, updated in place
+    x, dt, z    : (batch, dim)        A : (dim, N)       D, dt_bias : (dim,)
+    B, C        : (batch, N) or (batch, G, N)            returns out : (batch, dim) in x's dtype
+
+    dt  = softplus(dt + dt_bias) if dt_softplus else dt + dt_bias
+    state = exp(dt * A) * state + dt * B * x
+    out = sum_n state * C + D * x ;   out *= silu(z) if z is given
+
+Cost per step is independent of how many steps came before. ``selective_state_update_ref`` is
+plain torch (any device); ``selective_state_update`` is a fused Triton kernel (CUDA, or CPU
+under TRITON_INTERPRET=1); ``state_update`` picks Triton on CUDA and torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_channel(X, dim):
+    """(batch, N) or (batch, G, N) -> (batch, dim, N)."""
+    if X.dim() == 2:
+        return X[:, None, :]
+    return X.repeat_interleave(dim // X.shape[1], dim=1)
+
+
+def _check(state, x, dt, A, B, C):
+    batch, dim, N = state.shape
+    if state.dtype != torch.float32:
+        raise ValueError(f"state must be float32 (it accumulates), got {state.dtype}")
+    if x.shape != (batch, dim) or dt.shape != (batch, dim):
+        raise ValueError(f"x and dt must be (batch={batch}, dim={dim}), got {tuple(x.shape)} and {tuple(dt.shape)}")
+    if A.shape != (dim, N):
+        raise ValueError(f"A must be (dim={dim}, N={N}), got {tuple(A.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if not (t.shape == (batch, N) or (t.dim() == 3 and t.shape[0] == batch and t.shape[2] == N
+                                          and dim % t.shape[1] == 0)):
+            raise ValueError(f"{name} must be (batch, N) or (batch, G, N) with G dividing dim, got {tuple(t.shape)}")
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Plain-torch one-step update; ``state`` is updated in place. Returns out (batch, dim)."""
+    _check(state, x, dt, A, B, C)
+    dim = state.shape[1]
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    xf = x.float()
+    state.mul_(torch.exp(dt[:, :, None] * A.float())).add_((dt * xf)[:, :, None] * _per_channel(B.float(), dim))
+    out = (state * _per_channel(C.float(), dim)).sum(-1)
+    if D is not None:
+        out = out + D.float() * xf
+    if z is not None:
+        out = out * F.silu(z.float())
+    return out.to(x.dtype)
+
+
+_TRITON = None
+
+
+def _triton_update():
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+                             dim, N, G, group_size,
+                             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_b = tl.program_id(0)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        md, mn = offs_d < dim, offs_n < N
+        mdn = md[:, None] & mn[None, :]
+        dt = tl.load(dt_ptr + pid_b * dim + offs_d, mask=md, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+        if SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        x = tl.load(x_ptr + pid_b * dim + offs_d, mask=md, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(tl.float32)
+        grp = offs_d // group_size
+        bc = (pid_b * G + grp[:, None]) * N + offs_n[None, :]
+        Bv = tl.load(B_ptr + bc, mask=mdn, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + bc, mask=mdn, other=0.0).to(tl.float32)
+        sptr = state_ptr + (pid_b * dim + offs_d[:, None]) * N + offs_n[None, :]
+        s = tl.load(sptr, mask=mdn, other=0.0)
+        s = s * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv
+        tl.store(sptr, s, mask=mdn)
+        out = tl.sum(s * Cv, axis=1)
+        if HAS_D:
+            out += tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32) * x
+        if HAS_Z:
+            zz = tl.load(z_ptr + pid_b * dim + offs_d, mask=md, other=0.0).to(tl.float32)
+            out = out * zz * tl.sigmoid(zz)
+        tl.store(out_ptr + pid_b * dim + offs_d, out.to(out_ptr.dtype.element_ty), mask=md)
+
+    def launch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        _check(state, x, dt, A, B, C)
+        if not state.is_contiguous():
+            raise ValueError("state must be contiguous: it is updated in place")
+        batch, dim, N = state.shape
+        G = 1 if B.dim() == 2 else B.shape[1]
+        Bc, Cc = B.reshape(batch, G, N).contiguous(), C.reshape(batch, G, N).contiguous()
+        out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
+        block_n = triton.next_power_of_2(N)
+        block_d = max(1, min(triton.next_power_of_2(dim), 2048 // block_n))
+        x, dt, A = x.contiguous(), dt.contiguous(), A.contiguous()
+        _state_update_kernel[(batch, triton.cdiv(dim, block_d))](
+            state, x, dt, A, Bc, Cc, D if D is not None else x, z.contiguous() if z is not None else x,
+            dt_bias if dt_bias is not None else x, out, dim, N, G, dim // G,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+            BLOCK_D=block_d, BLOCK_N=block_n)
+        return out
+
+    _TRITON = launch
+    return launch
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """The one-step update as a fused Triton kernel (in place on ``state``); same contract as the ref."""
+    return _triton_update()(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Triton on CUDA (when importable), plain torch elsewhere."""
+    if state.is_cuda:
+        try:
+            fn = _triton_update()
+        except ImportError:
+            fn = selective_state_update_ref
+    else:
+        fn = selective_state_update_ref
+    return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
