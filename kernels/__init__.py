@@ -4,7 +4,7 @@ Public functions share mamba_ssm's ``selective_scan_fn`` signature:
 
 * ``selective_scan_ref``   plain-torch fp32 loop over L, the ground truth (kernels/reference.py)
 * ``selective_scan_torch`` the CPU / no-triton path with its own autograd (kernels/torch_scan.py)
-* ``selective_scan_fn``    the Triton kernels, forward and backward (kernels/selective_scan.py)
+* ``selective_scan_fn``    the Triton kernels, forward and backward (kernels/triton_scan.py)
 * ``selective_scan``       dispatch by ``impl`` = auto | triton | torch | ref
 """
 
@@ -14,6 +14,11 @@ import importlib
 import os
 
 from .reference import selective_scan_ref
+
+# The Triton scan lives in kernels/triton_scan.py, not kernels/selective_scan.py as first
+# planned: importing a submodule sets the package attribute of the same name, so a module
+# kernels/selective_scan.py would replace the dispatch function ``selective_scan`` below
+# with itself the first time the Triton path was used.
 
 __kernels_project__ = "mamba4rec"  # lets mamba4rec tell this package from PyPI's `kernels`
 
@@ -33,7 +38,7 @@ def triton_status() -> tuple[bool, str]:
     except Exception as exc:  # ImportError, or a broken triton install
         return False, f"triton is not importable ({type(exc).__name__}: {exc})"
     try:
-        importlib.import_module(__name__ + ".selective_scan")
+        importlib.import_module(__name__ + ".triton_scan")
     except Exception as exc:
         return False, f"the Triton scan failed to import ({type(exc).__name__}: {exc})"
     return True, "triton is importable"
@@ -86,7 +91,7 @@ def get_scan_fn(path: str):
 
         return selective_scan_torch
     if path == "triton":
-        from .selective_scan import selective_scan_fn
+        from .triton_scan import selective_scan_fn
 
         return selective_scan_fn
     raise ValueError(f"unknown scan path {path!r}; expected triton, torch or ref")

@@ -348,6 +348,7 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chu
     batch, dim, L = u.shape
     N = A.shape[1]
     dpg = dim // groups
+    # the kernel indexes A, D, delta_bias as contiguous (tiny tensors: copying is free)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -378,6 +379,10 @@ def _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states
     groups = 1 if B.dim() == 3 else B.shape[1]
     dpg = dim // groups
     dev = u.device
+    # the kernel indexes A, D, delta_bias as contiguous (tiny tensors: copying is free)
+    A_c = A.contiguous()
+    D_c = D.contiguous() if D is not None else None
+    bias_c = delta_bias.contiguous() if delta_bias is not None else None
     block_d, block_n, num_warps = _blocks(batch, groups, dpg, N, dev)
     n_dblk = triton.cdiv(dpg, block_d)
     if dout is None:
@@ -393,7 +398,7 @@ def _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states
     dls = dlast.stride() if dlast is not None else (0, 0, 0)
     grid = (batch, groups * n_dblk)
     _selective_scan_bwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, states, dout, dlast,
+        u, delta, A_c, B, C, D_c, z, bias_c, states, dout, dlast,
         du, ddelta, dz, dA_part, dD_part, dB_part, dC_part,
         L, N, dim, dpg, n_dblk, chunk_size,
         *u.stride(), *delta.stride(), *_bc_strides(B), *_bc_strides(C), *zs, *dout.stride(), *dls,
