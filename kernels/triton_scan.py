@@ -43,10 +43,13 @@ from ._validate import check_scan_inputs
 #: takes --chunk-size to do it.
 DEFAULT_CHUNK_SIZE = 64
 
-#: Largest BLOCK_D * BLOCK_N tile one program keeps per state-sized register tensor. The
-#: backward holds about six such tiles (state, state gradient, dA accumulators, temporaries);
-#: 2048 fp32 over 4 warps is 16 registers per thread per tile.
-_MAX_TILE = 2048
+#: Largest BLOCK_D * BLOCK_N tile one program keeps per state-sized register tensor, and the
+#: fp32 elements of such a tile per thread (num_warps follows from both). Chosen by compiling
+#: for sm_90 without a GPU (benchmarks/kernel_resources.py): at 4 elements per thread the
+#: backward needs 168-218 registers and does not spill; at 8 it hits 255 and spills 600+ bytes
+#: (BLOCK_D 64, N 32, 4 warps), at 16 the forward alone takes 253. Not yet timed on a GPU.
+_MAX_TILE = 1024
+_ELEMS_PER_THREAD = 4
 
 #: Tests set this to float("nan") so every buffer the launchers allocate starts as NaN and an
 #: element a kernel forgets to write shows up in the comparison (fla's trick). None: plain
@@ -316,6 +319,10 @@ def _selective_scan_bwd_kernel(
         tl.store(dD_part_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
 
 
+def _num_warps(block_d: int, block_n: int) -> int:
+    return max(1, min(8, block_d * block_n // (32 * _ELEMS_PER_THREAD)))
+
+
 def _blocks(batch: int, groups: int, dim_per_group: int, N: int, device) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_N, num_warps). N is padded to a power of 2 (masked); BLOCK_D fills
     the tile budget, then shrinks on CUDA until the grid covers the GPU twice, because
@@ -327,8 +334,7 @@ def _blocks(batch: int, groups: int, dim_per_group: int, N: int, device) -> tupl
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         while block_d > 4 and batch * groups * triton.cdiv(dim_per_group, block_d) < 2 * n_sm:
             block_d //= 2
-    num_warps = max(1, min(4, block_d * block_n // 512))
-    return block_d, block_n, num_warps
+    return block_d, block_n, _num_warps(block_d, block_n)
 
 
 def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
