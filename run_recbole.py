@@ -24,6 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", "-d", default="ml-100k", help="data set name (default: ml-100k)")
     parser.add_argument("--config_files", default=None,
                         help="space-separated extra YAML files, applied after configs/")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue from a <checkpoint_dir>/<model>-<dataset>-last.pth written after each epoch")
     parser.add_argument("--compare", default=None, metavar="MODELS",
                         help="comma-separated baselines (e.g. SASRec,GRU4Rec): train --model and each of "
                              "them under the same protocol, write a table, CSV and chart")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             return _compare(args, config_files, overrides)
         if args.nproc > 1 or (args.world_size or 1) > 1:
             return _distributed(args, config_files, overrides)
-        result = run(args.model, args.dataset, config_files=config_files, cmd_args=overrides)
+        result = run(args.model, args.dataset, config_files=config_files, cmd_args=overrides, resume=args.resume)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -210,9 +210,73 @@ def build_model(config, train_dataset, model_class=None):
     return model_class(config, train_dataset).to(config["device"])
 
 
+def last_checkpoint_path(config) -> str:
+    """Where run() keeps the resumable state after each epoch: <checkpoint_dir>/<model>-<dataset>-last.pth."""
+    return os.path.join(config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-last.pth")
+
+
+def _save_last(path, trainer, net, train_data, epoch_idx) -> None:
+    """Everything needed to continue after ``epoch_idx`` exactly as an uninterrupted run would:
+    weights, optimizer, early-stopping state, and every random state training draws from."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from . import compat
+
+    state = {
+        "epoch": epoch_idx, "state_dict": net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "cur_step": trainer.cur_step, "best_valid_score": trainer.best_valid_score,
+        "best_valid_result": trainer.best_valid_result, "train_loss_dict": trainer.train_loss_dict,
+        "saved_model_file": trainer.saved_model_file,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "loader": train_data.generator.get_state()},
+    }
+    compat._trainer_save(state, path)  # temporary file + rename: a kill leaves the previous one
+
+
+def _resume(path, trainer, net, train_data, log) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from . import compat
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
+    try:  # the user named this file to resume from: their own, so fully unpickled
+        state = torch.load(path, map_location=net.item_embedding.weight.device if hasattr(net, "item_embedding")
+                           else "cpu", weights_only=False)
+        keys = {"epoch", "state_dict", "optimizer", "rng"}
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise ValueError(f"it has no {sorted(keys)}: not a '-last.pth' file written by mamba4rec")
+        net.load_state_dict(state["state_dict"])
+    except Exception as exc:  # truncated, foreign, another model's weights
+        raise ValueError(f"--resume: {path!r} cannot be resumed from ({type(exc).__name__}: {exc})") from None
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.start_epoch = state["epoch"] + 1
+    trainer.cur_step = state["cur_step"]
+    trainer.best_valid_score = state["best_valid_score"]
+    trainer.best_valid_result = state["best_valid_result"]
+    trainer.train_loss_dict = state["train_loss_dict"]
+    if state.get("saved_model_file") and os.path.isfile(state["saved_model_file"]):
+        trainer.saved_model_file = state["saved_model_file"]
+        compat.trust_checkpoint(trainer.saved_model_file)
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    train_data.generator.set_state(state["rng"]["loader"])
+    log.info("resumed from %s after epoch %d", path, state["epoch"])
+
+
 def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None, cmd_args=None,
-        saved=True, config=None, config_class=Config) -> RunResult:
-    """Train ``model`` on ``dataset`` and evaluate the best checkpoint on the test split."""
+        saved=True, config=None, config_class=Config, resume=None) -> RunResult:
+    """Train ``model`` on ``dataset`` and evaluate the best checkpoint on the test split.
+
+    After every epoch (once validated) the resumable state goes to last_checkpoint_path(config);
+    ``resume`` continues from such a file: the result equals an uninterrupted run's."""
     model_class, model_name = resolve_model(model)
     if config is None:
         config = build_config(model_class, dataset, config_files, config_dict, cmd_args,
@@ -232,12 +296,19 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     log.info(net)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
 
+    if resume:
+        _resume(resume, trainer, net, train_data, log)
+    last_path = last_checkpoint_path(config)
+    write_last = saved and config["local_rank"] == 0
+    first_epoch = trainer.start_epoch
     train_times = []
     inner_train_epoch = trainer._train_epoch
 
-    def timed_train_epoch(*args, **kwargs):
+    def timed_train_epoch(train_data_, epoch_idx, *args, **kwargs):
+        if write_last and epoch_idx > first_epoch:  # the previous epoch is trained and validated
+            _save_last(last_path, trainer, net, train_data, epoch_idx - 1)
         t0 = time.perf_counter()
-        out = inner_train_epoch(*args, **kwargs)
+        out = inner_train_epoch(train_data_, epoch_idx, *args, **kwargs)
         train_times.append(time.perf_counter() - t0)
         return out
 
@@ -253,6 +324,8 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     trainer._valid_epoch = recorded_valid_epoch
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    if write_last and train_times:
+        _save_last(last_path, trainer, net, train_data, first_epoch + len(train_times) - 1)
     if saved and not config["single_spec"]:
         _share_best_checkpoint(trainer)
     t0 = time.perf_counter()

@@ -197,3 +197,45 @@ def test_compare_refuses_unknown_or_repeated_models_before_training(in_tmp):
     with pytest.raises(ValueError, match="twice"):
         compare(["Mamba4Rec", "SASRec", "SASRec"], "tiny", in_tmp)
     assert not (in_tmp / "compare.md").exists()
+
+
+def test_resume_after_epoch_k_equals_an_uninterrupted_run(in_tmp):
+    def cfg(sub, epochs):
+        return tiny_config_dict(in_tmp, scan_impl="torch", epochs=epochs, checkpoint_dir=str(in_tmp / sub),
+                                stopping_step=10)
+
+    full = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg("full", 4))
+    pipeline.run("Mamba4Rec", "tiny", config_dict=cfg("cut", 2))  # "killed" after epoch 1
+    last = in_tmp / "cut" / "Mamba4Rec-tiny-last.pth"
+    resumed = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg("cut", 4), resume=str(last))
+    assert resumed.epochs_run == 2
+    a = torch.load(in_tmp / "full" / "Mamba4Rec-tiny-last.pth", weights_only=False)
+    b = torch.load(last, weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert resumed.test_result == full.test_result
+    assert resumed.best_valid_result == full.best_valid_result
+
+
+def test_resume_refuses_foreign_or_truncated_files(in_tmp):
+    pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch"))
+    last = in_tmp / "saved" / "Mamba4Rec-tiny-last.pth"
+    truncated = in_tmp / "truncated.pth"
+    truncated.write_bytes(last.read_bytes()[:200])
+    foreign = in_tmp / "foreign.pth"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for bad in (truncated, foreign):
+        with pytest.raises(ValueError, match="cannot be resumed from"):
+            pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch"),
+                         resume=str(bad))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch"),
+                     resume=str(in_tmp / "missing.pth"))
+
+
+def test_amp_bf16_epoch_on_cpu_stays_finite(in_tmp):
+    """RecBole's enable_amp on CPU autocasts to bf16; the scan accumulates in fp32."""
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch",
+                                                                           enable_amp=True, epochs=2))
+    assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
