@@ -299,7 +299,7 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     if resume:
         _resume(resume, trainer, net, train_data, log)
     last_path = last_checkpoint_path(config)
-    write_last = saved and config["local_rank"] == 0
+    write_last = saved and _is_global_rank0(config)
     first_epoch = trainer.start_epoch
     train_times = []
     inner_train_epoch = trainer._train_epoch
@@ -347,6 +347,14 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
         eval_seconds=eval_seconds,
         saved_model_file=trainer.saved_model_file if saved else None,
     )
+
+
+def _is_global_rank0(config) -> bool:
+    if config["single_spec"]:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
 
 
 def _share_best_checkpoint(trainer) -> None:
