@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import get_scan_fn, resolve_scan_impl
-from kernels.state_update import state_update
+from kernels import get_scan_fn, resolve_scan_impl, update_state
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,9 @@ class MambaBlock(nn.Module):
         conv_state.copy_(window[:, :, 1:])
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()                          # [B, Di]; bias inside the update
-        y = state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        y = update_state(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+                         impl=self.scan_path(x.device))  # Triton where the scan is Triton
         return self.out_proj(y)
 
 
