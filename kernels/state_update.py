@@ -53,10 +53,15 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     if dt_softplus:
         dt = F.softplus(dt)
     xf = x.float()
-    state.mul_(torch.exp(dt[:, :, None] * A.float())).add_((dt * xf)[:, :, None] * _per_channel(B.float(), dim))
-    out = (state * _per_channel(C.float(), dim)).sum(-1)
+    # Few, fused ops: at batch 1 a step is a few dozen tiny ops and their dispatch is the cost.
+    state.mul_(torch.exp(dt.unsqueeze(-1) * A.float()))
+    state.addcmul_((dt * xf).unsqueeze(-1), _per_channel(B.float(), dim))
+    if C.dim() == 2:  # one group: the contraction over N is a batched mat-vec
+        out = torch.bmm(state, C.float().unsqueeze(-1)).squeeze(-1)
+    else:
+        out = (state * _per_channel(C.float(), dim)).sum(-1)
     if D is not None:
-        out = out + D.float() * xf
+        out = torch.addcmul(out, D.float(), xf)
     if z is not None:
         out = out * F.silu(z.float())
     return out.to(x.dtype)

@@ -276,7 +276,8 @@ class Mamba4Rec(SequentialRecommender):
         if item_ids.dim() != 1 or item_ids.shape[0] != state.steps.shape[0]:
             raise ValueError(f"item_ids must be [B] with B={state.steps.shape[0]} (the state's batch), "
                              f"got shape {tuple(item_ids.shape)}")
-        if ((item_ids <= 0) | (item_ids >= self.n_items)).any():
+        lo, hi = torch.aminmax(item_ids)  # one op and one sync, not four ops
+        if int(lo) <= 0 or int(hi) >= self.n_items:
             raise ValueError(f"item ids must be internal ids in 1..{self.n_items - 1} (0 is padding)")
         hidden = self.item_embedding(item_ids)                       # [B, H]
         if self.position_embedding is not None:
