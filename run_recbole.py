@@ -26,6 +26,9 @@ def parse_args(argv=None):
                         help="space-separated extra YAML files, applied after configs/")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue from a <checkpoint_dir>/<model>-<dataset>-last.pth written after each epoch")
+    parser.add_argument("--export", default=None, metavar="PATH",
+                        help="after evaluation, write a serving checkpoint of the best Mamba4Rec to PATH "
+                             "(for python -m mamba4rec.recommend; see docs/STREAMING.md)")
     parser.add_argument("--compare", default=None, metavar="MODELS",
                         help="comma-separated baselines (e.g. SASRec,GRU4Rec): train --model and each of "
                              "them under the same protocol, write a table, CSV and chart")
@@ -53,12 +56,17 @@ def main(argv=None) -> int:
     from mamba4rec.pipeline import run
 
     config_files = args.config_files.strip().split() if args.config_files else None
+    if args.export and (args.compare or args.nproc > 1 or (args.world_size or 1) > 1):
+        print("error: --export works with a single training run, not with --compare or distributed runs",
+              file=sys.stderr)
+        return 2
     try:
         if args.compare:
             return _compare(args, config_files, overrides)
         if args.nproc > 1 or (args.world_size or 1) > 1:
             return _distributed(args, config_files, overrides)
-        result = run(args.model, args.dataset, config_files=config_files, cmd_args=overrides, resume=args.resume)
+        result = run(args.model, args.dataset, config_files=config_files, cmd_args=overrides, resume=args.resume,
+                     export_path=args.export)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -66,6 +74,8 @@ def main(argv=None) -> int:
           f"best epoch {result.best_epoch}, {result.train_seconds_per_epoch:.1f} s/epoch")
     print("best valid:", ", ".join(f"{k}={v:.4f}" for k, v in result.best_valid_result.items()))
     print("test      :", ", ".join(f"{k}={v:.4f}" for k, v in result.test_result.items()))
+    if result.extra.get("export_path"):
+        print("serving checkpoint:", result.extra["export_path"])
     return 0
 
 

@@ -1,10 +1,19 @@
 #!/usr/bin/env python
 """Latency of one new event: Mamba4Rec.step (O(1) state update) vs recomputing forward() over
 the whole history, at history lengths 50, 200, 1000 and batch 1 and 256 (paper defaults:
-hidden 64, d_state 32, d_conv 4, expand 2; eval mode, no grad). Prints a table, writes CSV.
+hidden 64, d_state 32, d_conv 4, expand 2, one layer; eval mode, no grad).
 
-    python benchmarks/bench_streaming.py
+Both sides produce the same seq_output [B, hidden] for the history plus the new item (the
+tests check it); scoring against the item table is the same afterwards and is left out. The
+state for the history is built once with model.prefill; each timed step starts from a copy of
+it. Recompute runs forward() on [B, L + 1] through the scan path scan_impl=auto picks (the
+chunked torch scan on CPU, Triton on CUDA). Median of --reps runs after one warm-up.
+
+    python benchmarks/bench_streaming.py                  # CPU
     python benchmarks/bench_streaming.py --device cuda
+    python benchmarks/bench_streaming.py --threads 1 --lengths 50,200 --batches 1
+
+Prints the environment and a table; writes CSV to benchmarks/out/streaming-<device>.csv.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import argparse
 import csv
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,70 +32,122 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+N_ITEMS = 3417  # ml-1m's item count (+ padding): sets the embedding table, not the timed work
+
 
 class _Data:
     def num(self, field):
-        return 3417
+        return N_ITEMS
 
 
-def main():
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device) -> str:
+    from kernels import resolve_scan_impl
+
+    import mamba4rec
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"mamba4rec {mamba4rec.__version__}",
+             f"device {device}"]
+    if device == "cuda":
+        parts.append(torch.cuda.get_device_name())
+    else:
+        parts += [f"CPU {_cpu_name()}", f"{os.cpu_count()} logical CPUs", f"torch threads {torch.get_num_threads()}"]
+        if hasattr(os, "getloadavg"):
+            parts.append("load avg %.2f" % os.getloadavg()[0])
+    path, why = resolve_scan_impl("auto", torch.device(device))
+    parts.append(f"recompute scan: {path}")
+    return " | ".join(parts)
+
+
+def _median_seconds(fn, reps, sync):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        times.append(fn(sync))
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--lengths", default="50,200,1000")
-    p.add_argument("--batches", default="1,256")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--csv", default=str(REPO / "benchmarks" / "out" / "streaming.csv"))
-    args = p.parse_args()
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--lengths", default="50,200,1000", help="history lengths (comma-separated)")
+    p.add_argument("--batches", default="1,256", help="batch sizes (comma-separated)")
+    p.add_argument("--reps", type=int, default=7, help="timed runs per cell (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, CPUs))")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--csv", default=None, help="default benchmarks/out/streaming-<device>.csv")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     from mamba4rec import Mamba4Rec
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1)) if args.device == "cpu" else None
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     lengths = [int(x) for x in args.lengths.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
     cfg = {"USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
            "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "MAX_ITEM_LIST_LENGTH": max(lengths) + 1,
-           "device": torch.device(args.device)}
+           "device": torch.device(args.device), "hidden_size": args.hidden_size, "num_layers": args.num_layers}
+    torch.manual_seed(0)
     model = Mamba4Rec(cfg, _Data()).to(args.device).eval()
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    print(f"# {platform.processor() or platform.machine()} | torch {torch.__version__} | device {args.device} | "
-          f"threads {torch.get_num_threads()}")
-    rows = []
-    print(f"{'batch':>5s} {'history':>7s} {'step ms':>9s} {'recompute ms':>13s} {'speedup':>8s}")
-    for batch in [int(x) for x in args.batches.split(",")]:
-        for L in lengths:
-            seq = torch.randint(1, 3417, (batch, L + 1), device=args.device)
-            state = model.init_state(batch)
-            with torch.no_grad():
-                for t in range(L):  # build the state over the history
-                    model.step(seq[:, t], state)
+    cuda_sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-            def step():
-                s = type(state)([c.clone() for c in state.conv], [x.clone() for x in state.ssm], state.steps.clone())
+    print(f"# {environment(args.device)}")
+    print(f"# Mamba4Rec hidden {args.hidden_size}, {args.num_layers} layer(s), d_state {model.d_state}, "
+          f"d_conv {model.d_conv}, expand {model.expand}; median of {args.reps}")
+    header = f"{'batch':>5s} {'history':>7s} {'step ms':>9s} {'recompute ms':>13s} {'speedup':>8s} {'state KiB/user':>15s}"
+    print(header)
+    rows = []
+    for batch in batches:
+        for L in lengths:
+            seq = torch.randint(1, N_ITEMS, (batch, L + 1), device=args.device)
+            lens_hist = torch.full((batch,), L, device=args.device)
+            lens_all = torch.full((batch,), L + 1, device=args.device)
+            _, state = model.prefill(seq[:, :L], lens_hist)
+            new_items = seq[:, L]
+
+            def step(sync=cuda_sync):
+                s = state.clone()
                 sync()
                 t0 = time.perf_counter()
-                model.step(seq[:, L], s)
+                model.step(new_items, s)
                 sync()
                 return time.perf_counter() - t0
 
-            def recompute():
-                lens = torch.full((batch,), L + 1, device=args.device)
+            def recompute(sync=cuda_sync):
                 sync()
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    model(seq, lens)
+                    model(seq, lens_all)
                 sync()
                 return time.perf_counter() - t0
 
-            step(), recompute()
-            s_ms = 1e3 * sorted(step() for _ in range(args.reps))[args.reps // 2]
-            r_ms = 1e3 * sorted(recompute() for _ in range(args.reps))[args.reps // 2]
-            rows.append(dict(batch=batch, history=L, step_ms=s_ms, recompute_ms=r_ms, speedup=r_ms / s_ms,
-                             device=args.device))
-            print(f"{batch:5d} {L:7d} {s_ms:9.3f} {r_ms:13.3f} {r_ms / s_ms:8.1f}x", flush=True)
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as fh:
+            s_ms = 1e3 * _median_seconds(step, args.reps, cuda_sync)
+            r_ms = 1e3 * _median_seconds(recompute, args.reps, cuda_sync)
+            state_kib = sum(t[0].numel() * t.element_size() for t in state.conv + state.ssm) / 1024
+            row = dict(device=args.device, batch=batch, history=L, step_ms=round(s_ms, 4),
+                       recompute_ms=round(r_ms, 4), speedup=round(r_ms / s_ms, 2), state_kib_per_user=round(state_kib, 2),
+                       threads=torch.get_num_threads() if args.device == "cpu" else "")
+            rows.append(row)
+            print(f"{batch:5d} {L:7d} {s_ms:9.3f} {r_ms:13.3f} {r_ms / s_ms:7.1f}x {state_kib:15.1f}", flush=True)
+    path = Path(args.csv or REPO / "benchmarks" / "out" / f"streaming-{args.device}.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"# CSV: {args.csv}")
+    print(f"# CSV: {path}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@ Public functions share mamba_ssm's ``selective_scan_fn`` signature:
 * ``selective_scan_torch`` the CPU / no-triton path with its own autograd (kernels/torch_scan.py)
 * ``selective_scan_fn``    the Triton kernels, forward and backward (kernels/selective_scan.py)
 * ``scan``                 dispatch by ``impl`` = auto | triton | torch | ref
+
+and, for streaming inference, one step of the same recurrence (kernels/state_update.py):
+
+* ``selective_state_update_ref`` plain torch, state updated in place (mamba_ssm's signature)
+* ``selective_state_update``     the fused Triton kernel (imported lazily)
+* ``update_state``               dispatch by ``impl``, as ``scan`` (not named ``state_update``:
+  that is the submodule, the same clash as ``scan`` / ``selective_scan``)
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import importlib
 import os
 
 from .reference import selective_scan_ref
+from .state_update import selective_state_update_ref, update_state
 
 __kernels_project__ = "mamba4rec"  # lets mamba4rec tell this package from PyPI's `kernels`
 
@@ -109,6 +117,10 @@ def __getattr__(name):  # lazy, so importing kernels never pulls in triton
         return get_scan_fn("torch")
     if name == "selective_scan_fn":
         return get_scan_fn("triton")
+    if name == "selective_state_update":
+        from .state_update import selective_state_update
+
+        return selective_state_update
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -121,5 +133,8 @@ __all__ = [
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_scan_torch",
+    "selective_state_update",
+    "selective_state_update_ref",
+    "update_state",
     "triton_status",
 ]

@@ -12,7 +12,8 @@ Shapes::
 
 Cost per step is independent of how many steps came before. ``selective_state_update_ref`` is
 plain torch (any device); ``selective_state_update`` is a fused Triton kernel (CUDA, or CPU
-under TRITON_INTERPRET=1); ``state_update`` picks Triton on CUDA and torch elsewhere.
+under TRITON_INTERPRET=1); ``update_state`` picks Triton on CUDA and torch elsewhere (or
+the path named by ``impl``, which MambaBlock.step takes from its scan path).
 """
 
 from __future__ import annotations
@@ -52,10 +53,15 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     if dt_softplus:
         dt = F.softplus(dt)
     xf = x.float()
-    state.mul_(torch.exp(dt[:, :, None] * A.float())).add_((dt * xf)[:, :, None] * _per_channel(B.float(), dim))
-    out = (state * _per_channel(C.float(), dim)).sum(-1)
+    # Few, fused ops: at batch 1 a step is a few dozen tiny ops and their dispatch is the cost.
+    state.mul_(torch.exp(dt.unsqueeze(-1) * A.float()))
+    state.addcmul_((dt * xf).unsqueeze(-1), _per_channel(B.float(), dim))
+    if C.dim() == 2:  # one group: the contraction over N is a batched mat-vec
+        out = torch.bmm(state, C.float().unsqueeze(-1)).squeeze(-1)
+    else:
+        out = (state * _per_channel(C.float(), dim)).sum(-1)
     if D is not None:
-        out = out + D.float() * xf
+        out = torch.addcmul(out, D.float(), xf)
     if z is not None:
         out = out * F.silu(z.float())
     return out.to(x.dtype)
@@ -115,6 +121,8 @@ def _triton_update():
         block_n = triton.next_power_of_2(N)
         block_d = max(1, min(triton.next_power_of_2(dim), 2048 // block_n))
         x, dt, A = x.contiguous(), dt.contiguous(), A.contiguous()
+        D = D.contiguous() if D is not None else None
+        dt_bias = dt_bias.contiguous() if dt_bias is not None else None
         _state_update_kernel[(batch, triton.cdiv(dim, block_d))](
             state, x, dt, A, Bc, Cc, D if D is not None else x, z.contiguous() if z is not None else x,
             dt_bias if dt_bias is not None else x, out, dim, N, G, dim // G,
@@ -131,13 +139,22 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return _triton_update()(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
-def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """Triton on CUDA (when importable), plain torch elsewhere."""
-    if state.is_cuda:
+def update_state(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, impl="auto"):
+    """The one-step update through the path ``impl`` picks (same names as the scan's paths).
+
+    ``auto``: Triton for CUDA tensors when triton imports, else plain torch. ``triton``: the
+    Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1). ``torch`` / ``ref``: plain
+    torch (one step has nothing to chunk, so the CPU path is the reference itself).
+    """
+    if impl == "triton":
+        fn = _triton_update()
+    elif impl == "auto" and state.is_cuda:
         try:
             fn = _triton_update()
         except ImportError:
             fn = selective_state_update_ref
-    else:
+    elif impl in ("auto", "torch", "ref"):
         fn = selective_state_update_ref
+    else:
+        raise ValueError(f"update_state: impl={impl!r} is not a path; use auto, triton, torch or ref")
     return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import get_scan_fn, resolve_scan_impl
-from kernels.state_update import state_update
+from kernels import get_scan_fn, resolve_scan_impl, update_state
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +82,35 @@ class MambaBlock(nn.Module):
                  z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))                   # [B, L, H]
 
+    def prefill(self, hidden_states: torch.Tensor, lengths: torch.Tensor):
+        """forward() over left-aligned sequences of different lengths, plus the states step()
+        continues from: (out [B, L, H], conv_state [B, Di, d_conv - 1], ssm_state [B, Di, N] fp32),
+        each row's states taken after its own last item (lengths [B], 0 <= lengths <= L).
+
+        Ragged rows in one scan: dt is set to 0 after each row's end, so exp(dt * A) = 1 and
+        dt * B * x = 0 there: the scan carries every row's state unchanged through its padding
+        and its last state is the state at the row's own end. out is exact up to each length.
+        """
+        Bsz, L, _ = hidden_states.shape
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)       # [B, L, Di] each
+        x = x.transpose(1, 2)                                     # [B, Di, L]
+        # the conv window: the d_conv - 1 conv inputs before each row's end, zeros before its start
+        k = self.d_conv - 1
+        window_idx = (lengths[:, None] + torch.arange(k, device=x.device))[:, None, :]  # into the padded x
+        conv_state = F.pad(x, (k, 0)).gather(2, window_idx.expand(Bsz, x.shape[1], k))
+        x = F.silu(self.conv1d(x)[..., :L])
+        x_dbl = self.x_proj(x.transpose(1, 2))                    # [B, L, R + 2N]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]
+        dt = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])
+        valid = torch.arange(L, device=x.device)[None, :] < lengths[:, None]  # [B, L]
+        dt = dt * valid[:, None, :]                               # 0 after each row's end
+        A = -torch.exp(self.A_log.float())
+        scan = get_scan_fn(self.scan_path(x.device))
+        y, ssm_state = scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
+                            z=z.transpose(1, 2), delta_softplus=False, return_last_state=True)
+        return self.out_proj(y.transpose(1, 2)), conv_state.contiguous(), ssm_state.float().contiguous()
+
     def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One new position: x_t [B, H] -> [B, H]; conv_state [B, Di, d_conv - 1] (the last
         conv inputs, oldest first) and ssm_state [B, Di, N] (float32) are updated in place.
@@ -93,8 +121,9 @@ class MambaBlock(nn.Module):
         conv_state.copy_(window[:, :, 1:])
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()                          # [B, Di]; bias inside the update
-        y = state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        y = update_state(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+                         impl=self.scan_path(x.device))  # Triton where the scan is Triton
         return self.out_proj(y)
 
 
@@ -137,6 +166,14 @@ class MambaLayer(nn.Module):
         if self.num_layers > 1:
             hidden = hidden + input_tensor
         return self.ffn(self.LayerNorm(hidden))
+
+    def prefill(self, input_tensor: torch.Tensor, lengths: torch.Tensor):
+        """forward() plus each row's states after its own length (see MambaBlock.prefill)."""
+        hidden, conv_state, ssm_state = self.mamba.prefill(input_tensor, lengths)
+        hidden = self.dropout(hidden)
+        if self.num_layers > 1:
+            hidden = hidden + input_tensor
+        return self.ffn(self.LayerNorm(hidden)), conv_state, ssm_state
 
     def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """forward() for one new position [B, H], states updated in place (see MambaBlock.step)."""

@@ -12,11 +12,10 @@ dropout, LayerNorm eps 1e-12, normal(0, 0.02) init, tied output embedding, CE lo
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from dataclasses import dataclass
-
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 
@@ -83,15 +82,42 @@ def resolve_model_config(config) -> dict:
 
 @dataclass
 class StreamState:
-    """What Mamba4Rec keeps per user to fold in one interaction at a time.
+    """What Mamba4Rec keeps per user to fold in one interaction at a time (model.init_state,
+    model.prefill, model.step). Its size does not depend on how many interactions it has seen.
 
-    conv: per layer [B, d_inner, d_conv - 1], the last conv inputs (oldest first);
-    ssm: per layer [B, d_inner, d_state] float32; steps: [B] positions seen so far (used by the
-    position embedding, and to refuse going past max_seq_length with one)."""
+    conv:  per layer [B, d_inner, d_conv - 1] in the model's dtype: the last conv inputs (the
+           x half of in_proj's output), oldest first, zeros before the first interaction;
+    ssm:   per layer [B, d_inner, d_state] float32: the selective SSM's state;
+    steps: [B] long, interactions seen so far per row (the next position: used by the position
+           embedding, and to refuse going past max_seq_length with one).
+
+    Row b of every tensor is one user's state: ``select`` / ``cat`` move users in and out of a
+    batch. ``model.step`` updates the tensors in place; ``clone`` keeps a copy to branch from.
+    """
 
     conv: list
     ssm: list
     steps: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.steps.shape[0]
+
+    def clone(self) -> "StreamState":
+        return StreamState([c.clone() for c in self.conv], [s.clone() for s in self.ssm], self.steps.clone())
+
+    def select(self, rows) -> "StreamState":
+        """The users at ``rows`` (an index, a list or a LongTensor) as a new batch (copies)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.steps.device).reshape(-1)
+        return StreamState([c[rows] for c in self.conv], [s[rows] for s in self.ssm], self.steps[rows])
+
+    @staticmethod
+    def cat(states) -> "StreamState":
+        """One batch holding the rows of ``states`` in order (all from the same model)."""
+        states = list(states)
+        return StreamState([torch.cat(t) for t in zip(*(s.conv for s in states))],
+                           [torch.cat(t) for t in zip(*(s.ssm for s in states))],
+                           torch.cat([s.steps for s in states]))
 
 
 class Mamba4Rec(SequentialRecommender):
@@ -103,6 +129,7 @@ class Mamba4Rec(SequentialRecommender):
 
         # load parameters info
         params = resolve_model_config(config)
+        self.model_config = dict(params)  # the resolved keys, for mamba4rec.serving's checkpoints
         self.hidden_size = params["hidden_size"]
         self.num_layers = params["num_layers"]
         self.dropout_prob = params["dropout_prob"]
@@ -189,7 +216,8 @@ class Mamba4Rec(SequentialRecommender):
     # streaming: one interaction at a time, O(1) per step in the history length
 
     def init_state(self, batch_size: int) -> StreamState:
-        """Empty states for ``batch_size`` users, on the model's device and dtype."""
+        """Empty states (no interaction yet) for ``batch_size`` users, on the model's device; the
+        conv windows in the model's dtype, the SSM states in float32 (see StreamState)."""
         p = self.item_embedding.weight
         conv = [p.new_zeros(batch_size, layer.mamba.d_inner, self.d_conv - 1) for layer in self.mamba_layers]
         ssm = [torch.zeros(batch_size, layer.mamba.d_inner, self.d_state, device=p.device, dtype=torch.float32)
@@ -197,15 +225,59 @@ class Mamba4Rec(SequentialRecommender):
         return StreamState(conv, ssm, torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
     @torch.no_grad()
+    def prefill(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+        """Start streaming from histories: (seq_output [B, H], state) as after step()-ing each row's
+        items one by one, in one forward-like pass over the batch (the scan returns the states).
+
+        item_seq [B, L] left-aligned, padded with 0; item_seq_len [B], 1 <= length <= L, may
+        differ per row (MambaBlock.prefill keeps every row's state at its own end). seq_output
+        equals forward(item_seq, item_seq_len). The state belongs to the caller (fresh tensors).
+        """
+        if item_seq.dim() != 2 or item_seq_len.dim() != 1 or item_seq_len.shape[0] != item_seq.shape[0]:
+            raise ValueError(f"prefill: item_seq must be [B, L] and item_seq_len [B], got shapes "
+                             f"{tuple(item_seq.shape)} and {tuple(item_seq_len.shape)}")
+        lengths = item_seq_len.to(device=item_seq.device, dtype=torch.long)
+        if item_seq.shape[0] == 0 or (lengths < 1).any() or (lengths > item_seq.shape[1]).any():
+            raise ValueError(f"prefill: every item_seq_len must be in 1..L={item_seq.shape[1]}, got "
+                             f"{lengths.tolist()[:8]}{' ...' if lengths.numel() > 8 else ''}")
+        L = int(lengths.max())
+        item_seq = item_seq[:, :L]
+        valid = torch.arange(L, device=item_seq.device)[None, :] < lengths[:, None]
+        bad = valid & ((item_seq <= 0) | (item_seq >= self.n_items))
+        if bad.any():
+            raise ValueError(f"prefill: item ids must be internal ids in 1..{self.n_items - 1} within each "
+                             f"row's length (0 is padding); found {item_seq[bad][:5].tolist()}")
+        if self.position_embedding is not None and L > self.max_seq_length:
+            raise ValueError(f"prefill: a history of {L} items is longer than max_seq_length="
+                             f"{self.max_seq_length}, the positions the position embedding was trained "
+                             f"for; pass the last {self.max_seq_length} items")
+        hidden = self.item_embedding(item_seq)                      # [B, L, H]
+        if self.position_embedding is not None:
+            hidden = hidden + self.position_embedding(torch.arange(L, device=item_seq.device))[None]
+        hidden = self.LayerNorm(self.dropout(hidden))
+        conv, ssm = [], []
+        for layer in self.mamba_layers:
+            hidden, c, h = layer.prefill(hidden, lengths)
+            conv.append(c)
+            ssm.append(h)
+        return self.gather_indexes(hidden, lengths - 1), StreamState(conv, ssm, lengths.clone())
+
+    @torch.no_grad()
     def step(self, item_ids: torch.Tensor, state: StreamState):
         """Fold in one item per user: item_ids [B] (internal ids) -> (seq_output [B, H], state).
 
-        seq_output equals forward() for the sequence ending at this item (in eval mode). The
-        state is updated in place and also returned."""
+        seq_output equals forward() for the sequence ending at this item (in eval mode; in train
+        mode dropout draws differ). The state is updated in place and also returned; the cost
+        does not depend on how many items the state has seen. Runs under no_grad.
+
+        With a position embedding, a row that has seen max_seq_length items cannot take another
+        (ValueError): the model has no position for it. Restart it with prefill() on its last
+        items (mamba4rec.serving.Recommender does so itself)."""
         if item_ids.dim() != 1 or item_ids.shape[0] != state.steps.shape[0]:
             raise ValueError(f"item_ids must be [B] with B={state.steps.shape[0]} (the state's batch), "
                              f"got shape {tuple(item_ids.shape)}")
-        if ((item_ids <= 0) | (item_ids >= self.n_items)).any():
+        lo, hi = torch.aminmax(item_ids)  # one op and one sync, not four ops
+        if int(lo) <= 0 or int(hi) >= self.n_items:
             raise ValueError(f"item ids must be internal ids in 1..{self.n_items - 1} (0 is padding)")
         hidden = self.item_embedding(item_ids)                       # [B, H]
         if self.position_embedding is not None:

@@ -272,12 +272,16 @@ def _resume(path, trainer, net, train_data, log) -> None:
 
 
 def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None, cmd_args=None,
-        saved=True, config=None, config_class=Config, resume=None) -> RunResult:
+        saved=True, config=None, config_class=Config, resume=None, export_path=None) -> RunResult:
     """Train ``model`` on ``dataset`` and evaluate the best checkpoint on the test split.
 
     After every epoch (once validated) the resumable state goes to last_checkpoint_path(config);
-    ``resume`` continues from such a file: the result equals an uninterrupted run's."""
+    ``resume`` continues from such a file: the result equals an uninterrupted run's.
+    ``export_path``: after evaluation, write the evaluated (best) Mamba4Rec and its item map
+    there as a serving checkpoint (mamba4rec.serving.export_checkpoint; docs/STREAMING.md)."""
     model_class, model_name = resolve_model(model)
+    if export_path is not None and not issubclass(model_class, Mamba4Rec):
+        raise ValueError(f"export_path: only Mamba4Rec models can be exported for serving, not {model_name}")
     if config is None:
         config = build_config(model_class, dataset, config_files, config_dict, cmd_args,
                               config_class=config_class)
@@ -334,6 +338,12 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     eval_seconds = time.perf_counter() - t0
     log.info("best valid : %s", dict(best_valid_result))
     log.info("test result: %s", dict(test_result))
+    extra = {}
+    if export_path is not None and config["local_rank"] == 0:
+        from .serving import export_checkpoint
+
+        extra["export_path"] = export_checkpoint(net, train_data.dataset, export_path)
+        log.info("serving checkpoint: %s", extra["export_path"])
     return RunResult(
         model=model_name,
         dataset=config["dataset"],
@@ -346,6 +356,7 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
         train_seconds_per_epoch=sum(train_times) / max(len(train_times), 1),
         eval_seconds=eval_seconds,
         saved_model_file=trainer.saved_model_file if saved else None,
+        extra=extra,
     )
 
 
