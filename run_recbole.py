@@ -4,6 +4,8 @@
     python run_recbole.py                                  # Mamba4Rec on ml-100k (bundled)
     python run_recbole.py -m SASRec -d ml-100k --epochs=5  # a RecBole baseline, same configs
     python run_recbole.py --config_files "a.yaml b.yaml" --hidden_size=128
+    python run_recbole.py -d amazon-beauty --compare=SASRec,GRU4Rec           # one protocol, one table
+    python run_recbole.py -d amazon-beauty --compare=SASRec,GRU4Rec --resume  # after an interruption
 
 Flags as RecBole's run_recbole.py: --model/-m, --dataset/-d, --config_files, and any
 --key=value override (command line > config dict > config files).
@@ -24,8 +26,10 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", "-d", default="ml-100k", help="data set name (default: ml-100k)")
     parser.add_argument("--config_files", default=None,
                         help="space-separated extra YAML files, applied after configs/")
-    parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="continue from a <checkpoint_dir>/<model>-<dataset>-last.pth written after each epoch")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="continue an interrupted run exactly: from PATH, or (no PATH) from "
+                             "<checkpoint_dir>/<model>-<dataset>-last.pth if there is one; with --compare, "
+                             "keep finished models and continue the interrupted one")
     parser.add_argument("--export", default=None, metavar="PATH",
                         help="after evaluation, write a serving checkpoint of the best Mamba4Rec to PATH "
                              "(for python -m mamba4rec.recommend; see docs/STREAMING.md)")
@@ -56,14 +60,23 @@ def main(argv=None) -> int:
     from mamba4rec.pipeline import run
 
     config_files = args.config_files.strip().split() if args.config_files else None
-    if args.export and (args.compare or args.nproc > 1 or (args.world_size or 1) > 1):
+    if args.compare and args.resume not in (None, "auto"):
+        print("error: with --compare, --resume takes no PATH: each model continues from its own "
+              "<compare_dir>/checkpoints/<model>-<dataset>-last.pth", file=sys.stderr)
+        return 2
+    distributed = args.nproc > 1 or (args.world_size or 1) > 1
+    if distributed and (args.compare or args.resume):
+        print(f"error: {'--compare' if args.compare else '--resume'} runs in one process: drop --nproc/--world_size "
+              f"(each rank's random state is its own, so a distributed resume could not be exact)", file=sys.stderr)
+        return 2
+    if args.export and (args.compare or distributed):
         print("error: --export works with a single training run, not with --compare or distributed runs",
               file=sys.stderr)
         return 2
     try:
         if args.compare:
             return _compare(args, config_files, overrides)
-        if args.nproc > 1 or (args.world_size or 1) > 1:
+        if distributed:
             return _distributed(args, config_files, overrides)
         result = run(args.model, args.dataset, config_files=config_files, cmd_args=overrides, resume=args.resume,
                      export_path=args.export)
@@ -99,11 +112,12 @@ def _compare(args, config_files, overrides) -> int:
 
     models = [args.model] + [m.strip() for m in args.compare.split(",") if m.strip()]
     out_dir = args.compare_dir or f"saved/compare-{args.dataset}"
-    rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides)
+    rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides,
+                   resume=args.resume == "auto")
     print()
     print(markdown_table(rows, args.dataset))
     print(f"written: {out_dir}/compare.md, compare.csv, compare.png")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"].startswith("ok") for r in rows) else 1
 
 
 if __name__ == "__main__":

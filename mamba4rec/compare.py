@@ -3,11 +3,20 @@
 Every model goes through :func:`mamba4rec.pipeline.run` with the same data set, split, seed,
 evaluation and overrides; each model keeps its own RecBole defaults. A model that fails is
 reported in the table and the others go on.
+
+A comparison can take hours per model on a CPU, so it survives being stopped: each finished
+model's row is kept in ``out_dir/rows/<model>.json`` and the table is rewritten after every
+model (models not yet run show as "pending"); checkpoints go to ``out_dir/checkpoints`` unless
+the caller sets ``checkpoint_dir``. ``compare(..., resume=True)`` (``run_recbole.py ...
+--compare=... --resume``) keeps the finished rows, continues an interrupted model from its
+``-last.pth`` exactly where it stopped, and runs the rest. The rows record the settings they were
+made with; resuming under other settings is refused.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import threading
@@ -15,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .pipeline import resolve_model, run
+from .pipeline import build_config, last_checkpoint_path, resolve_model, run
 
 METRIC_KEYS = ("hit@10", "ndcg@10", "mrr@10")
 logger = logging.getLogger(__name__)
@@ -63,8 +72,8 @@ class PeakMemory:
         return False
 
 
-def _row(model, result=None, error=None, peak=None, seconds=None):
-    row = {"model": model, "status": "ok" if error is None else f"failed: {error}"}
+def _row(model, result=None, error=None, peak=None, seconds=None, status=None):
+    row = {"model": model, "status": status or ("ok" if error is None else f"failed: {error}")}
     for split in ("valid", "test"):
         values = {} if result is None else (result.best_valid_result if split == "valid" else result.test_result)
         for key in METRIC_KEYS:
@@ -82,32 +91,90 @@ def _row(model, result=None, error=None, peak=None, seconds=None):
     return row
 
 
+def _settings(dataset, config_files, config_dict, cmd_args) -> dict:
+    """What a row was made with: a resume under other settings would mix two protocols."""
+    return {"dataset": dataset, "config_files": [os.path.abspath(f) for f in config_files or []],
+            "config_dict": json.loads(json.dumps(config_dict or {}, sort_keys=True, default=str)),
+            "cmd_args": sorted(cmd_args or [])}
+
+
+def _load_rows(rows_dir: Path, names, settings) -> dict:
+    done = {}
+    for name in names:
+        path = rows_dir / f"{name}.json"
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text())
+            row, made_with = saved["row"], saved["settings"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--resume: {path} is not a row written by compare ({exc}); "
+                             f"delete it to rerun {name}") from None
+        if made_with != settings:
+            raise ValueError(
+                f"--resume: {path} was made with other settings ({made_with}) than this run ({settings}). "
+                f"Rerun with the same data set, config files and overrides, or use another --compare_dir.")
+        if str(row.get("status", "")).startswith("ok"):  # a failed model is retried
+            done[name] = row
+    return done
+
+
 def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_args=None,
-            progress=print) -> list[dict]:
-    """Run each model, then write ``out_dir``/compare.md, compare.csv and compare.png."""
+            progress=print, resume=False) -> list[dict]:
+    """Run each model, then write ``out_dir``/compare.md, compare.csv and compare.png.
+
+    ``resume``: keep the rows of models that finished in an earlier call with the same
+    ``out_dir`` and settings, and continue an interrupted model from its last epoch."""
     names = [resolve_model(m)[1] for m in models]  # unknown names fail before any training
     if len(set(names)) != len(names):
         raise ValueError(f"--compare lists a model twice: {', '.join(names)}")
-    rows = []
+    out = Path(out_dir)
+    rows_dir = out / "rows"
+    settings = _settings(dataset, config_files, config_dict, cmd_args)
+    done = _load_rows(rows_dir, names, settings) if resume else {}
+    run_dict = dict(config_dict or {})
+    if "checkpoint_dir" not in run_dict and not any(a.startswith("--checkpoint_dir=") for a in cmd_args or []):
+        run_dict["checkpoint_dir"] = str(out / "checkpoints")
+    rows = {}
+
+    def snapshot():
+        write_outputs([rows.get(n) or _row(n, status="pending") for n in names], dataset, out)
+
     for i, name in enumerate(names, 1):
+        if name in done:
+            rows[name] = done[name]
+            progress(f"[{i}/{len(names)}] {name}: finished earlier, kept ({rows_dir / (name + '.json')})")
+            continue
         progress(f"[{i}/{len(names)}] {name} on {dataset} ...")
         t0 = time.perf_counter()
         try:
+            config = build_config(name, dataset, config_files, run_dict, cmd_args)
+            resume_from = None
+            if resume and os.path.isfile(last_checkpoint_path(config)):
+                resume_from = last_checkpoint_path(config)
+                progress(f"[{i}/{len(names)}] {name}: continuing from {resume_from}")
             with PeakMemory() as peak:
-                result = run(name, dataset, config_files=config_files, config_dict=config_dict,
-                             cmd_args=cmd_args)
-            rows.append(_row(name, result, peak=peak, seconds=time.perf_counter() - t0))
+                result = run(name, dataset, config=config, resume=resume_from)
+            rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0)
+            if resume_from:
+                rows[name]["status"] = "ok (resumed)"
             progress(f"[{i}/{len(names)}] {name}: test " + ", ".join(
                 f"{k}={result.test_result.get(k, float('nan')):.4f}" for k in METRIC_KEYS))
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a failed model is reported; the others still run
             logger.error("%s failed:\n%s", name, traceback.format_exc())
-            rows.append(_row(name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
-                             seconds=time.perf_counter() - t0))
+            rows[name] = _row(name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
+                              seconds=time.perf_counter() - t0)
             progress(f"[{i}/{len(names)}] {name}: FAILED ({type(exc).__name__}: {exc})")
-    write_outputs(rows, dataset, out_dir)
-    return rows
+        rows_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(rows_dir / f"{name}.json",
+                      lambda p, r=rows[name]: p.write_text(json.dumps({"row": r, "settings": settings}, indent=1)))
+        snapshot()
+    if not names:
+        return []
+    snapshot()
+    return [rows[n] for n in names]
 
 
 def _fmt(value):
@@ -157,7 +224,7 @@ def write_outputs(rows, dataset, out_dir) -> dict:
         logger.warning("matplotlib is not installed: no chart (pip install matplotlib)")
         paths.pop("png")
         return paths
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"].startswith("ok")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     width = 0.8 / max(len(ok), 1)
     for j, row in enumerate(ok):

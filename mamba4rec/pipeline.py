@@ -215,9 +215,10 @@ def last_checkpoint_path(config) -> str:
     return os.path.join(config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-last.pth")
 
 
-def _save_last(path, trainer, net, train_data, epoch_idx) -> None:
+def _save_last(path, trainer, net, train_data, epoch_idx, history) -> None:
     """Everything needed to continue after ``epoch_idx`` exactly as an uninterrupted run would:
-    weights, optimizer, early-stopping state, and every random state training draws from."""
+    weights, optimizer, early-stopping state, every random state training draws from, and the
+    per-epoch history (validation scores, train seconds) that the final report is built from."""
     import random
 
     import numpy as np
@@ -230,13 +231,15 @@ def _save_last(path, trainer, net, train_data, epoch_idx) -> None:
         "cur_step": trainer.cur_step, "best_valid_score": trainer.best_valid_score,
         "best_valid_result": trainer.best_valid_result, "train_loss_dict": trainer.train_loss_dict,
         "saved_model_file": trainer.saved_model_file,
+        "history": {"valid_scores": list(history["valid_scores"]), "train_seconds": list(history["train_seconds"])},
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "loader": train_data.generator.get_state()},
     }
     compat._trainer_save(state, path)  # temporary file + rename: a kill leaves the previous one
 
 
-def _resume(path, trainer, net, train_data, log) -> None:
+def _resume(path, trainer, net, train_data, log) -> dict:
+    """Restore the state _save_last wrote; returns its per-epoch history (empty in older files)."""
     import random
 
     import numpy as np
@@ -269,14 +272,19 @@ def _resume(path, trainer, net, train_data, log) -> None:
     random.setstate(state["rng"]["python"])
     train_data.generator.set_state(state["rng"]["loader"])
     log.info("resumed from %s after epoch %d", path, state["epoch"])
+    history = state.get("history") or {}
+    return {"valid_scores": [tuple(v) for v in history.get("valid_scores", [])],
+            "train_seconds": list(history.get("train_seconds", []))}
 
 
 def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None, cmd_args=None,
         saved=True, config=None, config_class=Config, resume=None, export_path=None) -> RunResult:
     """Train ``model`` on ``dataset`` and evaluate the best checkpoint on the test split.
 
-    After every epoch (once validated) the resumable state goes to last_checkpoint_path(config);
-    ``resume`` continues from such a file: the result equals an uninterrupted run's.
+    After every epoch (once validated) the resumable state goes to last_checkpoint_path(config).
+    ``resume``: a path to such a file, or "auto" for last_checkpoint_path(config) when it exists
+    (else a fresh start). The result of a resumed run equals an uninterrupted run's: weights,
+    metrics, epochs_run and best_epoch count every epoch, before and after the resume.
     ``export_path``: after evaluation, write the evaluated (best) Mamba4Rec and its item map
     there as a serving checkpoint (mamba4rec.serving.export_checkpoint; docs/STREAMING.md)."""
     model_class, model_name = resolve_model(model)
@@ -290,6 +298,10 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     log = logging.getLogger()
     log.info(config)
     check_dataset_files(config)
+    last_path = last_checkpoint_path(config)
+    if resume == "auto":
+        resume = last_path if os.path.isfile(last_path) else None
+        log.info("resume: %s", f"continuing from {last_path}" if resume else f"no {last_path} yet, starting at epoch 0")
 
     data = create_dataset(config)
     log.info(data)
@@ -300,36 +312,36 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     log.info(net)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
 
+    history = {"valid_scores": [], "train_seconds": []}  # (epoch, score) per validation; s per epoch
     if resume:
-        _resume(resume, trainer, net, train_data, log)
-    last_path = last_checkpoint_path(config)
+        history = _resume(resume, trainer, net, train_data, log)
     write_last = saved and _is_global_rank0(config)
     first_epoch = trainer.start_epoch
-    train_times = []
+    current = {"epoch": first_epoch - 1}
     inner_train_epoch = trainer._train_epoch
 
     def timed_train_epoch(train_data_, epoch_idx, *args, **kwargs):
         if write_last and epoch_idx > first_epoch:  # the previous epoch is trained and validated
-            _save_last(last_path, trainer, net, train_data, epoch_idx - 1)
+            _save_last(last_path, trainer, net, train_data, epoch_idx - 1, history)
+        current["epoch"] = epoch_idx
         t0 = time.perf_counter()
         out = inner_train_epoch(train_data_, epoch_idx, *args, **kwargs)
-        train_times.append(time.perf_counter() - t0)
+        history["train_seconds"].append(time.perf_counter() - t0)
         return out
 
     trainer._train_epoch = timed_train_epoch
-    valid_scores = []  # (epoch, score) per validation, to report the best epoch
     inner_valid_epoch = trainer._valid_epoch
 
     def recorded_valid_epoch(*args, **kwargs):
         score, result = inner_valid_epoch(*args, **kwargs)
-        valid_scores.append((len(train_times) - 1, float(score)))
+        history["valid_scores"].append((current["epoch"], float(score)))
         return score, result
 
     trainer._valid_epoch = recorded_valid_epoch
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-    if write_last and train_times:
-        _save_last(last_path, trainer, net, train_data, first_epoch + len(train_times) - 1)
+    if write_last and current["epoch"] >= first_epoch:
+        _save_last(last_path, trainer, net, train_data, current["epoch"], history)
     if saved and not config["single_spec"]:
         _share_best_checkpoint(trainer)
     t0 = time.perf_counter()
@@ -351,9 +363,9 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
         best_valid_result=dict(best_valid_result),
         test_result=dict(test_result),
         params=sum(p.numel() for p in net.parameters() if p.requires_grad),
-        epochs_run=len(train_times),
-        best_epoch=_best_epoch(valid_scores, config["valid_metric_bigger"]),
-        train_seconds_per_epoch=sum(train_times) / max(len(train_times), 1),
+        epochs_run=current["epoch"] + 1,
+        best_epoch=_best_epoch(history["valid_scores"], config["valid_metric_bigger"], best_valid_score),
+        train_seconds_per_epoch=sum(history["train_seconds"]) / max(len(history["train_seconds"]), 1),
         eval_seconds=eval_seconds,
         saved_model_file=trainer.saved_model_file if saved else None,
         extra=extra,
@@ -382,10 +394,14 @@ def _share_best_checkpoint(trainer) -> None:
     compat.trust_checkpoint(name[0])
 
 
-def _best_epoch(valid_scores, bigger_is_better=True):
-    """The (0-based) epoch of the first best validation score, as RecBole's early stopping keeps it."""
+def _best_epoch(valid_scores, bigger_is_better=True, best_score=None):
+    """The (0-based) epoch of the first best validation score, as RecBole's early stopping keeps it.
+    None when unknown: no validation, or (a resume from a file without history) the best score
+    was reached before the recorded epochs."""
     if not valid_scores:
         return None
     sign = 1.0 if bigger_is_better in (None, True) else -1.0
     best = max(valid_scores, key=lambda es: (sign * es[1], -es[0]))
+    if best_score is not None and abs(best[1] - float(best_score)) > 1e-12:
+        return None
     return best[0]

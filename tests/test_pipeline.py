@@ -158,6 +158,10 @@ def test_cli_bad_input_exit_codes(in_tmp):
     assert proc.returncode == 2 and "d_state=0" in proc.stderr
     proc = _cli(["stray"], in_tmp)
     assert proc.returncode == 2 and "--key=value" in proc.stderr
+    proc = _cli(["--compare=SASRec", "--resume=some.pth"], in_tmp)
+    assert proc.returncode == 2 and "--resume takes no PATH" in proc.stderr
+    proc = _cli(["--nproc", "2", "--resume"], in_tmp)
+    assert proc.returncode == 2 and "drop --nproc" in proc.stderr
 
 
 def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, monkeypatch):
@@ -208,7 +212,9 @@ def test_resume_after_epoch_k_equals_an_uninterrupted_run(in_tmp):
     pipeline.run("Mamba4Rec", "tiny", config_dict=cfg("cut", 2))  # "killed" after epoch 1
     last = in_tmp / "cut" / "Mamba4Rec-tiny-last.pth"
     resumed = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg("cut", 4), resume=str(last))
-    assert resumed.epochs_run == 2
+    assert resumed.epochs_run == full.epochs_run == 4  # every epoch counts, before and after the resume
+    assert resumed.best_epoch == full.best_epoch
+    assert resumed.train_seconds_per_epoch > 0
     a = torch.load(in_tmp / "full" / "Mamba4Rec-tiny-last.pth", weights_only=False)
     b = torch.load(last, weights_only=False)
     assert a["epoch"] == b["epoch"] == 3
@@ -216,6 +222,64 @@ def test_resume_after_epoch_k_equals_an_uninterrupted_run(in_tmp):
         assert torch.equal(value, b["state_dict"][key]), key
     assert resumed.test_result == full.test_result
     assert resumed.best_valid_result == full.best_valid_result
+
+
+def test_resume_auto_continues_from_the_last_file_or_starts_fresh(in_tmp):
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch", epochs=2, stopping_step=10)
+    fresh = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, resume="auto")  # nothing to resume yet
+    assert fresh.epochs_run == 2
+    cfg["epochs"] = 3
+    more = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, resume="auto")
+    assert more.epochs_run == 3
+    last = torch.load(in_tmp / "saved" / "Mamba4Rec-tiny-last.pth", weights_only=False)
+    assert last["epoch"] == 2 and [e for e, _ in last["history"]["valid_scores"]] == [0, 1, 2]
+
+
+def _compare_cfg(tmp):
+    return tiny_config_dict(tmp, scan_impl="torch", epochs=3, stopping_step=10, n_layers=1)
+
+
+def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch):
+    from mamba4rec import compare as cmp
+    from mamba4rec import pipeline as pl
+
+    models, quiet = ["GRU4Rec", "Mamba4Rec"], (lambda *_: None)
+    cfg = _compare_cfg(in_tmp)
+    cfg.pop("checkpoint_dir")  # compare keeps them in <out>/checkpoints
+    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet)
+    assert (in_tmp / "whole" / "checkpoints" / "Mamba4Rec-tiny-last.pth").is_file()
+
+    real_save = pl._save_last
+
+    def save_then_die(path, trainer, net, train_data, epoch_idx, history):
+        real_save(path, trainer, net, train_data, epoch_idx, history)
+        if "Mamba4Rec" in str(path) and epoch_idx == 1:
+            raise KeyboardInterrupt  # killed after epoch 1 of the second model
+
+    monkeypatch.setattr(pl, "_save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet)
+    monkeypatch.setattr(pl, "_save_last", real_save)
+    table = (in_tmp / "cut" / "compare.md").read_text()
+    assert "| GRU4Rec | ok |" in table and "| Mamba4Rec | pending |" in table  # written after each model
+
+    real_run, ran = cmp.run, []
+    monkeypatch.setattr(cmp, "run", lambda name, *a, **k: ran.append((name, k["resume"])) or real_run(name, *a, **k))
+    resumed = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, resume=True)
+    assert [name for name, _ in ran] == ["Mamba4Rec"] and ran[0][1].endswith("Mamba4Rec-tiny-last.pth")
+    assert resumed[1]["status"] == "ok (resumed)"
+    for a, b in zip(whole, resumed):
+        for key in ("valid_ndcg@10", "test_hit@10", "test_ndcg@10", "test_mrr@10", "best_epoch", "epochs_run",
+                    "params"):
+            assert a[key] == b[key], (a["model"], key)
+
+    ran.clear()  # everything finished: a resume trains nothing and rewrites the same table
+    again = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, resume=True)
+    assert ran == [] and again == resumed
+
+    other = dict(cfg, learning_rate=0.01)
+    with pytest.raises(ValueError, match="other settings"):
+        cmp.compare(models, "tiny", in_tmp / "cut", config_dict=other, progress=quiet, resume=True)
 
 
 def test_resume_refuses_foreign_or_truncated_files(in_tmp):
