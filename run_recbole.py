@@ -99,6 +99,8 @@ def _distributed(args, config_files, overrides) -> int:
                     group_offset=args.group_offset, backend=args.backend, timeout_s=args.dist_timeout)
     result = run_distributed(args.model, args.dataset, spec, config_files=config_files, cmd_args=overrides)
     if result is None:  # this node does not host rank 0, which prints the result
+        print(f"ranks {spec.group_offset}..{spec.group_offset + spec.nproc - 1} finished; the node running "
+              f"rank 0 prints the metrics")
         return 0
     print(f"\n{result['model']} on {result['dataset']} ({spec.nproc} processes on this node): "
           f"{result['epochs_run']} epochs, best epoch {result['best_epoch']}")

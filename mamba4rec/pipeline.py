@@ -311,6 +311,9 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     net = build_model(config, train_data.dataset, model_class)
     log.info(net)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+    if not _is_global_rank0(config):
+        # RecBole lets every node's local rank 0 save; one copy, rank 0's, is the checkpoint
+        trainer._save_checkpoint = lambda *args, **kwargs: None
 
     history = {"valid_scores": [], "train_seconds": []}  # (epoch, score) per validation; s per epoch
     if resume:
@@ -342,11 +345,16 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     if write_last and current["epoch"] >= first_epoch:
         _save_last(last_path, trainer, net, train_data, current["epoch"], history)
-    if saved and not config["single_spec"]:
-        _share_best_checkpoint(trainer)
+    private_copy = _share_best_checkpoint(trainer) if saved and not config["single_spec"] else None
     t0 = time.perf_counter()
-    test_result = trainer.evaluate(test_data, load_best_model=saved,
-                                   show_progress=config["show_progress"])
+    try:
+        test_result = trainer.evaluate(test_data, load_best_model=saved,
+                                       show_progress=config["show_progress"])
+    finally:
+        if private_copy:
+            import shutil
+
+            shutil.rmtree(private_copy, ignore_errors=True)
     eval_seconds = time.perf_counter() - t0
     log.info("best valid : %s", dict(best_valid_result))
     log.info("test result: %s", dict(test_result))
@@ -380,18 +388,34 @@ def _is_global_rank0(config) -> bool:
     return dist.get_rank() == 0
 
 
-def _share_best_checkpoint(trainer) -> None:
-    """Distributed: only rank 0 saves; every rank then evaluates rank 0's best checkpoint
-    (its file name carries rank 0's clock), trusted as this job's own (shared filesystem)."""
+def _share_best_checkpoint(trainer) -> str | None:
+    """Distributed: only global rank 0 saves; every rank then evaluates rank 0's best checkpoint
+    (its file name carries rank 0's clock), trusted as this job's own. Ranks on nodes that do not
+    see rank 0's file (no shared filesystem between the nodes) get its bytes over the process
+    group and evaluate a private copy (its folder is returned, for removal after evaluation)."""
+    import tempfile
+
     import torch.distributed as dist
 
     from . import compat
 
     name = [trainer.saved_model_file]
     dist.broadcast_object_list(name, src=0)
+    path, folder = name[0], None
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, os.path.isfile(path))
+    if not all(seen):
+        payload = [Path(path).read_bytes() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(payload, src=0)
+        if not os.path.isfile(path):
+            folder = tempfile.mkdtemp(prefix="mamba4rec-best-")
+            path = os.path.join(folder, os.path.basename(name[0]))
+            with open(path, "wb") as fh:
+                fh.write(payload[0])
     dist.barrier()
-    trainer.saved_model_file = name[0]
-    compat.trust_checkpoint(name[0])
+    trainer.saved_model_file = path
+    compat.trust_checkpoint(path)
+    return folder
 
 
 def _best_epoch(valid_scores, bigger_is_better=True, best_score=None):

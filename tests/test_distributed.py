@@ -77,3 +77,36 @@ def test_cli_distributed_on_cpu(in_tmp):
     proc = subprocess.run([sys.executable, str(REPO / "run_recbole.py"), "--nproc=2", "--world_size=1"],
                           cwd=in_tmp, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "world_size=1 is too small" in proc.stderr
+
+
+def test_two_nodes_without_a_shared_filesystem(tmp_path):
+    """Two launchers, as on two machines: --nproc 1 each, --world_size 2, --group_offset 0 and 1,
+    different working folders with a relative checkpoint_dir, so the second "node" cannot see
+    rank 0's files. Rank 0's node saves and prints; the other node saves nothing and finishes."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_DATA
+    from tests.test_pipeline import REPO
+
+    port = _free_port()
+    common = ["--dataset=tiny", f"--data_path={TINY_DATA}", "--nproc=1", "--world_size=2", f"--port={port}",
+              "--dist_timeout=120", "--epochs=2", "--train_batch_size=64", "--MAX_ITEM_LIST_LENGTH=10",
+              "--hidden_size=16", "--d_state=4", "--show_progress=False", "--checkpoint_dir=saved",
+              "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"]
+    nodes = []
+    for offset in (0, 1):
+        cwd = tmp_path / f"node{offset}"
+        cwd.mkdir()
+        nodes.append((cwd, subprocess.Popen([sys.executable, str(REPO / "run_recbole.py"), *common,
+                                             f"--group_offset={offset}"], cwd=cwd, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True)))
+    outs = []
+    for cwd, proc in nodes:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    assert outs[0].count("test      : hit@10=") == 1 and "2 epochs" in outs[0]
+    assert "test      :" not in outs[1] and "ranks 1..1 finished" in outs[1]
+    assert len(list((tmp_path / "node0" / "saved").glob("*.pth"))) == 2  # best + -last, rank 0 only
+    assert not list((tmp_path / "node1").glob("saved/*.pth"))
