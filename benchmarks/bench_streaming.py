@@ -12,6 +12,11 @@ chunked torch scan on CPU, Triton on CUDA). Median of --reps runs after one warm
     python benchmarks/bench_streaming.py                  # CPU
     python benchmarks/bench_streaming.py --device cuda
     python benchmarks/bench_streaming.py --threads 1 --lengths 50,200 --batches 1
+    python benchmarks/bench_streaming.py --step-impl numpy,torch --batches 1,8,16   # CPU step paths
+
+--step-impl takes one or more of auto, numpy, torch (model.step_impl; "auto" is the default a
+user gets: numpy for CPU float32 batches up to NUMPY_STEP_MAX_BATCH, torch otherwise). With
+several, each row is timed once per path, side by side in one run.
 
 Prints the environment and a table; writes CSV to benchmarks/out/streaming-<device>.csv.
 """
@@ -86,6 +91,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, CPUs))")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--step-impl", default="auto",
+                   help="model.step_impl to time, comma-separated: auto, numpy, torch (default auto)")
     p.add_argument("--csv", default=None, help="default benchmarks/out/streaming-<device>.csv")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -96,6 +103,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
+    from mamba4rec.numpy_step import STEP_IMPLS, numpy_step_applies
+
+    impls = [x.strip() for x in args.step_impl.split(",") if x.strip()]
+    bad = [x for x in impls if x not in STEP_IMPLS]
+    if bad or not impls:
+        p.error(f"--step-impl {args.step_impl!r}: use one or more of {', '.join(STEP_IMPLS)}")
+    if args.device == "cuda" and "numpy" in impls:
+        p.error("--step-impl numpy runs on the CPU only")
     cfg = {"USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
            "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "MAX_ITEM_LIST_LENGTH": max(lengths) + 1,
            "device": torch.device(args.device), "hidden_size": args.hidden_size, "num_layers": args.num_layers}
@@ -106,7 +121,7 @@ def main(argv=None):
     print(f"# {environment(args.device)}")
     print(f"# Mamba4Rec hidden {args.hidden_size}, {args.num_layers} layer(s), d_state {model.d_state}, "
           f"d_conv {model.d_conv}, expand {model.expand}; median of {args.reps}")
-    header = f"{'batch':>5s} {'history':>7s} {'step ms':>9s} {'recompute ms':>13s} {'speedup':>8s} {'state KiB/user':>15s}"
+    header = f"{'batch':>5s} {'history':>7s} {'path':>6s} {'step ms':>9s} {'recompute ms':>13s} {'speedup':>8s} {'state KiB/user':>15s}"
     print(header)
     rows = []
     for batch in batches:
@@ -133,14 +148,19 @@ def main(argv=None):
                 sync()
                 return time.perf_counter() - t0
 
-            s_ms = 1e3 * _median_seconds(step, args.reps, cuda_sync)
             r_ms = 1e3 * _median_seconds(recompute, args.reps, cuda_sync)
             state_kib = sum(t[0].numel() * t.element_size() for t in state.conv + state.ssm) / 1024
-            row = dict(device=args.device, batch=batch, history=L, step_ms=round(s_ms, 4),
-                       recompute_ms=round(r_ms, 4), speedup=round(r_ms / s_ms, 2), state_kib_per_user=round(state_kib, 2),
-                       threads=torch.get_num_threads() if args.device == "cpu" else "")
-            rows.append(row)
-            print(f"{batch:5d} {L:7d} {s_ms:9.3f} {r_ms:13.3f} {r_ms / s_ms:7.1f}x {state_kib:15.1f}", flush=True)
+            for impl in impls:
+                model.step_impl = impl
+                path_used = "numpy" if numpy_step_applies(model, batch, state) else "torch"
+                s_ms = 1e3 * _median_seconds(step, args.reps, cuda_sync)
+                row = dict(device=args.device, batch=batch, history=L, step_impl=impl, step_path=path_used,
+                           step_ms=round(s_ms, 4), recompute_ms=round(r_ms, 4), speedup=round(r_ms / s_ms, 2),
+                           state_kib_per_user=round(state_kib, 2),
+                           threads=torch.get_num_threads() if args.device == "cpu" else "")
+                rows.append(row)
+                print(f"{batch:5d} {L:7d} {path_used:>6s} {s_ms:9.3f} {r_ms:13.3f} {r_ms / s_ms:7.1f}x "
+                      f"{state_kib:15.1f}", flush=True)
     path = Path(args.csv or REPO / "benchmarks" / "out" / f"streaming-{args.device}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:

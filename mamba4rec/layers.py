@@ -114,7 +114,63 @@ class MambaBlock(nn.Module):
     def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One new position: x_t [B, H] -> [B, H]; conv_state [B, Di, d_conv - 1] (the last
         conv inputs, oldest first) and ssm_state [B, Di, N] (float32) are updated in place.
-        Equals forward() at that position given the same history; O(1) in the history length."""
+        Equals forward() at that position given the same history; O(1) in the history length.
+
+        Without grad (serving) it runs on weights prepared once (see _step_weights): at batch 1
+        a step is a few dozen tiny ops whose dispatch is the whole cost, so every op saved counts."""
+        if torch.is_grad_enabled():
+            return self._step_autograd(x_t, conv_state, ssm_state)
+        w = self._step_weights()
+        Di, N = self.d_inner, self.d_state
+        xz = F.linear(x_t, self.in_proj.weight)                    # [B, 2 Di]
+        x, z = xz[:, :Di], xz[:, Di:]
+        window = torch.cat([conv_state, x[:, :, None]], dim=-1)   # [B, Di, d_conv]
+        x = F.silu(torch.mul(window, w["conv_w"]).sum(-1).add_(w["conv_b"]))
+        conv_state.copy_(window[:, :, 1:])
+        dbc = F.linear(x, w["dbc_w"], w["dbc_b"])                  # [B, Di + 2N]: dt (+ bias), B, C
+        dt, B, C = dbc[:, :Di], dbc[:, Di:Di + N], dbc[:, Di + N:]
+        path = self.scan_path(x.device)
+        if path == "triton":
+            y = update_state(ssm_state, x, dt, w["A"], B, C, D=w["D"], z=z, dt_softplus=True, impl=path)
+        else:  # the reference update, fused by hand (shapes are ours: no checks needed)
+            dt = F.softplus(dt.float())
+            xf = x.float()
+            ssm_state.mul_(torch.exp(dt[:, :, None] * w["A"]))
+            ssm_state.addcmul_((dt * xf)[:, :, None], B.float()[:, None, :])
+            y = torch.bmm(ssm_state, C.float()[:, :, None])[:, :, 0]
+            y = torch.addcmul(y, w["D"], xf).mul_(F.silu(z.float())).to(x.dtype)
+        return F.linear(y, self.out_proj.weight)
+
+    def _step_weights(self) -> dict:
+        """Weights in the form step() uses, derived once and rebuilt whenever a parameter
+        changes (optimizer step, load_state_dict, .to()): A = -exp(A_log); the conv kernel as
+        [Di, d_conv]; and x_proj's dt rows folded into dt_proj, so that one matmul with bias
+        gives dt + dt_bias, B and C (dt differs from forward's two matmuls by fp32 rounding)."""
+        own, mods = self._parameters, self._modules  # direct lookups: this runs every step
+        conv, xp, dtp = mods["conv1d"]._parameters, mods["x_proj"]._parameters, mods["dt_proj"]._parameters
+        params = (own["A_log"], own["D"], conv["weight"], conv["bias"], xp["weight"], dtp["weight"], dtp["bias"])
+        key = tuple((t.data_ptr(), t._version) for t in params)  # new data (to(), dtype) or in-place update
+        cached = getattr(self, "_step_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            R = self.dt_rank
+            xw = self.x_proj.weight.float()
+            dt_w = self.dt_proj.weight.float() @ xw[:R]                                  # [Di, Di]
+            dtype = self.x_proj.weight.dtype
+            weights = {
+                "A": -torch.exp(self.A_log.float()),
+                "D": self.D.float(),
+                "conv_w": self.conv1d.weight[:, 0, :].detach(),
+                "conv_b": self.conv1d.bias.detach(),
+                "dbc_w": torch.cat([dt_w, xw[R:]]).to(dtype),
+                "dbc_b": torch.cat([self.dt_proj.bias.float(),
+                                    xw.new_zeros(2 * self.d_state)]).to(dtype),
+            }
+        self._step_cache = (key, weights)
+        return weights
+
+    def _step_autograd(self, x_t, conv_state, ssm_state):
         x, z = self.in_proj(x_t).chunk(2, dim=-1)                 # [B, Di] each
         window = torch.cat([conv_state, x[:, :, None]], dim=-1)   # [B, Di, d_conv]
         x = F.silu((window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
@@ -177,7 +233,17 @@ class MambaLayer(nn.Module):
 
     def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """forward() for one new position [B, H], states updated in place (see MambaBlock.step)."""
-        hidden = self.dropout(self.mamba.step(x_t, conv_state, ssm_state))
+        hidden = self.mamba.step(x_t, conv_state, ssm_state)
+        if self.training:  # dropout draws only in train mode; in eval it is the identity
+            hidden = self.dropout(hidden)
+            if self.num_layers > 1:
+                hidden = hidden + x_t
+            return self.ffn(self.LayerNorm(hidden))
         if self.num_layers > 1:
             hidden = hidden + x_t
-        return self.ffn(self.LayerNorm(hidden))
+        ln, ffn = self.LayerNorm, self.ffn  # the same ops as forward, without module-call overhead
+        hidden = F.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        inner = F.gelu(F.linear(hidden, ffn.w_1.weight, ffn.w_1.bias))
+        out = F.linear(inner, ffn.w_2.weight, ffn.w_2.bias).add_(hidden)
+        return F.layer_norm(out, ffn.LayerNorm.normalized_shape, ffn.LayerNorm.weight, ffn.LayerNorm.bias,
+                            ffn.LayerNorm.eps)

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 
 from kernels import SCAN_IMPLS
 
 from .layers import DT_INITS, MambaLayer
+from .numpy_step import STEP_IMPLS, numpy_step_applies
 
 #: Every model key with its default: the single source; configs/model/Mamba4Rec.yaml mirrors it
 #: (tests/test_model.py checks that they agree).
@@ -141,6 +143,10 @@ class Mamba4Rec(SequentialRecommender):
         self.dt_init = params["dt_init"]
         self.use_position_embedding = params["position_embedding"]
         self.length_buckets = params["length_buckets"]
+        #: step() path: "auto" (numpy for small float32 CPU batches in eval mode, else torch),
+        #: "numpy" or "torch". See mamba4rec/numpy_step.py.
+        self.step_impl = "auto"
+        self._numpy_step = None
 
         # define layers and loss
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
@@ -273,23 +279,42 @@ class Mamba4Rec(SequentialRecommender):
         With a position embedding, a row that has seen max_seq_length items cannot take another
         (ValueError): the model has no position for it. Restart it with prefill() on its last
         items (mamba4rec.serving.Recommender does so itself)."""
+        if self.step_impl not in STEP_IMPLS:
+            raise ValueError(f"step_impl={self.step_impl!r} is invalid: use one of {', '.join(STEP_IMPLS)}")
         if item_ids.dim() != 1 or item_ids.shape[0] != state.steps.shape[0]:
             raise ValueError(f"item_ids must be [B] with B={state.steps.shape[0]} (the state's batch), "
                              f"got shape {tuple(item_ids.shape)}")
         lo, hi = torch.aminmax(item_ids)  # one op and one sync, not four ops
         if int(lo) <= 0 or int(hi) >= self.n_items:
             raise ValueError(f"item ids must be internal ids in 1..{self.n_items - 1} (0 is padding)")
+        if self.position_embedding is not None and (state.steps >= self.max_seq_length).any():
+            raise ValueError(f"a sequence passed max_seq_length={self.max_seq_length}, the length the "
+                             f"position embedding was trained for; restart it from its recent history")
+        if numpy_step_applies(self, item_ids.shape[0], state):
+            return self._step_numpy(item_ids, state), state
         hidden = self.item_embedding(item_ids)                       # [B, H]
         if self.position_embedding is not None:
-            if (state.steps >= self.max_seq_length).any():
-                raise ValueError(f"a sequence passed max_seq_length={self.max_seq_length}, the length the "
-                                 f"position embedding was trained for; restart it from its recent history")
             hidden = hidden + self.position_embedding(state.steps)
-        hidden = self.LayerNorm(self.dropout(hidden))
+        if self.training:
+            hidden = self.LayerNorm(self.dropout(hidden))
+        else:  # dropout is the identity in eval: skip its module call (a step is dispatch-bound)
+            ln = self.LayerNorm
+            hidden = F.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         for layer, conv, ssm in zip(self.mamba_layers, state.conv, state.ssm):
             hidden = layer.step(hidden, conv, ssm)
         state.steps += 1
         return hidden, state
+
+    def _step_numpy(self, item_ids, state):
+        from .numpy_step import NumpyStep
+
+        if self._numpy_step is None or not self._numpy_step.fresh():
+            self._numpy_step = NumpyStep(self)
+        steps = state.steps.numpy() if self.position_embedding is not None else None
+        out = self._numpy_step(item_ids.numpy(), steps, [c.numpy() for c in state.conv],
+                               [h.numpy() for h in state.ssm])
+        state.steps += 1
+        return torch.from_numpy(out)
 
     def calculate_loss(self, interaction):
         item_seq = interaction[self.ITEM_SEQ]

@@ -20,12 +20,14 @@ def _one_thread():
     torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("step_impl", ["numpy", "torch"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("position_embedding", [False, True])
-def test_step_equals_forward_at_every_position(num_layers, position_embedding):
+def test_step_equals_forward_at_every_position(num_layers, position_embedding, step_impl):
     L = 45
     model = make_model(n_items=60, max_len=L, num_layers=num_layers, position_embedding=position_embedding,
                        scan_impl="torch", hidden_size=32, d_state=8).eval()
+    model.step_impl = step_impl
     torch.manual_seed(3)
     seq = torch.randint(1, 60, (3, L))
     state = model.init_state(3)
@@ -63,15 +65,17 @@ def _forward(model, rows):
         return model(seq, lens)
 
 
+@pytest.mark.parametrize("step_impl", ["numpy", "torch"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("position_embedding", [False, True])
-def test_prefill_ragged_then_step_equals_forward(num_layers, position_embedding):
+def test_prefill_ragged_then_step_equals_forward(num_layers, position_embedding, step_impl):
     """Histories of lengths 1, 7, 20, 13 in one padded batch: prefill gives forward()'s output and
     the states stepping would have built, per row; 40 more steps stay equal to forward()."""
     lengths, more = [1, 7, 20, 13], 40
     model = make_model(n_items=60, max_len=max(lengths) + more, num_layers=num_layers,
                        position_embedding=position_embedding, scan_impl="torch", hidden_size=32,
                        d_state=8).eval()
+    model.step_impl = step_impl
     torch.manual_seed(5)
     rows = [torch.randint(1, 60, (n,)) for n in lengths]
     seq = torch.zeros(4, 24, dtype=torch.long)  # wider than the longest: trailing padding everywhere
@@ -97,9 +101,11 @@ def test_prefill_ragged_then_step_equals_forward(num_layers, position_embedding)
         torch.testing.assert_close(out, _forward(model, rows), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("step_impl", ["numpy", "torch"])
 @pytest.mark.parametrize("d_conv", [1, 2])
-def test_step_equals_forward_for_short_conv_windows(d_conv):
+def test_step_equals_forward_for_short_conv_windows(d_conv, step_impl):
     model = make_model(n_items=30, max_len=20, d_conv=d_conv, hidden_size=16, d_state=4, scan_impl="torch").eval()
+    model.step_impl = step_impl
     torch.manual_seed(0)
     seq = torch.randint(1, 30, (2, 12))
     state = model.init_state(2)
@@ -147,3 +153,77 @@ def test_prefill_refuses_bad_input():
     model.step(torch.tensor([1, 1]), state)  # positions 3 and 2: fine
     with pytest.raises(ValueError, match="max_seq_length=4"):
         model.step(torch.tensor([1, 1]), state)  # row 0 would need position 4
+
+
+def test_numpy_and_torch_steps_agree_and_auto_picks_by_batch_mode_and_dtype(monkeypatch):
+    from mamba4rec import numpy_step
+
+    model = make_model(n_items=50, max_len=40, num_layers=2, hidden_size=32, d_state=8, scan_impl="torch").eval()
+    torch.manual_seed(1)
+    seq = torch.randint(1, 50, (3, 30))
+    a, b = model.init_state(3), model.init_state(3)
+    for t in range(30):
+        model.step_impl = "numpy"
+        out_np, _ = model.step(seq[:, t], a)
+        model.step_impl = "torch"
+        out_t, _ = model.step(seq[:, t], b)
+        torch.testing.assert_close(out_np, out_t, rtol=1e-5, atol=1e-5)
+    for x, y in zip(a.conv + a.ssm, b.conv + b.ssm):  # the caller's state tensors, updated in place
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert a.steps.tolist() == b.steps.tolist() == [30] * 3
+
+    calls = []
+    real = numpy_step.NumpyStep.__call__
+    monkeypatch.setattr(numpy_step.NumpyStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    model.step_impl = "auto"
+    model.step(seq[:, 0], model.init_state(3))
+    assert len(calls) == 1                                            # small CPU float32 batch, eval
+    big = torch.randint(1, 50, (numpy_step.NUMPY_STEP_MAX_BATCH + 1,))
+    model.step(big, model.init_state(big.shape[0]))
+    model.train()
+    model.step(seq[:, 0], model.init_state(3))                        # dropout: torch draws it
+    model.eval()
+    assert len(calls) == 1
+    model.step_impl = "fast"
+    with pytest.raises(ValueError, match="step_impl='fast' is invalid"):
+        model.step(seq[:, 0], model.init_state(3))
+    half = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl="torch").eval().to(torch.bfloat16)
+    half.step_impl = "numpy"
+    with pytest.raises(ValueError, match="needs a float32 model"):
+        half.step(seq[:, 0], half.init_state(3))
+    half.step_impl = "auto"
+    half.step(seq[:, 0], half.init_state(3))                          # auto: torch for bf16
+    assert len(calls) == 1
+    for scan_impl, expected in [("ref", False), ("triton", False), ("auto", True)]:
+        m = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl=scan_impl).eval()
+        assert numpy_step.numpy_step_applies(m, 3, m.init_state(3)) is expected, scan_impl
+
+
+def test_numpy_step_follows_weight_updates():
+    """Its weights are numpy copies: an optimizer step, load_state_dict or .to() must rebuild them."""
+    model = make_model(n_items=40, max_len=20, hidden_size=16, d_state=4, scan_impl="torch").eval()
+    other = make_model(n_items=40, max_len=20, hidden_size=16, d_state=4, scan_impl="torch").eval()
+    items = torch.tensor([3, 9])
+
+    def both():
+        model.step_impl = "numpy"
+        a, _ = model.step(items, model.init_state(2))
+        model.step_impl = "torch"
+        b, _ = model.step(items, model.init_state(2))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        return a
+
+    before = both()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    seq = torch.randint(1, 40, (4, 6))
+    model.calculate_loss({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: torch.full((4,), 6),
+                          model.POS_ITEM_ID: torch.randint(1, 40, (4,))}).backward()
+    opt.step()
+    model.eval()
+    after = both()
+    assert not torch.allclose(before, after)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(both(), other.step(items, other.init_state(2))[0], rtol=1e-5, atol=1e-5)
+    model.double().float()  # new storage for every parameter
+    both()
