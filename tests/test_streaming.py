@@ -227,3 +227,22 @@ def test_numpy_step_follows_weight_updates():
     torch.testing.assert_close(both(), other.step(items, other.init_state(2))[0], rtol=1e-5, atol=1e-5)
     model.double().float()  # new storage for every parameter
     both()
+
+
+@pytest.mark.parametrize("table_bytes", [0, 2**30])
+def test_numpy_step_with_and_without_per_item_tables(monkeypatch, table_bytes):
+    """Small catalogs get per-item tables (LayerNorm(embedding), first in_proj); large ones
+    compute them per step. Both must equal the torch step."""
+    from mamba4rec import numpy_step
+
+    monkeypatch.setattr(numpy_step, "NUMPY_STEP_TABLE_BYTES", table_bytes)
+    model = make_model(n_items=60, max_len=30, num_layers=2, hidden_size=16, d_state=4, scan_impl="torch").eval()
+    seq = torch.randint(1, 60, (2, 12))
+    a, b = model.init_state(2), model.init_state(2)
+    for t in range(12):
+        model.step_impl = "numpy"
+        out_np, _ = model.step(seq[:, t], a)
+        model.step_impl = "torch"
+        out_t, _ = model.step(seq[:, t], b)
+        torch.testing.assert_close(out_np, out_t, rtol=1e-5, atol=1e-5)
+    assert (model._numpy_step.first_xz is not None) == bool(table_bytes)
