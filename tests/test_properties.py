@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kernels.reference import selective_scan_ref
@@ -103,15 +103,19 @@ def test_random_malformed_lines_give_clear_errors_and_no_files(tmp_path_factory,
 
 @settings(max_examples=30, deadline=None)
 @given(user_k=st.integers(-3, 0), item_k=st.integers(-3, 3), fmt=st.sampled_from(["seq-text", "csv", "xml"]))
+@example(user_k=0, item_k=3, fmt="seq-text")  # valid options that leave nothing: CI once drew it
 def test_random_bad_options_are_refused_before_reading(tmp_path_factory, user_k, item_k, fmt):
     tmp = tmp_path_factory.mktemp("opts")
     src = tmp / "seq.txt"
     src.write_text(_GOOD)
     bad = user_k < 0 or item_k < 0 or fmt != "seq-text"
+    empties = item_k > 2  # valid, but no item of _GOOD has 3 interactions: nothing is left
     try:
         data_prep.prepare(fmt, src, "x", tmp / "out", user_k=user_k, item_k=item_k)
-    except data_prep.PrepareError:
-        assert bad
+    except data_prep.PrepareError as err:
+        assert bad or empties
+        if not bad:
+            assert "nothing left after k-core filtering" in str(err)
         assert not (tmp / "out").exists()
     else:
-        assert not bad
+        assert not bad and not empties
