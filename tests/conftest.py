@@ -15,6 +15,15 @@ SHARED_DATASETS = TESTS.parents[1] / "shared" / "datasets"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Property tests draw the same cases on every run by default, so a test run (and CI) is
+# reproducible: a case that fails, fails again. HYPOTHESIS_PROFILE=explore draws fresh random
+# cases each run to hunt for new failures; pin what it finds with @example.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("deterministic", derandomize=True, print_blob=True)
+_hyp_settings.register_profile("explore", derandomize=False, print_blob=True)
+_hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
 
 def tiny_config_dict(tmp_path, **overrides):
     cfg = {
