@@ -155,19 +155,26 @@ def test_prefill_refuses_bad_input():
         model.step(torch.tensor([1, 1]), state)  # row 0 would need position 4
 
 
+def _step_numpy_and_torch(model, seq):
+    """Step every column of seq [B, T] through the numpy and the torch path from empty states,
+    asserting equal outputs at each position; returns the two final states."""
+    a, b = model.init_state(seq.shape[0]), model.init_state(seq.shape[0])
+    for t in range(seq.shape[1]):
+        model.step_impl = "numpy"
+        out_np, _ = model.step(seq[:, t], a)
+        model.step_impl = "torch"
+        out_t, _ = model.step(seq[:, t], b)
+        torch.testing.assert_close(out_np, out_t, rtol=1e-5, atol=1e-5)
+    return a, b
+
+
 def test_numpy_and_torch_steps_agree_and_auto_picks_by_batch_mode_and_dtype(monkeypatch):
     from mamba4rec import numpy_step
 
     model = make_model(n_items=50, max_len=40, num_layers=2, hidden_size=32, d_state=8, scan_impl="torch").eval()
     torch.manual_seed(1)
     seq = torch.randint(1, 50, (3, 30))
-    a, b = model.init_state(3), model.init_state(3)
-    for t in range(30):
-        model.step_impl = "numpy"
-        out_np, _ = model.step(seq[:, t], a)
-        model.step_impl = "torch"
-        out_t, _ = model.step(seq[:, t], b)
-        torch.testing.assert_close(out_np, out_t, rtol=1e-5, atol=1e-5)
+    a, b = _step_numpy_and_torch(model, seq)
     for x, y in zip(a.conv + a.ssm, b.conv + b.ssm):  # the caller's state tensors, updated in place
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     assert a.steps.tolist() == b.steps.tolist() == [30] * 3
@@ -238,11 +245,5 @@ def test_numpy_step_with_and_without_per_item_tables(monkeypatch, table_bytes):
     monkeypatch.setattr(numpy_step, "NUMPY_STEP_TABLE_BYTES", table_bytes)
     model = make_model(n_items=60, max_len=30, num_layers=2, hidden_size=16, d_state=4, scan_impl="torch").eval()
     seq = torch.randint(1, 60, (2, 12))
-    a, b = model.init_state(2), model.init_state(2)
-    for t in range(12):
-        model.step_impl = "numpy"
-        out_np, _ = model.step(seq[:, t], a)
-        model.step_impl = "torch"
-        out_t, _ = model.step(seq[:, t], b)
-        torch.testing.assert_close(out_np, out_t, rtol=1e-5, atol=1e-5)
+    _step_numpy_and_torch(model, seq)
     assert (model._numpy_step.first_xz is not None) == bool(table_bytes)
