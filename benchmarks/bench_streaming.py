@@ -12,11 +12,13 @@ chunked torch scan on CPU, Triton on CUDA). Median of --reps runs after one warm
     python benchmarks/bench_streaming.py                  # CPU
     python benchmarks/bench_streaming.py --device cuda
     python benchmarks/bench_streaming.py --threads 1 --lengths 50,200 --batches 1
-    python benchmarks/bench_streaming.py --step-impl numpy,torch --batches 1,8,16   # CPU step paths
+    python benchmarks/bench_streaming.py --step-impl numba,numpy,torch --batches 1,4,16   # CPU step paths
 
---step-impl takes one or more of auto, numpy, torch (model.step_impl; "auto" is the default a
-user gets: numpy for CPU float32 batches up to NUMPY_STEP_MAX_BATCH, torch otherwise). With
-several, each row is timed once per path, side by side in one run.
+--step-impl takes one or more of auto, numba, numpy, torch (model.step_impl; "auto" is the
+default a user gets: for CPU float32 batches up to NUMBA_STEP_MAX_BATCH the compiled numba step
+when numba is installed, else numpy up to NUMPY_STEP_MAX_BATCH; torch otherwise). With several,
+each row is timed once per path, side by side in one run. The numba step is compiled (or loaded
+from numba's cache) before timing, by model.warm_up_step.
 
 Prints the environment and a table; writes CSV to benchmarks/out/streaming-<device>.csv.
 """
@@ -92,7 +94,7 @@ def main(argv=None):
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--step-impl", default="auto",
-                   help="model.step_impl to time, comma-separated: auto, numpy, torch (default auto)")
+                   help="model.step_impl to time, comma-separated: auto, numba, numpy, torch (default auto)")
     p.add_argument("--csv", default=None, help="default benchmarks/out/streaming-<device>.csv")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -103,14 +105,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
-    from mamba4rec.numpy_step import STEP_IMPLS, numpy_step_applies
+    from mamba4rec.numpy_step import STEP_IMPLS
 
     impls = [x.strip() for x in args.step_impl.split(",") if x.strip()]
     bad = [x for x in impls if x not in STEP_IMPLS]
     if bad or not impls:
         p.error(f"--step-impl {args.step_impl!r}: use one or more of {', '.join(STEP_IMPLS)}")
-    if args.device == "cuda" and "numpy" in impls:
-        p.error("--step-impl numpy runs on the CPU only")
+    if args.device == "cuda" and ({"numpy", "numba"} & set(impls)):
+        p.error("--step-impl numpy and numba run on the CPU only")
     cfg = {"USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
            "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "MAX_ITEM_LIST_LENGTH": max(lengths) + 1,
            "device": torch.device(args.device), "hidden_size": args.hidden_size, "num_layers": args.num_layers}
@@ -152,7 +154,7 @@ def main(argv=None):
             state_kib = sum(t[0].numel() * t.element_size() for t in state.conv + state.ssm) / 1024
             for impl in impls:
                 model.step_impl = impl
-                path_used = "numpy" if numpy_step_applies(model, batch, state) else "torch"
+                path_used = model.warm_up_step(batch)  # derive weights / compile before timing
                 s_ms = 1e3 * _median_seconds(step, args.reps, cuda_sync)
                 row = dict(device=args.device, batch=batch, history=L, step_impl=impl, step_path=path_used,
                            step_ms=round(s_ms, 4), recompute_ms=round(r_ms, 4), speedup=round(r_ms / s_ms, 2),

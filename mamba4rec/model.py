@@ -23,7 +23,7 @@ from recbole.model.loss import BPRLoss
 from kernels import SCAN_IMPLS
 
 from .layers import DT_INITS, MambaLayer
-from .numpy_step import STEP_IMPLS, numpy_step_applies
+from .numpy_step import STEP_IMPLS, NumpyStep, step_path
 
 #: Every model key with its default: the single source; configs/model/Mamba4Rec.yaml mirrors it
 #: (tests/test_model.py checks that they agree).
@@ -80,6 +80,11 @@ def resolve_model_config(config) -> dict:
     if not isinstance(out["position_embedding"], bool):
         raise _bad("position_embedding", out["position_embedding"], "it must be True or False")
     return out
+
+
+def _drop_cpu_steps(module, incompatible_keys):
+    """load_state_dict post-hook (a module-level function, so the model still pickles)."""
+    module._cpu_steps.clear()
 
 
 @dataclass
@@ -143,10 +148,13 @@ class Mamba4Rec(SequentialRecommender):
         self.dt_init = params["dt_init"]
         self.use_position_embedding = params["position_embedding"]
         self.length_buckets = params["length_buckets"]
-        #: step() path: "auto" (numpy for small float32 CPU batches in eval mode, else torch),
-        #: "numpy" or "torch". See mamba4rec/numpy_step.py.
+        #: step() path: "auto" (small float32 CPU batches in eval mode: numba when installed, else
+        #: numpy; torch otherwise), "numba", "numpy" or "torch". See numpy_step.step_path.
         self.step_impl = "auto"
-        self._numpy_step = None
+        self._cpu_steps = {}  # "numpy"/"numba" step objects (see _step_cpu)
+        # load_state_dict(assign=True) swaps Parameter objects, which a NumpyStep's freshness
+        # key (data_ptr, _version of the old objects) cannot see: drop the cache on any load.
+        self.register_load_state_dict_post_hook(_drop_cpu_steps)
 
         # define layers and loss
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
@@ -268,6 +276,25 @@ class Mamba4Rec(SequentialRecommender):
             ssm.append(h)
         return self.gather_indexes(hidden, lengths - 1), StreamState(conv, ssm, lengths.clone())
 
+    def __getstate__(self):
+        """Pickling and deepcopy leave out the derived step caches (numpy copies of the weights,
+        a compiled function): the copy rebuilds them on its first step."""
+        state = super().__getstate__()
+        state["_cpu_steps"] = {}
+        return state
+
+    @torch.no_grad()
+    def warm_up_step(self, batch_size: int = 1) -> str:
+        """Prepare step() for batches of ``batch_size`` before the first real event: derive its
+        weights and, on the numba path, compile (or load from numba's disk cache) the native
+        step, which otherwise makes the first event take seconds. Runs one step on a scratch
+        state; returns the path step() takes ("numba", "numpy" or "torch")."""
+        state = self.init_state(batch_size)
+        path = step_path(self, batch_size, state)
+        if self.n_items > 1:
+            self.step(torch.ones(batch_size, dtype=torch.long, device=state.steps.device), state)
+        return path
+
     @torch.no_grad()
     def step(self, item_ids: torch.Tensor, state: StreamState):
         """Fold in one item per user: item_ids [B] (internal ids) -> (seq_output [B, H], state).
@@ -290,8 +317,9 @@ class Mamba4Rec(SequentialRecommender):
         if self.position_embedding is not None and (state.steps >= self.max_seq_length).any():
             raise ValueError(f"a sequence passed max_seq_length={self.max_seq_length}, the length the "
                              f"position embedding was trained for; restart it from its recent history")
-        if numpy_step_applies(self, item_ids.shape[0], state):
-            return self._step_numpy(item_ids, state), state
+        path = step_path(self, item_ids.shape[0], state)
+        if path != "torch":
+            return self._step_cpu(path, item_ids, state), state
         hidden = self.item_embedding(item_ids)                       # [B, H]
         if self.position_embedding is not None:
             hidden = hidden + self.position_embedding(state.steps)
@@ -305,14 +333,23 @@ class Mamba4Rec(SequentialRecommender):
         state.steps += 1
         return hidden, state
 
-    def _step_numpy(self, item_ids, state):
-        from .numpy_step import NumpyStep
+    def _step_cpu(self, path, item_ids, state):
+        """The numpy or numba step (see step_path); both read weights NumpyStep prepared once per
+        weight version."""
+        steps = self._cpu_steps
+        prepared = steps.get("numpy")
+        if prepared is None or not prepared.fresh():
+            steps.clear()
+            steps["numpy"] = prepared = NumpyStep(self)
+        fn = prepared
+        if path == "numba":
+            fn = steps.get("numba")
+            if fn is None:
+                from .numba_step import NumbaStep  # imports numba: only when this path is taken
 
-        if self._numpy_step is None or not self._numpy_step.fresh():
-            self._numpy_step = NumpyStep(self)
-        steps = state.steps.numpy() if self.position_embedding is not None else None
-        out = self._numpy_step(item_ids.numpy(), steps, [c.numpy() for c in state.conv],
-                               [h.numpy() for h in state.ssm])
+                steps["numba"] = fn = NumbaStep(prepared)
+        pos = state.steps.numpy() if self.position_embedding is not None else None
+        out = fn(item_ids.numpy(), pos, [c.numpy() for c in state.conv], [h.numpy() for h in state.ssm])
         state.steps += 1
         return torch.from_numpy(out)
 

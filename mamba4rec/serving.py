@@ -246,6 +246,7 @@ class Recommender:
         self.token2id = {t: i for i, t in enumerate(self.item_tokens) if i > 0}  # 0 is padding
         self.on_unknown = on_unknown
         self.users: dict = {}
+        self.step_path = self.model.warm_up_step(1)  # compile / derive now, not on the first event
 
     @classmethod
     def from_checkpoint(cls, path, *, device="cpu", scan_impl=None, on_unknown="error") -> "Recommender":

@@ -20,7 +20,7 @@ def _one_thread():
     torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("step_impl", ["numpy", "torch"])
+@pytest.mark.parametrize("step_impl", ["numba", "numpy", "torch"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("position_embedding", [False, True])
 def test_step_equals_forward_at_every_position(num_layers, position_embedding, step_impl):
@@ -65,7 +65,7 @@ def _forward(model, rows):
         return model(seq, lens)
 
 
-@pytest.mark.parametrize("step_impl", ["numpy", "torch"])
+@pytest.mark.parametrize("step_impl", ["numba", "numpy", "torch"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("position_embedding", [False, True])
 def test_prefill_ragged_then_step_equals_forward(num_layers, position_embedding, step_impl):
@@ -101,7 +101,7 @@ def test_prefill_ragged_then_step_equals_forward(num_layers, position_embedding,
         torch.testing.assert_close(out, _forward(model, rows), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("step_impl", ["numpy", "torch"])
+@pytest.mark.parametrize("step_impl", ["numba", "numpy", "torch"])
 @pytest.mark.parametrize("d_conv", [1, 2])
 def test_step_equals_forward_for_short_conv_windows(d_conv, step_impl):
     model = make_model(n_items=30, max_len=20, d_conv=d_conv, hidden_size=16, d_state=4, scan_impl="torch").eval()
@@ -155,55 +155,97 @@ def test_prefill_refuses_bad_input():
         model.step(torch.tensor([1, 1]), state)  # row 0 would need position 4
 
 
-def _step_numpy_and_torch(model, seq):
-    """Step every column of seq [B, T] through the numpy and the torch path from empty states,
-    asserting equal outputs at each position; returns the two final states."""
-    a, b = model.init_state(seq.shape[0]), model.init_state(seq.shape[0])
+def _step_cpu_paths_and_torch(model, seq, paths=("numba", "numpy")):
+    """Step every column of seq [B, T] through each CPU path and the torch path from empty
+    states, asserting equal outputs at each position; returns the final states by path."""
+    states = {p: model.init_state(seq.shape[0]) for p in (*paths, "torch")}
     for t in range(seq.shape[1]):
-        model.step_impl = "numpy"
-        out_np, _ = model.step(seq[:, t], a)
         model.step_impl = "torch"
-        out_t, _ = model.step(seq[:, t], b)
-        torch.testing.assert_close(out_np, out_t, rtol=1e-5, atol=1e-5)
-    return a, b
+        ref, _ = model.step(seq[:, t], states["torch"])
+        for p in paths:
+            model.step_impl = p
+            out, _ = model.step(seq[:, t], states[p])
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{p} at {t}: {m}")
+    return states
 
 
-def test_numpy_and_torch_steps_agree_and_auto_picks_by_batch_mode_and_dtype(monkeypatch):
-    from mamba4rec import numpy_step
-
+def test_cpu_and_torch_steps_agree_in_place():
     model = make_model(n_items=50, max_len=40, num_layers=2, hidden_size=32, d_state=8, scan_impl="torch").eval()
     torch.manual_seed(1)
     seq = torch.randint(1, 50, (3, 30))
-    a, b = _step_numpy_and_torch(model, seq)
-    for x, y in zip(a.conv + a.ssm, b.conv + b.ssm):  # the caller's state tensors, updated in place
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    assert a.steps.tolist() == b.steps.tolist() == [30] * 3
+    states = _step_cpu_paths_and_torch(model, seq)
+    for p in ("numba", "numpy"):  # the caller's state tensors, updated in place
+        for x, y in zip(states[p].conv + states[p].ssm, states["torch"].conv + states["torch"].ssm):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        assert states[p].steps.tolist() == [30] * 3
+
+
+def test_step_path_auto_picks_by_batch_mode_dtype_and_install(monkeypatch):
+    from mamba4rec import numba_step, numpy_step
+    from mamba4rec.numpy_step import step_path
+
+    model = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl="torch").eval()
+    st = lambda b: model.init_state(b)  # noqa: E731
+    nb_max, np_max = numba_step.NUMBA_STEP_MAX_BATCH, numpy_step.NUMPY_STEP_MAX_BATCH
+    assert step_path(model, 1, st(1)) == "numba"
+    assert step_path(model, nb_max, st(nb_max)) == "numba"
+    assert step_path(model, nb_max + 1, st(nb_max + 1)) == "torch"
+    model.train()
+    assert step_path(model, 1, st(1)) == "torch"                      # dropout: torch draws it
+    model.eval()
+    monkeypatch.setattr(numba_step, "available", lambda: False)       # numba not installed
+    assert step_path(model, np_max, st(np_max)) == "numpy"
+    assert step_path(model, np_max + 1, st(np_max + 1)) == "torch"
+    model.step_impl = "numba"
+    with pytest.raises(ImportError, match='pip install "mamba4rec\\[fast\\]"'):
+        model.step(torch.tensor([1]), st(1))
+    monkeypatch.undo()
+    for scan_impl, expected in [("ref", "torch"), ("triton", "torch"), ("auto", "numba")]:
+        m = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl=scan_impl).eval()
+        assert step_path(m, 3, m.init_state(3)) == expected, scan_impl
+
+    half = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl="torch").eval().to(torch.bfloat16)
+    assert step_path(half, 1, half.init_state(1)) == "torch"          # auto: torch for bf16
+    for impl in ("numpy", "numba"):
+        half.step_impl = impl
+        with pytest.raises(ValueError, match=f"step_impl='{impl}' needs a float32 model"):
+            half.step(torch.tensor([1]), half.init_state(1))
+    model.step_impl = "fast"
+    with pytest.raises(ValueError, match="step_impl='fast' is invalid: use one of auto, numba, numpy, torch"):
+        model.step(torch.tensor([1]), st(1))
+
+
+def test_model_step_calls_the_path_step_path_names(monkeypatch):
+    from mamba4rec import numba_step, numpy_step
 
     calls = []
-    real = numpy_step.NumpyStep.__call__
-    monkeypatch.setattr(numpy_step.NumpyStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
-    model.step_impl = "auto"
-    model.step(seq[:, 0], model.init_state(3))
-    assert len(calls) == 1                                            # small CPU float32 batch, eval
-    big = torch.randint(1, 50, (numpy_step.NUMPY_STEP_MAX_BATCH + 1,))
-    model.step(big, model.init_state(big.shape[0]))
-    model.train()
-    model.step(seq[:, 0], model.init_state(3))                        # dropout: torch draws it
-    model.eval()
-    assert len(calls) == 1
-    model.step_impl = "fast"
-    with pytest.raises(ValueError, match="step_impl='fast' is invalid"):
-        model.step(seq[:, 0], model.init_state(3))
-    half = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl="torch").eval().to(torch.bfloat16)
-    half.step_impl = "numpy"
-    with pytest.raises(ValueError, match="needs a float32 model"):
-        half.step(seq[:, 0], half.init_state(3))
-    half.step_impl = "auto"
-    half.step(seq[:, 0], half.init_state(3))                          # auto: torch for bf16
-    assert len(calls) == 1
-    for scan_impl, expected in [("ref", False), ("triton", False), ("auto", True)]:
-        m = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl=scan_impl).eval()
-        assert numpy_step.numpy_step_applies(m, 3, m.init_state(3)) is expected, scan_impl
+    for cls, name in ((numpy_step.NumpyStep, "numpy"), (numba_step.NumbaStep, "numba")):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _r=real, _n=name: calls.append(_n) or _r(self, *a))
+    model = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl="torch").eval()
+    assert model.warm_up_step(1) == "numba" and calls == ["numba"]
+    big = numba_step.NUMBA_STEP_MAX_BATCH + 1
+    model.step(torch.randint(1, 50, (big,)), model.init_state(big))   # torch: no call recorded
+    model.step_impl = "numpy"
+    model.step(torch.tensor([4]), model.init_state(1))
+    assert calls == ["numba", "numpy"]
+
+
+def test_numba_step_on_strided_state_updates_the_callers_rows():
+    """A state whose tensors are views with strides (rows of a bigger state) cannot take the
+    compiled signature; the numba path hands it to the numpy step, still in place."""
+    model = make_model(n_items=30, max_len=20, hidden_size=16, d_state=4, scan_impl="torch").eval()
+    big = model.init_state(4)
+    view = StreamState([c[::2] for c in big.conv], [h[::2] for h in big.ssm], big.steps[::2])
+    ref = model.init_state(2)
+    for item in ([3, 7], [9, 2], [5, 5]):
+        model.step_impl = "numba"
+        out, _ = model.step(torch.tensor(item), view)
+        model.step_impl = "torch"
+        expected, _ = model.step(torch.tensor(item), ref)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(big.ssm[0][::2], ref.ssm[0], rtol=1e-5, atol=1e-5)
+    assert big.ssm[0][1::2].abs().sum() == 0 and big.steps.tolist() == [3, 0, 3, 0]
 
 
 def test_numpy_step_follows_weight_updates():
@@ -213,11 +255,12 @@ def test_numpy_step_follows_weight_updates():
     items = torch.tensor([3, 9])
 
     def both():
-        model.step_impl = "numpy"
-        a, _ = model.step(items, model.init_state(2))
         model.step_impl = "torch"
         b, _ = model.step(items, model.init_state(2))
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for impl in ("numpy", "numba"):
+            model.step_impl = impl
+            a, _ = model.step(items, model.init_state(2))
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         return a
 
     before = both()
@@ -234,6 +277,12 @@ def test_numpy_step_follows_weight_updates():
     torch.testing.assert_close(both(), other.step(items, other.init_state(2))[0], rtol=1e-5, atol=1e-5)
     model.double().float()  # new storage for every parameter
     both()
+    fresh = make_model(n_items=40, max_len=20, hidden_size=16, d_state=4, scan_impl="torch").eval()
+    with torch.no_grad():  # make_model seeds: without this, fresh's weights are other's
+        for p in fresh.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.load_state_dict(fresh.state_dict(), assign=True)  # new Parameter objects
+    torch.testing.assert_close(both(), fresh.step(items, fresh.init_state(2))[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("table_bytes", [0, 2**30])
@@ -245,5 +294,21 @@ def test_numpy_step_with_and_without_per_item_tables(monkeypatch, table_bytes):
     monkeypatch.setattr(numpy_step, "NUMPY_STEP_TABLE_BYTES", table_bytes)
     model = make_model(n_items=60, max_len=30, num_layers=2, hidden_size=16, d_state=4, scan_impl="torch").eval()
     seq = torch.randint(1, 60, (2, 12))
-    _step_numpy_and_torch(model, seq)
-    assert (model._numpy_step.first_xz is not None) == bool(table_bytes)
+    _step_cpu_paths_and_torch(model, seq)
+    assert (model._cpu_steps["numpy"].first_xz is not None) == bool(table_bytes)
+
+
+def test_model_with_step_caches_pickles_and_deepcopies():
+    """The numpy/numba caches are derived data: torch.save(model) and deepcopy leave them out."""
+    import copy
+    import io
+
+    model = make_model(n_items=30, max_len=20, hidden_size=16, d_state=4, scan_impl="torch").eval()
+    out, _ = model.step(torch.tensor([3, 4]), model.init_state(2))
+    assert set(model._cpu_steps) == {"numpy", "numba"}
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert twin._cpu_steps == {}
+        torch.testing.assert_close(twin.step(torch.tensor([3, 4]), twin.init_state(2))[0], out)
