@@ -3,7 +3,6 @@ reference; random malformed data files for prepare(); extreme inputs stay finite
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
