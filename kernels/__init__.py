@@ -1,11 +1,13 @@
-"""Selective-scan ops for mamba4rec. Depends on torch (and, optionally, triton); nothing else.
+"""Selective-scan ops for mamba4rec. Depends on torch (and, optionally, triton and numba).
 
 Public functions share mamba_ssm's ``selective_scan_fn`` signature:
 
 * ``selective_scan_ref``   plain-torch fp32 loop over L, the ground truth (kernels/reference.py)
 * ``selective_scan_torch`` the CPU / no-triton path with its own autograd (kernels/torch_scan.py)
 * ``selective_scan_fn``    the Triton kernels, forward and backward (kernels/selective_scan.py)
-* ``scan``                 dispatch by ``impl`` = auto | triton | torch | ref
+* ``selective_scan_numba`` the CPU scan compiled with numba, forward and backward
+                           (kernels/numba_scan.py; optional: the ``fast`` extra)
+* ``scan``                 dispatch by ``impl`` = auto | triton | numba | torch | ref
 
 and, for streaming inference, one step of the same recurrence (kernels/state_update.py):
 
@@ -25,7 +27,7 @@ from .state_update import selective_state_update_ref, update_state
 
 __kernels_project__ = "mamba4rec"  # lets mamba4rec tell this package from PyPI's `kernels`
 
-SCAN_IMPLS = ("auto", "triton", "torch", "ref")
+SCAN_IMPLS = ("auto", "triton", "numba", "torch", "ref")
 #: Environment variable that forces a scan path for every call, whatever the config says.
 SCAN_IMPL_ENV = "MAMBA4REC_SCAN_IMPL"
 
@@ -50,8 +52,11 @@ def triton_status() -> tuple[bool, str]:
 def resolve_scan_impl(impl: str, device) -> tuple[str, str]:
     """Pick the scan path for tensors on ``device``; return (path, one-line reason).
 
-    ``MAMBA4REC_SCAN_IMPL`` (auto | triton | torch | ref), when set, overrides ``impl``.
+    ``MAMBA4REC_SCAN_IMPL`` (auto | triton | numba | torch | ref), when set, overrides ``impl``.
+    "auto": Triton on CUDA; on CPU the numba scan when numba is installed, else the torch scan.
     """
+    from . import numba_scan
+
     forced = os.environ.get(SCAN_IMPL_ENV, "").strip().lower()
     source = f"scan_impl={impl!r}"
     if forced:
@@ -67,6 +72,8 @@ def resolve_scan_impl(impl: str, device) -> tuple[str, str]:
     if impl == "auto":
         # auto uses Triton on CUDA only; the interpreter (TRITON_INTERPRET=1) runs the same
         # kernels on CPU for tests, far too slowly to be chosen automatically.
+        if dev_type == "cpu" and numba_scan.available():
+            return "numba", f"{source}: tensors on cpu and numba is installed, so the compiled numba scan"
         if dev_type != "cuda":
             return "torch", f"{source}: tensors on {dev_type}, so the chunked torch scan"
         ok, why = triton_status()
@@ -83,13 +90,23 @@ def resolve_scan_impl(impl: str, device) -> tuple[str, str]:
         if not ok:
             raise ValueError(f"{source} was asked for but {why}: pip install triton, or use scan_impl=torch")
         return "triton", f"{source}"
+    if impl == "numba":
+        if dev_type != "cpu":
+            raise ValueError(f"{source} runs on CPU tensors; tensors are on {dev_type}: use scan_impl=auto")
+        if not numba_scan.available():
+            raise ValueError(f'{source} was asked for but numba is not installed: pip install "mamba4rec[fast]", '
+                             f"or use scan_impl=torch")
     return impl, source
 
 
 def get_scan_fn(path: str):
-    """The scan function of a resolved path ('triton', 'torch' or 'ref')."""
+    """The scan function of a resolved path ('triton', 'numba', 'torch' or 'ref')."""
     if path == "ref":
         return selective_scan_ref
+    if path == "numba":
+        from .numba_scan import selective_scan_numba
+
+        return selective_scan_numba
     if path == "torch":
         from .torch_scan import selective_scan_torch
 
@@ -98,7 +115,7 @@ def get_scan_fn(path: str):
         from .selective_scan import selective_scan_fn
 
         return selective_scan_fn
-    raise ValueError(f"unknown scan path {path!r}; expected triton, torch or ref")
+    raise ValueError(f"unknown scan path {path!r}; expected triton, numba, torch or ref")
 
 
 def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -117,6 +134,8 @@ def __getattr__(name):  # lazy, so importing kernels never pulls in triton
         return get_scan_fn("torch")
     if name == "selective_scan_fn":
         return get_scan_fn("triton")
+    if name == "selective_scan_numba":
+        return get_scan_fn("numba")
     if name == "selective_state_update":
         from .state_update import selective_state_update
 
@@ -131,6 +150,7 @@ __all__ = [
     "resolve_scan_impl",
     "scan",
     "selective_scan_fn",
+    "selective_scan_numba",
     "selective_scan_ref",
     "selective_scan_torch",
     "selective_state_update",

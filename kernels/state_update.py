@@ -153,7 +153,7 @@ def update_state(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
             fn = _triton_update()
         except ImportError:
             fn = selective_state_update_ref
-    elif impl in ("auto", "torch", "ref"):
+    elif impl in ("auto", "numba", "torch", "ref"):  # one step on CPU: the torch update
         fn = selective_state_update_ref
     else:
         raise ValueError(f"update_state: impl={impl!r} is not a path; use auto, triton, torch or ref")

@@ -147,7 +147,7 @@ def step_path(model, batch: int, state) -> str:
     impl = model.step_impl
     if impl == "torch" or model.training:
         return "torch"
-    if impl == "auto" and model.scan_impl not in ("auto", "torch"):
+    if impl == "auto" and model.scan_impl not in ("auto", "numba", "torch"):
         return "torch"
     weight = model.item_embedding.weight
     f32 = torch.float32

@@ -1,0 +1,360 @@
+"""The selective scan on CPU as numba-compiled loops, forward and backward (the `fast` extra).
+
+Why. The torch CPU scan (kernels/torch_scan.py) is bound by memory traffic: every one of its
+~10 passes reads and writes (L, bb, D, N) blocks, and each time step is one more op. Here each
+(sequence, channel) pair is one loop over time whose N-vector of states stays in registers or
+L1; its L x N decays and states (6.4 KiB each at L=50, N=32) are kept for the backward in
+thread-local buffers, so nothing of size (B, D, L, N) is ever written to memory. Sequences are
+spread over threads (numba prange); per-thread partial sums of dA, dD and d(delta_bias) are
+added in a fixed order, so results do not depend on the thread count.
+
+exp. numba's exp is a scalar libm call, which keeps LLVM from vectorising the loop over N. The
+decays exp(dt * A) have dt * A <= 0 (dt > 0 after softplus, A < 0), so ``_exp_nonpos`` does
+exp on (-87, 0] as Cody-Waite range reduction plus a degree-7 polynomial and a 2^k built from
+its bits: plain arithmetic, vectorised. Max relative error 3e-7 against float64 exp (float32's
+own rounding is 6e-8); below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0.
+An argument above 0 (a positive A or dt, which Mamba never makes) is clamped to 0 by the
+same code, so ``selective_scan_numba`` checks for it and hands such calls to the torch scan.
+
+Contract: mamba_ssm's selective_scan_fn (see kernels/reference.py). float32, bfloat16 and
+float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
+in float64. Gradients come back in each input's dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+
+import numpy as np
+import torch
+
+from ._validate import check_scan_inputs
+
+#: Sequences are split into this many chunks, each with its own dA/dD/dbias partial sums; a
+#: fixed number (not the thread count) keeps the summation order, so results are reproducible
+#: on any machine. 64 chunks give every thread of a typical CPU several chunks to balance.
+CHUNKS = 64
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693359375            # ln 2 split in two (Cody-Waite): k * _LN2_HI is exact in float32
+_LN2_LO = -2.12194440e-4
+
+_available = None
+
+
+def available() -> bool:
+    """Whether numba is installed (looked up once, without importing it)."""
+    global _available
+    if _available is None:
+        _available = importlib.util.find_spec("numba") is not None
+    return _available
+
+
+def _exp_nonpos(x, out, bits):
+    """out = exp(x) for x <= 0, elementwise over 1-D float32 arrays; ``bits`` is int32 scratch."""
+    for i in range(x.shape[0]):
+        v = min(max(x[i], np.float32(-87.0)), np.float32(0.0))
+        kf = np.floor(v * np.float32(_LOG2E) + np.float32(0.5))
+        r = v - kf * np.float32(_LN2_HI) - kf * np.float32(_LN2_LO)   # |r| <= ln2 / 2
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        out[i] = p * r * r + r + np.float32(1.0)
+        bits[i] = (np.int32(kf) + np.int32(127)) << np.int32(23)        # 2^k as float32 bits
+    scale = bits.view(np.float32)
+    for i in range(x.shape[0]):
+        out[i] *= scale[i]
+
+
+def _softplus(v):
+    return v if v > 20.0 else np.float32(math.log1p(math.exp(v)))   # torch's threshold
+
+
+def _chunk_range(c, n_chunks, batch):
+    return (c * batch) // n_chunks, ((c + 1) * batch) // n_chunks
+
+
+def _states(b, d, g, u, delta, A, BT, CT, bias, softplus, L, N, dts, dtu, x, dA, bits, H, ys):
+    """For sequence b, channel d (group g): dts = dt (after bias and softplus), dtu = dt * u,
+    dA = exp(dt * A), H = every state and ys = C . h (the output before D and the gate).
+
+    Flat t-major buffers with a zero row on each side, so the loops need no branch at the ends:
+    H row t + 1 holds h_t (row 0: h_{-1} = 0), dA row t holds exp(dt_t A) (row L: 1, so that the
+    backward's G_{L-1} = gy C + 1 * glast). BT, CT are (G, L, N) and passed whole with g: a BT[g] slice is typed
+    as any-layout, which stops LLVM from vectorising the loops over N."""
+    for t in range(L):
+        v = delta[b, d, t] + bias[d]
+        if softplus:
+            v = _softplus(v)
+        dts[t] = v
+        dtu[t] = v * u[b, d, t]
+        for n in range(N):
+            x[t * N + n] = v * A[d, n]
+    _exp_nonpos(x[:L * N], dA[:L * N], bits)
+    for n in range(N):
+        H[n] = np.float32(0.0)
+        dA[L * N + n] = np.float32(1.0)  # G_{L-1} = gy C + 1 * G_L, with G_L = d(loss)/d(last state)
+    for t in range(L):
+        o, q = t * N, (t + 1) * N
+        w = dtu[t]
+        acc = np.float32(0.0)
+        for n in range(N):
+            h = dA[o + n] * H[o + n] + w * BT[g, t, n]
+            H[q + n] = h
+            acc += h * CT[g, t, n]
+        ys[t] = acc
+
+
+def _transpose_bc(Bm, Cm, b, G, L, N, BT, CT):
+    for g in range(G):
+        for n in range(N):
+            for t in range(L):
+                BT[g, t, n] = Bm[b, g, n, t]
+                CT[g, t, n] = Cm[b, g, n, t]
+
+
+def _buffers(G, L, N):
+    return (np.empty((G, L, N), np.float32), np.empty((G, L, N), np.float32), np.empty(L, np.float32),
+            np.empty(L, np.float32), np.empty(L, np.float32), np.empty(L * N, np.float32),
+            np.empty((L + 1) * N, np.float32), np.empty((L + 1) * N, np.float32), np.empty(L * N, np.int32))
+
+
+def _forward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, n_chunks, out, last, want_last):
+    batch, dim, L = u.shape
+    G, N = Bm.shape[1], A.shape[1]
+    Dg = dim // G
+    for c in _prange(n_chunks):
+        b0, b1 = _chunk_range(c, n_chunks, batch)
+        BT, CT, dts, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
+        for b in range(b0, b1):
+            _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
+            for d in range(dim):
+                g = d // Dg
+                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, L, N, dts, dtu, x, dA, bits, H, ys)
+                for t in range(L):
+                    y = ys[t] + Dv[d] * u[b, d, t]
+                    if has_z:
+                        zz = z[b, d, t]
+                        y *= zz / (np.float32(1.0) + np.exp(-zz))
+                    out[b, d, t] = y
+                if want_last:
+                    for n in range(N):
+                        last[b, d, n] = H[L * N + n]
+
+
+def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, gout, glast, has_glast, n_chunks,
+              du, ddelta, dB, dC, dz, dA_part, dD_part, dbias_part):
+    batch, dim, L = u.shape
+    G, N = Bm.shape[1], A.shape[1]
+    Dg = dim // G
+    for c in _prange(n_chunks):
+        b0, b1 = _chunk_range(c, n_chunks, batch)
+        BT, CT, dts, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
+        dBT = np.empty((G, L, N), np.float32)
+        dCT = np.empty((G, L, N), np.float32)
+        gy = np.empty(L, np.float32)
+        Gs = np.empty(N, np.float32)
+        GG = np.empty(L * N, np.float32)
+        accA = np.empty(N, np.float32)
+        Ad = np.empty(N, np.float32)
+        for b in range(b0, b1):
+            _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
+            dBT[:] = 0.0
+            dCT[:] = 0.0
+            for d in range(dim):
+                g = d // Dg
+                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, L, N, dts, dtu, x, dA, bits, H, ys)
+                Dd = Dv[d]
+                dD = np.float32(0.0)
+                for t in range(L):  # the gate: gy = dL/dy before it, and dz
+                    go = gout[b, d, t]
+                    if has_z:
+                        zz = z[b, d, t]
+                        s = np.float32(1.0) / (np.float32(1.0) + np.exp(-zz))
+                        dz[b, d, t] = go * (ys[t] + Dd * u[b, d, t]) * s * (np.float32(1.0) + zz * (np.float32(1.0) - s))
+                        go = go * zz * s
+                    gy[t] = go
+                    dD += go * u[b, d, t]
+                dD_part[c, d] += dD
+                for n in range(N):
+                    Gs[n] = glast[b, d, n] if has_glast else np.float32(0.0)
+                    accA[n] = np.float32(0.0)
+                    Ad[n] = A[d, n]
+                # G_t = dL/dh_t = gy_t C_t + dA_{t+1} G_{t+1}: the only sequential part; then
+                # plain passes over the (L, N) block, each simple enough to vectorise (one fused
+                # loop with six arrays did not: 2x slower)
+                for t in range(L - 1, -1, -1):
+                    o, q = t * N, (t + 1) * N
+                    gt = gy[t]
+                    for n in range(N):
+                        Gn = Gs[n] * dA[q + n] + gt * CT[g, t, n]
+                        Gs[n] = Gn
+                        GG[o + n] = Gn
+                for t in range(L):  # dC += gy h_t, dB += G_t dt u
+                    o, q = t * N, (t + 1) * N
+                    gt, w = gy[t], dtu[t]
+                    for n in range(N):
+                        dCT[g, t, n] += gt * H[q + n]
+                        dBT[g, t, n] += GG[o + n] * w
+                for i in range(L * N):  # X = G_t dA_t h_{t-1}, in place over dA
+                    dA[i] = GG[i] * dA[i] * H[i]
+                dbias = np.float32(0.0)
+                for t in range(L):
+                    o = t * N
+                    dtt = dts[t]
+                    ddtu = np.float32(0.0)   # d(dt u) = G_t . B_t
+                    ddt_x = np.float32(0.0)  # X . A
+                    for n in range(N):
+                        ddtu += GG[o + n] * BT[g, t, n]
+                        ddt_x += dA[o + n] * Ad[n]
+                    for n in range(N):
+                        accA[n] += dA[o + n] * dtt
+                    du[b, d, t] = ddtu * dtt + gy[t] * Dd
+                    ddt = ddt_x + ddtu * u[b, d, t]
+                    if softplus:
+                        raw = delta[b, d, t] + bias[d]
+                        ddt *= np.float32(1.0) / (np.float32(1.0) + np.exp(-raw))
+                    ddelta[b, d, t] = ddt
+                    dbias += ddt
+                dbias_part[c, d] += dbias
+                for n in range(N):
+                    dA_part[c, d, n] += accA[n]
+            for gg in range(G):
+                for n in range(N):
+                    for t in range(L):
+                        dB[b, gg, n, t] = dBT[gg, t, n]
+                        dC[b, gg, n, t] = dCT[gg, t, n]
+
+
+_prange = range
+_kernels = None
+_lock = threading.Lock()
+
+
+def _compile():
+    """jit the functions above on first use (numba is imported only here)."""
+    global _kernels, _prange, _exp_nonpos, _softplus, _chunk_range, _states, _transpose_bc, _buffers
+    with _lock:
+        if _kernels is None:
+            import numba
+
+            # fastmath: reassociation (vectorised sums), FMA contraction, reciprocals and no
+            # signed zeros; not the no-NaN/no-inf flags, so a NaN input still comes out as NaN
+            flags = {"reassoc", "contract", "arcp", "nsz"}
+            inner = numba.njit(cache=True, fastmath=flags, inline="always")
+            _exp_nonpos, _softplus, _chunk_range = inner(_exp_nonpos), inner(_softplus), inner(_chunk_range)
+            _states, _transpose_bc, _buffers = inner(_states), inner(_transpose_bc), inner(_buffers)
+            _prange = numba.prange
+            outer = numba.njit(cache=True, fastmath=flags, parallel=True)
+            _kernels = outer(_forward), outer(_backward)
+    return _kernels
+
+
+def _run(kernel, *args):
+    """Call a parallel kernel with as many threads as torch uses (torch.set_num_threads is the
+    knob users already turn), one call at a time: numba's default threading layer aborts the
+    process if two Python threads enter parallel code at once (a threaded server calling
+    prefill), so calls from several threads queue here instead."""
+    import numba
+
+    with _call_lock:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        kernel(*args)
+
+
+_call_lock = threading.Lock()
+
+
+def _np32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _as_groups(X: torch.Tensor) -> torch.Tensor:
+    return X.unsqueeze(1) if X.dim() == 3 else X
+
+
+class _SelectiveScanNumba(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        fwd, _ = _compile()
+        batch, dim, L = u.shape
+        n_chunks = max(1, min(CHUNKS, batch))
+        Dv = D if D is not None else u.new_zeros(dim)
+        bias = delta_bias if delta_bias is not None else u.new_zeros(dim)
+        zz = z if z is not None else u.new_zeros(1, 1, 1)
+        out = np.empty((batch, dim, L), np.float32)
+        last = np.empty((batch, dim, A.shape[1]) if return_last_state else (1, 1, 1), np.float32)
+        _run(fwd, _np32(u), _np32(delta), _np32(A), _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), _np32(zz),
+            _np32(bias), bool(delta_softplus), z is not None, n_chunks, out, last, bool(return_last_state))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus = bool(delta_softplus)
+        y = torch.from_numpy(out).to(u.dtype)
+        if return_last_state:
+            return y, torch.from_numpy(last)
+        return y
+
+    @staticmethod
+    def backward(ctx, gout, glast=None):
+        _, bwd = _compile()
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        Bg, Cg = _as_groups(B), _as_groups(C)
+        n_chunks = max(1, min(CHUNKS, batch))
+        Dv = D if D is not None else u.new_zeros(dim)
+        bias = delta_bias if delta_bias is not None else u.new_zeros(dim)
+        zz = z if z is not None else u.new_zeros(1, 1, 1)
+        du = np.empty((batch, dim, L), np.float32)
+        ddelta = np.empty((batch, dim, L), np.float32)
+        dB = np.empty(tuple(Bg.shape), np.float32)
+        dC = np.empty(tuple(Cg.shape), np.float32)
+        dz = np.empty((batch, dim, L) if z is not None else (1, 1, 1), np.float32)
+        dA_part = np.zeros((n_chunks, dim, N), np.float32)
+        dD_part = np.zeros((n_chunks, dim), np.float32)
+        dbias_part = np.zeros((n_chunks, dim), np.float32)
+        gl = _np32(glast) if glast is not None else np.zeros((1, 1, 1), np.float32)
+        _run(bwd, _np32(u), _np32(delta), _np32(A), _np32(Bg), _np32(Cg), _np32(Dv), _np32(zz), _np32(bias),
+            ctx.delta_softplus, z is not None, _np32(gout), gl, glast is not None, n_chunks,
+            du, ddelta, dB, dC, dz, dA_part, dD_part, dbias_part)
+
+        def back(arr, like):
+            return torch.from_numpy(arr).to(like.dtype)
+
+        return (back(du, u), back(ddelta, delta), back(dA_part.sum(0), A), back(dB, B).view(B.shape),
+                back(dC, C).view(C.shape), back(dD_part.sum(0), D) if D is not None else None,
+                back(dz, z) if z is not None else None,
+                back(dbias_part.sum(0), delta_bias) if delta_bias is not None else None, None, None)
+
+
+def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """Selective scan on CPU tensors, compiled with numba; mamba_ssm's selective_scan_fn contract
+    (see selective_scan_torch for the arguments). Calls it cannot serve exactly go to the torch
+    scan: float64 inputs, and an A with a positive entry (the fast exp covers dt * A <= 0 only;
+    Mamba's A = -exp(A_log) is always negative). Needs numba (``pip install "mamba4rec[fast]"``)."""
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if not available():
+        raise ImportError('the numba scan needs numba, which is not installed: pip install "mamba4rec[fast]" '
+                          "(or use scan_impl=torch)")
+    if u.device.type != "cpu":
+        raise ValueError(f"the numba scan runs on CPU tensors; these are on {u.device.type}: use scan_impl=auto")
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    negative_dt = False
+    if not delta_softplus:  # dt = delta + bias as given: dt * A > 0 where dt < 0
+        dt = delta if delta_bias is None else delta + delta_bias[:, None]
+        negative_dt = bool((dt < 0).any())
+    if any(t is not None and t.dtype == torch.float64 for t in tensors) or bool((A > 0).any()) or negative_dt:
+        from .torch_scan import selective_scan_torch
+
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _SelectiveScanNumba.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                     bool(return_last_state))
+
+
+__all__ = ["CHUNKS", "available", "selective_scan_numba"]

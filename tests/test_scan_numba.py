@@ -1,0 +1,217 @@
+"""kernels.numba_scan.selective_scan_numba against selective_scan_ref: output, last state and
+every gradient, fp32 / bf16 / fp16, grouped B/C, optional inputs, non-contiguous inputs; the
+calls it hands to the torch scan; reproducibility across thread counts; dispatch."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+
+import kernels
+from kernels import numba_scan
+from kernels.reference import selective_scan_ref
+from kernels.torch_scan import selective_scan_torch
+from tests.scan_utils import GRAD_ATOL_FACTOR, NAMES, Case, assert_close, make_inputs, run_scan
+
+pytest.importorskip("numba", reason="the numba scan needs numba (the fast extra)")
+selective_scan_numba = numba_scan.selective_scan_numba
+
+
+def detached_copy(x):
+    return {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+
+
+@pytest.fixture
+def numba_calls(monkeypatch):
+    """Counts calls that really ran the compiled kernels (not a hand-off to the torch scan)."""
+    calls = []
+    real = numba_scan._SelectiveScanNumba.apply
+    monkeypatch.setattr(numba_scan._SelectiveScanNumba, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def inputs(case, noncontiguous=False):
+    x = make_inputs(case, noncontiguous=noncontiguous)
+    if not case.softplus:  # dt = delta + bias as given: keep it positive, as Mamba's always is
+        x["delta"] = (x["delta"].detach().abs() + 0.1).requires_grad_()
+        if x["delta_bias"] is not None:
+            x["delta_bias"] = x["delta_bias"].detach().abs().requires_grad_()
+    return x
+
+
+def check_against_reference(case, noncontiguous=False):
+    x = inputs(case, noncontiguous)
+    out, last, grads = run_scan(selective_scan_numba, x, case)
+    out_r, last_r, grads_r = run_scan(selective_scan_ref, detached_copy(x), case)
+    assert_close("out", out, out_r, case.dtype)
+    assert_close("last_state", last, last_r, case.dtype)
+    assert grads.keys() == grads_r.keys() == {n for n in NAMES if x[n] is not None}
+    for name in grads:
+        assert_close("d" + name, grads[name], grads_r[name], case.dtype, GRAD_ATOL_FACTOR.get(name, 1.0))
+
+
+SHAPES = [  # (batch, L, dim, N, G)
+    (2, 1, 5, 1, 0),
+    (2, 7, 5, 16, 0),
+    (2, 7, 24, 16, 2),
+    (3, 63, 33, 16, 3),
+    (70, 9, 8, 32, 0),   # more sequences than CHUNKS: uneven chunks
+]
+CASES = [Case(b, L, d, n, G=g, dtype=dt)
+         for (b, L, d, n, g), dt in itertools.product(SHAPES, (torch.float32, torch.bfloat16))]
+CASES += [Case(2, 7, 24, 16, G=2, dtype=torch.float16)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference(case, numba_calls):
+    check_against_reference(case)
+    assert numba_calls  # the compiled path ran, not the torch fallback
+
+
+@pytest.mark.parametrize("case", [Case(2, 7, 6, 4, G=2, z=z, D=D, bias=bias, softplus=sp)
+                                  for z, D, bias, sp in itertools.product((True, False), repeat=4)],
+                         ids=lambda c: c.id)
+def test_optional_inputs(case, numba_calls):
+    check_against_reference(case)
+    assert numba_calls
+
+
+def test_noncontiguous_inputs(numba_calls):
+    case = Case(3, 7, 24, 16, G=2)
+    assert not make_inputs(case, noncontiguous=True)["u"].is_contiguous()
+    check_against_reference(case, noncontiguous=True)
+    assert numba_calls
+
+
+def _fallback_inputs(kind):
+    case = Case(2, 9, 6, 4, dtype=torch.float64 if kind == "fp64" else torch.float32,
+                softplus=kind != "negative-dt")
+    x = make_inputs(case)
+    if kind == "positive-A":
+        x["A"] = x["A"].detach().clone()
+        x["A"][0, 0] = 0.3
+        x["A"].requires_grad_()
+    if kind == "negative-dt":
+        assert bool((x["delta"] + x["delta_bias"][:, None] < 0).any())
+    return case, x
+
+
+@pytest.mark.parametrize("kind", ["fp64", "positive-A", "negative-dt"])
+def test_calls_outside_the_fast_exp_go_to_the_torch_scan(kind, numba_calls):
+    """The fast exp covers dt * A <= 0 in fp32: fp64 (gradcheck), a positive A or a negative dt
+    are handed to the torch scan, and still match the reference."""
+    case, x = _fallback_inputs(kind)
+    out, last, grads = run_scan(selective_scan_numba, x, case)
+    out_r, last_r, grads_r = run_scan(selective_scan_ref, detached_copy(x), case)
+    assert not numba_calls
+    assert_close("out", out, out_r, case.dtype)
+    for name in grads:
+        assert_close("d" + name, grads[name], grads_r[name], case.dtype, GRAD_ATOL_FACTOR.get(name, 1.0))
+
+
+def test_fast_exp_accuracy():
+    import numpy as np
+
+    numba_scan._compile()
+    x = -np.linspace(0.0, 87.0, 200001).astype(np.float32)
+    out, bits = np.empty_like(x), np.empty(x.shape, np.int32)
+    numba_scan._exp_nonpos(x, out, bits)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - ref) / ref) < 5e-7
+    numba_scan._exp_nonpos(np.array([-1e4, -88.0, 0.0], np.float32), out[:3], bits[:3])
+    assert out[2] == 1.0 and 0.0 < out[0] < 1e-37 and out[0] == out[1]  # clamped at exp(-87)
+
+
+def test_same_bits_with_one_or_two_threads():
+    """Partial sums are per chunk of sequences, a fixed number, added in order: the thread
+    count does not change a single bit (resume-equals-uninterrupted relies on that)."""
+    case = Case(70, 20, 16, 8)
+    x = make_inputs(case)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run_scan(selective_scan_numba, detached_copy(x), case))
+    finally:
+        torch.set_num_threads(saved)
+    (o1, l1, g1), (o2, l2, g2) = results
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
+def test_calls_from_two_python_threads_are_serialised():
+    """numba's default threading layer aborts on concurrent entry into parallel code; the scan
+    queues callers instead (a threaded server calling prefill must not crash)."""
+    case = Case(8, 30, 16, 8)
+    x = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case).items()}
+    expected = selective_scan_ref(**x, delta_softplus=True)
+    errors, outs = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                outs.append(selective_scan_numba(**x, delta_softplus=True))
+        except Exception as exc:  # pragma: no cover - the failure being tested for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 15
+    for out in outs:
+        assert_close("out", out, expected, torch.float32)
+
+
+def test_extreme_dt_stays_finite_and_matches_reference():
+    case = Case(2, 40, 8, 4)
+    x = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case).items()}
+    x["delta"] = torch.cat([torch.full((1, 8, 40), 30.0), torch.full((1, 8, 40), -30.0)])  # dt ~ 30 and ~ 1e-13
+    out = selective_scan_numba(**x, delta_softplus=True)
+    ref = selective_scan_ref(**x, delta_softplus=True)
+    assert torch.isfinite(out).all()
+    assert_close("out", out, ref, torch.float32)
+
+
+def test_dispatch(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kernels.get_scan_fn("numba") is selective_scan_numba
+    assert kernels.resolve_scan_impl("auto", cpu)[0] == "numba"
+    assert kernels.resolve_scan_impl("numba", cpu)[0] == "numba"
+    with pytest.raises(ValueError, match="runs on CPU tensors; tensors are on cuda"):
+        kernels.resolve_scan_impl("numba", cuda)
+    monkeypatch.setattr(numba_scan, "available", lambda: False)
+    assert kernels.resolve_scan_impl("auto", cpu)[0] == "torch"
+    with pytest.raises(ValueError, match='numba is not installed: pip install "mamba4rec\\[fast\\]"'):
+        kernels.resolve_scan_impl("numba", cpu)
+    case = Case(2, 5, 4, 3)
+    x = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case).items()}
+    with pytest.raises(ImportError, match="pip install"):
+        selective_scan_numba(x["u"], x["delta"], x["A"], x["B"], x["C"])
+
+
+def test_equals_torch_scan_inside_a_model_training_step():
+    """One loss and backward of a Mamba4Rec with scan_impl numba vs torch: same loss, same grads."""
+    from tests.test_model import make_model
+
+    grads = {}
+    for impl in ("numba", "torch"):
+        model = make_model(n_items=40, max_len=12, num_layers=2, hidden_size=16, d_state=8, scan_impl=impl)
+        torch.manual_seed(5)
+        seq = torch.randint(1, 40, (6, 12))
+        inter = {model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: torch.randint(1, 13, (6,)),
+                 model.POS_ITEM_ID: torch.randint(1, 40, (6,))}
+        model.eval()  # no dropout draws: the two runs see the same network
+        loss = model.calculate_loss(inter)
+        loss.backward()
+        grads[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads["numba"][0], grads["torch"][0], rtol=1e-5, atol=1e-5)
+    assert grads["numba"][1].keys() == grads["torch"][1].keys()
+    for name, g in grads["numba"][1].items():
+        torch.testing.assert_close(g, grads["torch"][1][name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert selective_scan_torch is kernels.get_scan_fn("torch")
