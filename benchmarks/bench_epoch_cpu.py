@@ -3,11 +3,15 @@
 
 Each (model, max length) runs in its own child process (clean peak RSS), on the same data,
 split, batch size and seed, through mamba4rec.pipeline (the models' RecBole defaults + the
-project's configs). Prints one table with the ratios to SASRec and writes CSV.
+project's configs). Prints one table with the ratios to SASRec and writes CSV. The first batch
+of each run is an untimed warm-up (it loads, or on a fresh install compiles, the numba scan);
+s/epoch is the timed batches' mean times the batches in an epoch.
 
     python benchmarks/bench_epoch_cpu.py                       # ml-100k, L=50 and 200, full epochs
     python benchmarks/bench_epoch_cpu.py --max-batches 5       # time 5 batches, scale to an epoch
     python benchmarks/bench_epoch_cpu.py --lengths 50 --models Mamba4Rec,SASRec
+    python benchmarks/bench_epoch_cpu.py --scan-impl numba,torch --models Mamba4Rec,SASRec   # both CPU scans
+    python benchmarks/bench_epoch_cpu.py --dataset amazon-beauty --data-path /work/runs/dataset/ --lengths 50
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ def child(args) -> None:
            "show_progress": False, "state": "ERROR", "checkpoint_dir": args.tmp}
     if args.scan_impl:
         cfg["scan_impl"] = args.scan_impl
+    if args.data_path:
+        cfg["data_path"] = args.data_path
     config = pipeline.build_config(args.model, args.dataset, config_dict=cfg)
     init_seed(config["seed"], config["reproducibility"])
     train, _, _ = data_preparation(config, create_dataset(config))
@@ -55,8 +61,16 @@ def child(args) -> None:
     model.train()
     t0 = time.perf_counter()
     done = 0
+    warm = True  # the first batch is a warm-up, not timed: it loads or compiles the numba scan
     for interaction in train:  # the trainer's own step: forward, loss, backward, Adam
         interaction = interaction.to(config["device"])
+        if warm:
+            trainer.optimizer.zero_grad()
+            model.calculate_loss(interaction).backward()
+            trainer.optimizer.step()
+            warm = False
+            t0 = time.perf_counter()
+            continue
         trainer.optimizer.zero_grad()
         loss = model.calculate_loss(interaction)
         loss.backward()
@@ -69,11 +83,11 @@ def child(args) -> None:
         raise SystemExit(f"{args.model}: non-finite loss {loss.item()}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
-        "model": args.model, "max_len": args.max_len, "batches_timed": done, "batches_per_epoch": n_batches,
+        "model": args.model + (f"[{args.scan_impl}]" if args.scan_impl else ""), "max_len": args.max_len, "batches_timed": done, "batches_per_epoch": n_batches,
         "epoch_seconds": seconds / done * n_batches, "seconds_per_batch": seconds / done,
         "peak_rss_mib": peak, "rss_before_train_mib": rss_before, "train_rss_growth_mib": peak - rss_before,
         "params": sum(p.numel() for p in model.parameters()), "final_loss": float(loss),
-        "extrapolated": done < n_batches,
+        "extrapolated": done < n_batches - 1,
     }))
 
 
@@ -85,7 +99,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--max-batches", type=int, default=0, help="time only this many batches (0 = a full epoch)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--scan-impl", default=None, help="Mamba4Rec scan path (default: the config's, auto)")
+    p.add_argument("--scan-impl", default=None,
+                   help="Mamba4Rec scan path(s), comma-separated: each gets its own row (default: the config's, auto)")
+    p.add_argument("--data-path", default=None, help="RecBole data_path (prepared atomic files), for data sets "
+                   "other than the embedded ml-100k")
     p.add_argument("--csv", default=str(REPO / "benchmarks" / "out" / "epoch_cpu.csv"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -103,19 +120,23 @@ def main() -> None:
           f"{'first %d batches, scaled to an epoch' % args.max_batches if args.max_batches else 'full epoch'}")
     rows = []
     for L in [int(x) for x in args.lengths.split(",")]:
-        for model in args.models.split(","):
+        runs = [(m, impl) for m in args.models.split(",")
+                for impl in ((args.scan_impl or "").split(",") if m == "Mamba4Rec" else [""])]
+        for model, impl in runs:
             cmd = [sys.executable, __file__, "--child", "--model", model, "--max-len", str(L),
                    "--dataset", args.dataset, "--batch-size", str(args.batch_size),
                    "--max-batches", str(args.max_batches), "--threads", str(args.threads)]
-            if args.scan_impl and model == "Mamba4Rec":
-                cmd += ["--scan-impl", args.scan_impl]
+            if impl:
+                cmd += ["--scan-impl", impl]
+            if args.data_path:
+                cmd += ["--data-path", os.path.abspath(args.data_path)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.tmp if os.path.isdir(args.tmp) else None)
             if proc.returncode != 0:
                 print(f"{model} L={L}: FAILED\n{proc.stderr[-1500:]}", file=sys.stderr)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"  {model:10s} L={L:4d}  {row['epoch_seconds']:8.1f} s/epoch  "
+            print(f"  {row['model']:16s} L={L:4d}  {row['epoch_seconds']:8.1f} s/epoch  "
                   f"{row['seconds_per_batch']:6.2f} s/batch  peak RSS {row['peak_rss_mib']:7.0f} MiB", flush=True)
     print()
     print("| model | L | s/epoch | s/batch | peak RSS MiB | train RSS growth MiB | epoch time / SASRec | memory growth / SASRec |")
