@@ -72,7 +72,7 @@ class PeakMemory:
         return False
 
 
-def _row(model, result=None, error=None, peak=None, seconds=None, status=None):
+def _row(model, result=None, error=None, peak=None, seconds=None, status=None, epoch_limit=None):
     row = {"model": model, "status": status or ("ok" if error is None else f"failed: {error}")}
     for split in ("valid", "test"):
         values = {} if result is None else (result.best_valid_result if split == "valid" else result.test_result)
@@ -81,6 +81,10 @@ def _row(model, result=None, error=None, peak=None, seconds=None, status=None):
     row.update({
         "best_epoch": None if result is None else result.best_epoch,
         "epochs_run": None if result is None else result.epochs_run,
+        # early stopping ends a run before the epoch limit; a run that reached the limit may
+        # still have been improving (then its best epoch is its last)
+        "stopped_by": None if result is None or epoch_limit is None else (
+            "early stopping" if result.epochs_run < epoch_limit else "epoch limit"),
         "params": None if result is None else result.params,
         "train_s_per_epoch": None if result is None else round(result.train_seconds_per_epoch, 2),
         "eval_s": None if result is None else round(result.eval_seconds, 2),
@@ -155,7 +159,7 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
                 progress(f"[{i}/{len(names)}] {name}: continuing from {resume_from}")
             with PeakMemory() as peak:
                 result = run(name, dataset, config=config, resume=resume_from)
-            rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0)
+            rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0, epoch_limit=config["epochs"])
             if resume_from:
                 rows[name]["status"] = "ok (resumed)"
             progress(f"[{i}/{len(names)}] {name}: test " + ", ".join(
@@ -183,12 +187,40 @@ def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) and value <= 1.0 else str(value)
 
 
+def verdict(rows, model="Mamba4Rec") -> list[str]:
+    """Lines saying, per test metric, whether ``model`` is >= every baseline that finished
+    (the comparison's goal), and which runs may not have converged."""
+    ok = {r["model"]: r for r in rows if str(r.get("status", "")).startswith("ok")}
+    if model not in ok or len(ok) < 2:
+        return []
+    lines = []
+    for key in METRIC_KEYS:
+        col = f"test_{key}"
+        mine = ok[model].get(col)
+        ahead = [(n, r[col]) for n, r in ok.items() if n != model and None not in (mine, r.get(col)) and r[col] > mine]
+        if ahead:
+            lines.append(f"- {col}: {model} >= every baseline: **NOT MET** ({model} {mine:.4f}; "
+                         + ", ".join(f"{n} {v:.4f}" for n, v in ahead) + ")")
+        elif mine is not None:
+            lines.append(f"- {col}: {model} >= every baseline: met ({model} {mine:.4f})")
+    open_runs = [n for n, r in ok.items() if r.get("stopped_by") == "epoch limit"
+                 and r.get("best_epoch") is not None and r.get("best_epoch") == (r.get("epochs_run") or 0) - 1]
+    if open_runs:
+        lines.append(f"- not converged: {', '.join(open_runs)} reached the epoch limit with the best validation "
+                     f"score in the last epoch; more epochs may change the ranking")
+    return lines
+
+
 def markdown_table(rows, dataset) -> str:
     cols = ["model", "status"] + [f"{s}_{k}" for s in ("valid", "test") for k in METRIC_KEYS] + [
-        "best_epoch", "epochs_run", "params", "train_s_per_epoch", "eval_s", "peak_rss_mib", "peak_cuda_mib"]
+        "best_epoch", "epochs_run", "stopped_by", "params", "train_s_per_epoch", "eval_s", "peak_rss_mib",
+        "peak_cuda_mib"]
     lines = [f"Data set: {dataset}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    goal = verdict(rows)
+    if goal:
+        lines += ["", "Goal (Mamba4Rec >= every baseline, test split):"] + goal
     return "\n".join(lines) + "\n"
 
 
@@ -209,8 +241,10 @@ def write_outputs(rows, dataset, out_dir) -> dict:
     _atomic_write(paths["md"], lambda p: p.write_text(markdown_table(rows, dataset)))
 
     def write_csv(p):
+        # every key of every row: rows kept from an earlier version (--resume) may lack newer ones
+        fields = list(dict.fromkeys(k for row in rows for k in row))
         with open(p, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
 

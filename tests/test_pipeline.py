@@ -303,3 +303,30 @@ def test_amp_bf16_epoch_on_cpu_stays_finite(in_tmp):
     result = pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch",
                                                                            enable_amp=True, epochs=2))
     assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
+
+
+def test_compare_table_says_whether_the_goal_is_met_and_flags_unconverged_runs(tmp_path):
+    from mamba4rec import compare as cmp
+
+    def row(model, ndcg, best, run, stopped, **extra):
+        r = {"model": model, "status": "ok", "test_hit@10": 0.05, "test_ndcg@10": ndcg, "test_mrr@10": 0.02,
+             "best_epoch": best, "epochs_run": run, "stopped_by": stopped, "train_s_per_epoch": 100.0,
+             "peak_rss_mib": 2000, "peak_cuda_mib": None}
+        r.update(extra)
+        return r
+
+    rows = [row("Mamba4Rec", 0.0206, 7, 8, "epoch limit"), row("SASRec", 0.0277, 7, 8, "epoch limit"),
+            row("GRU4Rec", 0.0177, 3, 14, "early stopping"),
+            {"model": "NARM", "status": "failed: RuntimeError: x", "test_ndcg@10": None}]
+    table = cmp.markdown_table(rows, "beauty")
+    assert "- test_ndcg@10: Mamba4Rec >= every baseline: **NOT MET** (Mamba4Rec 0.0206; SASRec 0.0277)" in table
+    assert "- test_hit@10: Mamba4Rec >= every baseline: met (Mamba4Rec 0.0500)" in table  # ties count as met
+    assert "not converged: Mamba4Rec, SASRec reached the epoch limit" in table             # not GRU4Rec
+    rows[1]["test_ndcg@10"] = 0.02
+    assert "NOT MET" not in cmp.markdown_table(rows, "beauty")
+    assert cmp.verdict([rows[0]]) == []                                                     # nothing to compare
+    # a row kept from an older version (no stopped_by) next to a new one: the CSV takes every key
+    old = {k: v for k, v in rows[0].items() if k != "stopped_by"}
+    cmp.write_outputs([old, rows[1]], "beauty", tmp_path)
+    header = (tmp_path / "compare.csv").read_text().splitlines()[0]
+    assert "stopped_by" in header
