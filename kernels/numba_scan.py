@@ -55,7 +55,13 @@ def available() -> bool:
 def _exp_nonpos(x, out, bits):
     """out = exp(x) for x <= 0, elementwise over 1-D float32 arrays; ``bits`` is int32 scratch."""
     for i in range(x.shape[0]):
-        v = min(max(x[i], np.float32(-87.0)), np.float32(0.0))
+        v = x[i]
+        # clamp to [-87, 0] with comparisons that are false for NaN, so a NaN stays NaN (it
+        # then poisons the polynomial; min/max would turn it into a finite bound)
+        if v < np.float32(-87.0):
+            v = np.float32(-87.0)
+        if v > np.float32(0.0):
+            v = np.float32(0.0)
         kf = np.floor(v * np.float32(_LOG2E) + np.float32(0.5))
         r = v - kf * np.float32(_LN2_HI) - kf * np.float32(_LN2_LO)   # |r| <= ln2 / 2
         p = np.float32(1.9875691500e-4)

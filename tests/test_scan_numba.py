@@ -215,3 +215,20 @@ def test_equals_torch_scan_inside_a_model_training_step():
     for name, g in grads["numba"][1].items():
         torch.testing.assert_close(g, grads["torch"][1][name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
     assert selective_scan_torch is kernels.get_scan_fn("torch")
+
+
+def test_nan_in_A_or_delta_comes_out_as_nan_not_a_finite_number():
+    """No silent NaN: the fast exp's clamp must not turn a NaN exponent into a finite decay."""
+    import numpy as np
+
+    numba_scan._compile()
+    out, bits = np.empty(2, np.float32), np.empty(2, np.int32)
+    numba_scan._exp_nonpos(np.array([np.nan, -1.0], np.float32), out, bits)
+    assert np.isnan(out[0]) and abs(out[1] - np.exp(-1.0)) < 1e-6
+    case = Case(2, 6, 4, 3)
+    for name in ("A", "delta"):
+        x = {k: (v.detach().clone() if v is not None else None) for k, v in make_inputs(case).items()}
+        x[name].view(-1)[0] = float("nan")
+        out = selective_scan_numba(**x, delta_softplus=True)
+        ref = selective_scan_ref(**x, delta_softplus=True)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out).any(), name
