@@ -19,11 +19,12 @@ Accumulation is float32 as in torch's CPU kernels; tests hold it to the torch st
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import threading
 
 import numpy as np
+
+from kernels import numba_scan as _numba_scan
 
 #: "auto" uses the compiled step up to this many users per call (one core, rows one after the
 #: other); beyond it torch's batched, threaded kernels win. Measured on 2 CPU cores, history 50:
@@ -33,15 +34,8 @@ import numpy as np
 NUMBA_STEP_MAX_BATCH = 16
 
 
-_available = None
-
-
-def available() -> bool:
-    """Whether numba is installed: looked up once, without importing it (the import takes ~0.3 s)."""
-    global _available
-    if _available is None:
-        _available = importlib.util.find_spec("numba") is not None
-    return _available
+# whether numba is installed: one cached lookup, shared with the scan, that does not import it
+available = _numba_scan.available
 
 
 def _layer_norm_row(v, w, b, eps, out):

@@ -104,3 +104,21 @@ def assert_close(what: str, actual, expected, dtype, atol_factor: float = 1.0):
     tol = TOL[dtype]
     torch.testing.assert_close(a, e, rtol=tol["rtol"], atol=tol["atol"] * atol_factor,
                                msg=lambda m: f"{what}: {m}")
+
+
+def detached_copy(x):
+    return {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+
+
+def compare_with_reference(fn, x, case: Case, **kw):
+    """fn and selective_scan_ref on copies of the same inputs: output, last state and every
+    gradient within TOL[case.dtype]."""
+    from kernels.reference import selective_scan_ref
+
+    out, last, grads = run_scan(fn, x, case, **kw)
+    out_r, last_r, grads_r = run_scan(selective_scan_ref, detached_copy(x), case)
+    assert_close("out", out, out_r, case.dtype)
+    assert_close("last_state", last, last_r, case.dtype)
+    assert grads.keys() == grads_r.keys() == {n for n in NAMES if x[n] is not None}
+    for name in grads:
+        assert_close("d" + name, grads[name], grads_r[name], case.dtype, GRAD_ATOL_FACTOR.get(name, 1.0))

@@ -14,14 +14,10 @@ import kernels
 from kernels import numba_scan
 from kernels.reference import selective_scan_ref
 from kernels.torch_scan import selective_scan_torch
-from tests.scan_utils import GRAD_ATOL_FACTOR, NAMES, Case, assert_close, make_inputs, run_scan
+from tests.scan_utils import Case, assert_close, compare_with_reference, detached_copy, make_inputs, run_scan
 
 pytest.importorskip("numba", reason="the numba scan needs numba (the fast extra)")
 selective_scan_numba = numba_scan.selective_scan_numba
-
-
-def detached_copy(x):
-    return {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
 
 
 @pytest.fixture
@@ -43,14 +39,7 @@ def inputs(case, noncontiguous=False):
 
 
 def check_against_reference(case, noncontiguous=False):
-    x = inputs(case, noncontiguous)
-    out, last, grads = run_scan(selective_scan_numba, x, case)
-    out_r, last_r, grads_r = run_scan(selective_scan_ref, detached_copy(x), case)
-    assert_close("out", out, out_r, case.dtype)
-    assert_close("last_state", last, last_r, case.dtype)
-    assert grads.keys() == grads_r.keys() == {n for n in NAMES if x[n] is not None}
-    for name in grads:
-        assert_close("d" + name, grads[name], grads_r[name], case.dtype, GRAD_ATOL_FACTOR.get(name, 1.0))
+    compare_with_reference(selective_scan_numba, inputs(case, noncontiguous), case)
 
 
 SHAPES = [  # (batch, L, dim, N, G)
@@ -104,12 +93,8 @@ def test_calls_outside_the_fast_exp_go_to_the_torch_scan(kind, numba_calls):
     """The fast exp covers dt * A <= 0 in fp32: fp64 (gradcheck), a positive A or a negative dt
     are handed to the torch scan, and still match the reference."""
     case, x = _fallback_inputs(kind)
-    out, last, grads = run_scan(selective_scan_numba, x, case)
-    out_r, last_r, grads_r = run_scan(selective_scan_ref, detached_copy(x), case)
+    compare_with_reference(selective_scan_numba, x, case)
     assert not numba_calls
-    assert_close("out", out, out_r, case.dtype)
-    for name in grads:
-        assert_close("d" + name, grads[name], grads_r[name], case.dtype, GRAD_ATOL_FACTOR.get(name, 1.0))
 
 
 def test_fast_exp_accuracy():

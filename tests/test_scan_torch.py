@@ -15,22 +15,11 @@ import kernels
 from kernels import torch_scan
 from kernels.reference import selective_scan_ref
 from kernels.torch_scan import selective_scan_torch
-from tests.scan_utils import GRAD_ATOL_FACTOR, NAMES, Case, assert_close, make_inputs, run_scan
-
-
-def detached_copy(x):
-    return {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+from tests.scan_utils import NAMES, Case, assert_close, compare_with_reference, detached_copy, make_inputs
 
 
 def check_against_reference(case, noncontiguous=False, **kw):
-    x = make_inputs(case, noncontiguous=noncontiguous)
-    out, last, grads = run_scan(selective_scan_torch, x, case, **kw)
-    out_r, last_r, grads_r = run_scan(selective_scan_ref, detached_copy(x), case)
-    assert_close("out", out, out_r, case.dtype)
-    assert_close("last_state", last, last_r, case.dtype)
-    assert grads.keys() == grads_r.keys() == {n for n in NAMES if x[n] is not None}
-    for name in grads:
-        assert_close("d" + name, grads[name], grads_r[name], case.dtype, GRAD_ATOL_FACTOR.get(name, 1.0))
+    compare_with_reference(selective_scan_torch, make_inputs(case, noncontiguous=noncontiguous), case, **kw)
 
 
 SHAPES = [  # (batch, L, dim, N, G)
