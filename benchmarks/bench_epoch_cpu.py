@@ -11,6 +11,7 @@ s/epoch is the timed batches' mean times the batches in an epoch.
     python benchmarks/bench_epoch_cpu.py --max-batches 5       # time 5 batches, scale to an epoch
     python benchmarks/bench_epoch_cpu.py --lengths 50 --models Mamba4Rec,SASRec
     python benchmarks/bench_epoch_cpu.py --scan-impl numba,torch --models Mamba4Rec,SASRec   # both CPU scans
+    python benchmarks/bench_epoch_cpu.py --scan-impl numba --fast-dropout on,off              # both dropouts
     python benchmarks/bench_epoch_cpu.py --dataset amazon-beauty --data-path /work/runs/dataset/ --lengths 50
 """
 
@@ -101,6 +102,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--scan-impl", default=None,
                    help="Mamba4Rec scan path(s), comma-separated: each gets its own row (default: the config's, auto)")
+    p.add_argument("--fast-dropout", default="on", help="on, off or on,off: Mamba4Rec's compiled CPU dropout "
+                   "(MAMBA4REC_FAST_DROPOUT); on,off times both side by side")
     p.add_argument("--data-path", default=None, help="RecBole data_path (prepared atomic files), for data sets "
                    "other than the embedded ml-100k")
     p.add_argument("--csv", default=str(REPO / "benchmarks" / "out" / "epoch_cpu.csv"))
@@ -120,9 +123,12 @@ def main() -> None:
           f"{'first %d batches, scaled to an epoch' % args.max_batches if args.max_batches else 'full epoch'}")
     rows = []
     for L in [int(x) for x in args.lengths.split(",")]:
-        runs = [(m, impl) for m in args.models.split(",")
-                for impl in ((args.scan_impl or "").split(",") if m == "Mamba4Rec" else [""])]
-        for model, impl in runs:
+        drops = args.fast_dropout.split(",")
+        runs = [(m, impl, drop) for m in args.models.split(",")
+                for impl in ((args.scan_impl or "").split(",") if m == "Mamba4Rec" else [""])
+                for drop in (drops if m == "Mamba4Rec" else ["on"])]
+        for model, impl, drop in runs:
+            env = dict(os.environ, MAMBA4REC_FAST_DROPOUT="0" if drop == "off" else "1")
             cmd = [sys.executable, __file__, "--child", "--model", model, "--max-len", str(L),
                    "--dataset", args.dataset, "--batch-size", str(args.batch_size),
                    "--max-batches", str(args.max_batches), "--threads", str(args.threads)]
@@ -130,11 +136,14 @@ def main() -> None:
                 cmd += ["--scan-impl", impl]
             if args.data_path:
                 cmd += ["--data-path", os.path.abspath(args.data_path)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=args.tmp if os.path.isdir(args.tmp) else None)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  cwd=args.tmp if os.path.isdir(args.tmp) else None)
             if proc.returncode != 0:
                 print(f"{model} L={L}: FAILED\n{proc.stderr[-1500:]}", file=sys.stderr)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
+            if model == "Mamba4Rec" and len(drops) > 1:
+                row["model"] += "+torch-dropout" if drop == "off" else "+fast-dropout"
             rows.append(row)
             print(f"  {row['model']:16s} L={L:4d}  {row['epoch_seconds']:8.1f} s/epoch  "
                   f"{row['seconds_per_batch']:6.2f} s/batch  peak RSS {row['peak_rss_mib']:7.0f} MiB", flush=True)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from kernels import get_scan_fn, resolve_scan_impl, update_state
 
+from .fast_dropout import FastDropout
+
 logger = logging.getLogger(__name__)
 
 DT_INITS = ("paper", "mamba")
@@ -192,7 +194,7 @@ class FeedForward(nn.Module):
         self.w_1 = nn.Linear(d_model, inner_size)
         self.w_2 = nn.Linear(inner_size, d_model)
         self.activation = nn.GELU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
 
     def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -213,7 +215,7 @@ class MambaLayer(nn.Module):
         super().__init__()
         self.num_layers = num_layers
         self.mamba = MambaBlock(d_model, d_state, d_conv, expand, scan_impl=scan_impl)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
 

@@ -22,6 +22,7 @@ from recbole.model.loss import BPRLoss
 
 from kernels import SCAN_IMPLS
 
+from .fast_dropout import FastDropout
 from .layers import DT_INITS, MambaLayer
 from .numpy_step import STEP_IMPLS, NumpyStep, step_path
 
@@ -161,7 +162,7 @@ class Mamba4Rec(SequentialRecommender):
         self.position_embedding = (
             nn.Embedding(self.max_seq_length, self.hidden_size) if self.use_position_embedding else None
         )
-        self.dropout = nn.Dropout(self.dropout_prob)
+        self.dropout = FastDropout(self.dropout_prob)
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=1e-12)
         self.mamba_layers = nn.ModuleList(
             MambaLayer(self.hidden_size, self.d_state, self.d_conv, self.expand, self.dropout_prob,

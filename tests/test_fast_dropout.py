@@ -1,0 +1,104 @@
+"""mamba4rec.fast_dropout: nn.Dropout's semantics (rate, scale, gradient, eval identity) from
+torch's random bits and a compiled mask, repeatable under torch.manual_seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba4rec import fast_dropout
+from mamba4rec.fast_dropout import FastDropout
+
+pytest.importorskip("numba", reason="the compiled dropout needs numba (the fast extra)")
+
+N = 1 << 20
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    calls = []
+    real = fast_dropout._Dropout.apply
+    monkeypatch.setattr(fast_dropout._Dropout, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("p", [0.2, 0.4, 0.5])
+def test_rate_scale_and_expectation(p, compiled_calls):
+    torch.manual_seed(0)
+    x = torch.ones(N)
+    y = FastDropout(p).train()(x)
+    assert compiled_calls
+    q = round(p * 2**15) / 2**15                      # p to the nearest 2^-15
+    kept = y != 0
+    sigma = (q * (1 - q) / N) ** 0.5
+    assert abs((1 - kept.float().mean().item()) - q) < 5 * sigma
+    assert torch.all(y[kept] == torch.tensor(1 / (1 - q), dtype=torch.float32))
+    assert abs(y.mean().item() - 1.0) < 5 * sigma / (1 - q)
+    # every 16-bit quarter of the int64 draws is used: each of the 4 phases drops at rate q
+    # (one of them has a constant top bit, which the 15-bit mask removes)
+    for phase in range(4):
+        assert abs((1 - kept[phase::4].float().mean().item()) - q) < 5 * 2 * sigma, phase
+
+
+def test_gradient_is_the_same_mask_and_scale(compiled_calls):
+    torch.manual_seed(1)
+    x = torch.randn(64, 50, 256, requires_grad=True)
+    y = FastDropout(0.3).train()(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert compiled_calls
+    kept = y.detach() != 0
+    scale = y.detach()[kept] / x.detach()[kept]
+    torch.testing.assert_close(scale, torch.full_like(scale, scale[0].item()))
+    torch.testing.assert_close(x.grad, torch.where(kept, g * scale[0], torch.zeros_like(g)))
+
+
+def test_repeatable_under_the_seed_independent_of_threads_and_fresh_per_call():
+    x = torch.randn(300_000)
+    d = FastDropout(0.2).train()
+    saved = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(7)
+            outs.append((d(x), d(x)))
+    finally:
+        torch.set_num_threads(saved)
+    (a1, b1), (a2, b2) = outs
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert not torch.equal(a1 != 0, b1 != 0)  # a new mask every call
+
+
+def test_other_cases_are_torch_dropout(compiled_calls):
+    d = FastDropout(0.2)
+    x = torch.randn(N)
+    assert torch.equal(d.eval()(x), x)                                   # eval: identity
+    d.train()
+    assert torch.equal(FastDropout(0.0).train()(x), x)
+    small = torch.randn(100)
+    torch.manual_seed(3)
+    expected = F.dropout(small, 0.2, True)
+    torch.manual_seed(3)
+    assert torch.equal(d(small), expected)                               # small: F.dropout
+    assert d(x.double()).dtype == torch.float64                          # float64: F.dropout
+    assert torch.count_nonzero(FastDropout(1.0).train()(x)) == 0
+    assert not compiled_calls
+
+
+def test_env_switch_gives_torch_dropout(monkeypatch, compiled_calls):
+    monkeypatch.setenv("MAMBA4REC_FAST_DROPOUT", "0")
+    x = torch.randn(N)
+    torch.manual_seed(4)
+    expected = F.dropout(x, 0.2, True)
+    torch.manual_seed(4)
+    assert torch.equal(FastDropout(0.2).train()(x), expected) and not compiled_calls
+
+
+def test_model_state_dict_is_unchanged_by_the_dropout_class():
+    from tests.test_model import make_model
+
+    model = make_model(n_items=30, max_len=10)
+    assert not any("dropout" in k for k in model.state_dict())
+    assert isinstance(model.dropout, torch.nn.Dropout) and isinstance(model.dropout, FastDropout)
