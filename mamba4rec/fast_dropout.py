@@ -73,14 +73,6 @@ def _compile():
     return _kernels
 
 
-def _run(kernel, *args):
-    import numba
-
-    with _numba_scan._call_lock:  # one parallel region at a time (see kernels/numba_scan.py)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        kernel(*args)
-
-
 class _Dropout(torch.autograd.Function):
 
     @staticmethod
@@ -92,8 +84,8 @@ class _Dropout(torch.autograd.Function):
         scale = np.float32(_ONE / (_ONE - threshold))
         out = torch.empty(n, dtype=torch.float32)
         mask = torch.empty(n, dtype=torch.uint8)
-        _run(mask_scale, x.detach().contiguous().view(-1).numpy(), bits.numpy(), np.int16(threshold), scale,
-             out.numpy(), mask.numpy())
+        _numba_scan._run(mask_scale, x.detach().contiguous().view(-1).numpy(), bits.numpy(), np.int16(threshold),
+                         scale, out.numpy(), mask.numpy())
         ctx.save_for_backward(mask)
         ctx.scale = scale
         return out.view(x.shape)
@@ -103,7 +95,7 @@ class _Dropout(torch.autograd.Function):
         _, apply_mask = _compile()
         (mask,) = ctx.saved_tensors
         out = torch.empty(mask.shape[0], dtype=torch.float32)
-        _run(apply_mask, grad.detach().contiguous().view(-1).numpy(), mask.numpy(), ctx.scale, out.numpy())
+        _numba_scan._run(apply_mask, grad.detach().contiguous().view(-1).numpy(), mask.numpy(), ctx.scale, out.numpy())
         return out.view(grad.shape), None
 
 
@@ -119,7 +111,7 @@ def applies(x: torch.Tensor, p: float, training: bool) -> bool:
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if _threshold(p) == _ONE:  # p rounds to 1: everything dropped, as F.dropout(p=1) does
-        return F.dropout(x, 1.0, training) if training else x
+        return F.dropout(x, 1.0, training)
     if applies(x, p, training):
         return _Dropout.apply(x, p)
     return F.dropout(x, p, training)
