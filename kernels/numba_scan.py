@@ -265,12 +265,21 @@ def _run(kernel, *args):
     """Call a parallel kernel with as many threads as torch uses (torch.set_num_threads is the
     knob users already turn), one call at a time: numba's default threading layer aborts the
     process if two Python threads enter parallel code at once (a threaded server calling
-    prefill), so calls from several threads queue here instead."""
+    prefill), so calls from several threads queue here instead.
+
+    numba's OpenMP layer shares the OpenMP runtime with torch and, when it starts its threads,
+    sets the runtime's thread count to NUMBA_NUM_THREADS (all cores): torch's own count, as the
+    user set it (torch.set_num_threads, OMP_NUM_THREADS), is put back after every call."""
     import numba
 
     with _call_lock:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        kernel(*args)
+        threads = torch.get_num_threads()
+        try:
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            kernel(*args)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 _call_lock = threading.Lock()

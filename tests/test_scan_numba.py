@@ -5,7 +5,11 @@ calls it hands to the torch scan; reproducibility across thread counts; dispatch
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +130,25 @@ def test_same_bits_with_one_or_two_threads():
     (o1, l1, g1), (o2, l2, g2) = results
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
+def test_the_scan_leaves_torchs_thread_count_as_the_user_set_it():
+    """numba's OpenMP layer sets the shared OpenMP runtime to NUMBA_NUM_THREADS when it starts
+    its threads; a process asked to use one thread (OMP_NUM_THREADS=1: one training per core)
+    must go on using one, in torch and in the scan. A fresh process: the threads start once."""
+    code = (
+        "import torch\n"
+        "from kernels.numba_scan import selective_scan_numba\n"
+        "u, dt = torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 8, 16)\n"
+        "A, B, C = -torch.rand(8, 4), torch.randn(4, 4, 16), torch.randn(4, 4, 16)\n"
+        "selective_scan_numba(u, dt, A, B, C, delta_softplus=True).sum().backward()\n"
+        "import numba\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1"]
 
 
 def test_calls_from_two_python_threads_are_serialised():
