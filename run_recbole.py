@@ -38,6 +38,10 @@ def parse_args(argv=None):
                              "them under the same protocol, write a table, CSV and chart")
     parser.add_argument("--compare_dir", default=None,
                         help="where --compare writes compare.md/.csv/.png (default saved/compare-<dataset>)")
+    parser.add_argument("--compare_run", default=None, metavar="MODELS",
+                        help="with --compare: train only these of its models; the table shows the others "
+                             "as their rows in --compare_dir say (for several processes sharing one "
+                             "comparison, e.g. one model each with OMP_NUM_THREADS=1)")
     dist = parser.add_argument_group("distributed (torch.distributed DDP through RecBole's trainer)")
     dist.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1: no DDP)")
     dist.add_argument("--world_size", type=int, default=None, help="processes over all nodes (default: nproc)")
@@ -60,6 +64,9 @@ def main(argv=None) -> int:
     from mamba4rec.pipeline import run
 
     config_files = args.config_files.strip().split() if args.config_files else None
+    if args.compare_run and not args.compare:
+        print("error: --compare_run picks models of a comparison: give --compare=... too", file=sys.stderr)
+        return 2
     if args.compare and args.resume not in (None, "auto"):
         print("error: with --compare, --resume takes no PATH: each model continues from its own "
               "<compare_dir>/checkpoints/<model>-<dataset>-last.pth", file=sys.stderr)
@@ -110,14 +117,17 @@ def _distributed(args, config_files, overrides) -> int:
 
 
 def _compare(args, config_files, overrides) -> int:
-    from mamba4rec.compare import compare, markdown_table
+    from pathlib import Path
+
+    from mamba4rec.compare import compare
 
     models = [args.model] + [m.strip() for m in args.compare.split(",") if m.strip()]
     out_dir = args.compare_dir or f"saved/compare-{args.dataset}"
-    rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides,
+    only = [m.strip() for m in args.compare_run.split(",") if m.strip()] if args.compare_run else None
+    rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides, only=only,
                    resume=args.resume == "auto")
     print()
-    print(markdown_table(rows, args.dataset))
+    print(Path(out_dir, "compare.md").read_text())  # with the rows of models run elsewhere (--compare_run)
     print(f"written: {out_dir}/compare.md, compare.csv, compare.png")
     return 0 if all(r["status"].startswith("ok") for r in rows) else 1
 

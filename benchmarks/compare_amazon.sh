@@ -8,12 +8,23 @@
 #
 #   bash benchmarks/compare_amazon.sh OUT_DIR [extra run_recbole.py overrides...]
 #   nohup nice -n 5 bash benchmarks/compare_amazon.sh /work/runs > /work/runs/compare.log 2>&1 &
+#   LANES=2 nohup nice -n 5 bash benchmarks/compare_amazon.sh /work/runs > /work/runs/compare.log 2>&1 &
+#
+# LANES=2 (for a 2-core machine): two processes of one thread each share each comparison
+# (--compare_run): Mamba4Rec then GRU4Rec in one, SASRec (the slowest) in the other, logs in
+# OUT_DIR/<name>/lane{1,2}.log; then one pass with nothing left to train writes the full table.
+# One-thread processes lose less to a core taken by other work than a two-thread one does
+# (torch's threads wait for each other), and SASRec need not wait hours for the others.
+# The rows record their thread count: seconds per epoch are comparable only at equal threads
+# and load (benchmarks/bench_epoch_cpu.py measures them side by side on a quiet machine).
 #
 # OUT_DIR/dataset/<name>/      prepared atomic files
 # OUT_DIR/<name>/out/          compare.md, compare.csv, compare.png, rows/, checkpoints/
 # Beauty keeps the folder name beauty8/ of the session that started it (its first 8 epochs
 # were run with --epochs=8; the rows of that run were moved aside, and the models continue).
 set -euo pipefail
+case "${LANES:-1}" in 1|2) ;; *) echo "LANES must be 1 or 2, not '$LANES'" >&2; exit 2 ;; esac
+trap 'kill $(jobs -p) 2>/dev/null' EXIT  # stopping this script stops its lanes too
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/compare_amazon.sh OUT_DIR [overrides...]}
 shift
@@ -32,8 +43,19 @@ compare() {  # name, folder, overrides...
     local name=$1 folder=$2
     shift 2
     echo "== $name: $(date -u +%FT%TZ)"
-    "$python" run_recbole.py -d "$name" --compare=GRU4Rec,SASRec --compare_dir="$out/$folder/out" \
-        --data_path="$out/dataset/" --show_progress=False --resume "$@"
+    local cmd=("$python" run_recbole.py -d "$name" --compare=GRU4Rec,SASRec --compare_dir="$out/$folder/out"
+               --data_path="$out/dataset/" --show_progress=False --resume "$@")
+    if [ "${LANES:-1}" = 2 ]; then
+        mkdir -p "$out/$folder"
+        OMP_NUM_THREADS=1 "${cmd[@]}" --compare_run=Mamba4Rec,GRU4Rec >> "$out/$folder/lane1.log" 2>&1 &
+        local lane1=$!
+        OMP_NUM_THREADS=1 "${cmd[@]}" --compare_run=SASRec >> "$out/$folder/lane2.log" 2>&1 &
+        local lane2=$!
+        echo "lanes: $lane1 (Mamba4Rec, GRU4Rec), $lane2 (SASRec); logs $out/$folder/lane{1,2}.log"
+        wait "$lane1" || echo "lane 1 ended with status $?"
+        wait "$lane2" || echo "lane 2 ended with status $?"
+    fi
+    "${cmd[@]}"  # with LANES=2: trains only a model whose lane failed, then writes the whole table
 }
 
 prepare amazon-beauty amazon-beauty/Beauty.txt

@@ -11,6 +11,12 @@ the caller sets ``checkpoint_dir``. ``compare(..., resume=True)`` (``run_recbole
 --compare=... --resume``) keeps the finished rows, continues an interrupted model from its
 ``-last.pth`` exactly where it stopped, and runs the rest. The rows record the settings they were
 made with; resuming under other settings is refused.
+
+``compare(..., only=[...])`` (``--compare_run=...``) runs only some of the models and shows the
+others as their rows on disk say: several processes can then share one comparison (one model
+each, one thread each on a small CPU: ``benchmarks/compare_amazon.sh`` does this with
+``LANES=2``), and the table, rewritten by whichever finishes, merges their rows. Each row records
+the CPU threads it trained with, since its seconds per epoch depend on them.
 """
 
 from __future__ import annotations
@@ -91,8 +97,15 @@ def _row(model, result=None, error=None, peak=None, seconds=None, status=None, e
         "peak_rss_mib": None if peak is None else round(peak.peak_mib),
         "peak_cuda_mib": None if peak is None or peak.cuda_peak_mib is None else round(peak.cuda_peak_mib),
         "wall_s": None if seconds is None else round(seconds, 1),
+        "threads": None if result is None else _threads(),
     })
     return row
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _settings(dataset, config_files, config_dict, cmd_args) -> dict:
@@ -102,7 +115,8 @@ def _settings(dataset, config_files, config_dict, cmd_args) -> dict:
             "cmd_args": sorted(cmd_args or [])}
 
 
-def _load_rows(rows_dir: Path, names, settings) -> dict:
+def _load_rows(rows_dir: Path, names, settings, failed=False, flag="--resume") -> dict:
+    """Finished rows of ``names`` kept in ``rows_dir`` (and failed ones with ``failed``)."""
     done = {}
     for name in names:
         path = rows_dir / f"{name}.json"
@@ -112,57 +126,74 @@ def _load_rows(rows_dir: Path, names, settings) -> dict:
             saved = json.loads(path.read_text())
             row, made_with = saved["row"], saved["settings"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"--resume: {path} is not a row written by compare ({exc}); "
+            raise ValueError(f"{flag}: {path} is not a row written by compare ({exc}); "
                              f"delete it to rerun {name}") from None
         if made_with != settings:
             raise ValueError(
-                f"--resume: {path} was made with other settings ({made_with}) than this run ({settings}). "
+                f"{flag}: {path} was made with other settings ({made_with}) than this run ({settings}). "
                 f"Rerun with the same data set, config files and overrides, or use another --compare_dir.")
-        if str(row.get("status", "")).startswith("ok"):  # a failed model is retried
+        if failed or str(row.get("status", "")).startswith("ok"):  # a failed model is retried
             done[name] = row
     return done
 
 
 def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_args=None,
-            progress=print, resume=False) -> list[dict]:
+            progress=print, resume=False, only=None) -> list[dict]:
     """Run each model, then write ``out_dir``/compare.md, compare.csv and compare.png.
 
     ``resume``: keep the rows of models that finished in an earlier call with the same
-    ``out_dir`` and settings, and continue an interrupted model from its last epoch."""
+    ``out_dir`` and settings, and continue an interrupted model from its last epoch.
+    ``only``: run just these of ``models``; the others appear as their rows in ``out_dir``
+    say (written by another process sharing the comparison), or as "pending"."""
     names = [resolve_model(m)[1] for m in models]  # unknown names fail before any training
     if len(set(names)) != len(names):
         raise ValueError(f"--compare lists a model twice: {', '.join(names)}")
+    if only is not None:
+        only = [resolve_model(m)[1] for m in only]
+        stray = [m for m in only if m not in names]
+        if stray or not only:
+            raise ValueError(f"--compare_run names {', '.join(stray) or 'no model'}: it takes models of the "
+                             f"comparison ({', '.join(names)}), comma-separated")
     out = Path(out_dir)
     rows_dir = out / "rows"
     settings = _settings(dataset, config_files, config_dict, cmd_args)
-    done = _load_rows(rows_dir, names, settings) if resume else {}
+    running = names if only is None else [n for n in names if n in only]
+    others = [n for n in names if n not in running]
+    # the rows of models run elsewhere must be of this protocol too (refused now, not after hours)
+    _load_rows(rows_dir, others, settings, failed=True, flag="--compare_run")
+    done = _load_rows(rows_dir, running, settings) if resume else {}
     run_dict = dict(config_dict or {})
     if "checkpoint_dir" not in run_dict and not any(a.startswith("--checkpoint_dir=") for a in cmd_args or []):
         run_dict["checkpoint_dir"] = str(out / "checkpoints")
     rows = {}
 
     def snapshot():
-        write_outputs([rows.get(n) or _row(n, status="pending") for n in names], dataset, out)
+        try:  # re-read: another process may have finished one of the others meanwhile
+            elsewhere = _load_rows(rows_dir, others, settings, failed=True)
+        except ValueError:
+            elsewhere = {}
+        merged = {**elsewhere, **rows}
+        write_outputs([merged.get(n) or _row(n, status="pending") for n in names], dataset, out)
 
-    for i, name in enumerate(names, 1):
+    for i, name in enumerate(running, 1):
         if name in done:
             rows[name] = done[name]
-            progress(f"[{i}/{len(names)}] {name}: finished earlier, kept ({rows_dir / (name + '.json')})")
+            progress(f"[{i}/{len(running)}] {name}: finished earlier, kept ({rows_dir / (name + '.json')})")
             continue
-        progress(f"[{i}/{len(names)}] {name} on {dataset} ...")
+        progress(f"[{i}/{len(running)}] {name} on {dataset} ...")
         t0 = time.perf_counter()
         try:
             config = build_config(name, dataset, config_files, run_dict, cmd_args)
             resume_from = None
             if resume and os.path.isfile(last_checkpoint_path(config)):
                 resume_from = last_checkpoint_path(config)
-                progress(f"[{i}/{len(names)}] {name}: continuing from {resume_from}")
+                progress(f"[{i}/{len(running)}] {name}: continuing from {resume_from}")
             with PeakMemory() as peak:
                 result = run(name, dataset, config=config, resume=resume_from)
             rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0, epoch_limit=config["epochs"])
             if resume_from:
                 rows[name]["status"] = "ok (resumed)"
-            progress(f"[{i}/{len(names)}] {name}: test " + ", ".join(
+            progress(f"[{i}/{len(running)}] {name}: test " + ", ".join(
                 f"{k}={result.test_result.get(k, float('nan')):.4f}" for k in METRIC_KEYS))
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -170,7 +201,7 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
             logger.error("%s failed:\n%s", name, traceback.format_exc())
             rows[name] = _row(name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
                               seconds=time.perf_counter() - t0)
-            progress(f"[{i}/{len(names)}] {name}: FAILED ({type(exc).__name__}: {exc})")
+            progress(f"[{i}/{len(running)}] {name}: FAILED ({type(exc).__name__}: {exc})")
         rows_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(rows_dir / f"{name}.json",
                       lambda p, r=rows[name]: p.write_text(json.dumps({"row": r, "settings": settings}, indent=1)))
@@ -178,7 +209,7 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
     if not names:
         return []
     snapshot()
-    return [rows[n] for n in names]
+    return [rows[n] for n in running]
 
 
 def _fmt(value):
@@ -213,8 +244,8 @@ def verdict(rows, model="Mamba4Rec") -> list[str]:
 
 def markdown_table(rows, dataset) -> str:
     cols = ["model", "status"] + [f"{s}_{k}" for s in ("valid", "test") for k in METRIC_KEYS] + [
-        "best_epoch", "epochs_run", "stopped_by", "params", "train_s_per_epoch", "eval_s", "peak_rss_mib",
-        "peak_cuda_mib"]
+        "best_epoch", "epochs_run", "stopped_by", "params", "train_s_per_epoch", "threads", "eval_s",
+        "peak_rss_mib", "peak_cuda_mib"]
     lines = [f"Data set: {dataset}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")

@@ -160,6 +160,8 @@ def test_cli_bad_input_exit_codes(in_tmp):
     assert proc.returncode == 2 and "--key=value" in proc.stderr
     proc = _cli(["--compare=SASRec", "--resume=some.pth"], in_tmp)
     assert proc.returncode == 2 and "--resume takes no PATH" in proc.stderr
+    proc = _cli(["--compare_run=SASRec"], in_tmp)
+    assert proc.returncode == 2 and "give --compare" in proc.stderr
     proc = _cli(["--nproc", "2", "--resume"], in_tmp)
     assert proc.returncode == 2 and "drop --nproc" in proc.stderr
 
@@ -280,6 +282,52 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     other = dict(cfg, learning_rate=0.01)
     with pytest.raises(ValueError, match="other settings"):
         cmp.compare(models, "tiny", in_tmp / "cut", config_dict=other, progress=quiet, resume=True)
+
+
+def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch):
+    """--compare_run: each "process" trains only its models; whichever finishes last writes the
+    table with both rows, and the rows equal those of one process running everything."""
+    from mamba4rec import compare as cmp
+
+    models, quiet = ["Mamba4Rec", "GRU4Rec"], (lambda *_: None)
+    cfg = _compare_cfg(in_tmp)
+    cfg.pop("checkpoint_dir")
+    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet)
+    assert all(r["threads"] == torch.get_num_threads() for r in whole)
+
+    with pytest.raises(ValueError, match="SASRec"):  # not a model of this comparison
+        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=["SASRec"])
+    with pytest.raises(ValueError, match="no model"):
+        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=[])
+
+    real_run, ran, tables = cmp.run, [], []
+
+    def run_with_other_lane(name, *a, **k):
+        ran.append(name)
+        if name == "Mamba4Rec":  # the other process runs GRU4Rec to the end meanwhile
+            other = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=["GRU4Rec"])
+            assert [r["model"] for r in other] == ["GRU4Rec"]
+            tables.append((in_tmp / "lanes" / "compare.md").read_text())
+        return real_run(name, *a, **k)
+
+    monkeypatch.setattr(cmp, "run", run_with_other_lane)
+    mine = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=["Mamba4Rec"])
+    assert ran == ["Mamba4Rec", "GRU4Rec"] and [r["model"] for r in mine] == ["Mamba4Rec"]
+    assert "| GRU4Rec | ok |" in tables[0] and "| Mamba4Rec | pending |" in tables[0]
+    table = (in_tmp / "lanes" / "compare.md").read_text()
+    assert "| Mamba4Rec | ok |" in table and "| GRU4Rec | ok |" in table  # merged by the last to finish
+
+    ran.clear()  # both done: a resume of the whole comparison trains nothing and has both rows
+    merged = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, resume=True)
+    assert ran == []
+    for a, b in zip(whole, merged):
+        for key in ("model", "valid_ndcg@10", "test_ndcg@10", "test_mrr@10", "best_epoch", "params"):
+            assert a[key] == b[key], (a["model"], key)
+
+    other = dict(cfg, learning_rate=0.01)  # the other lane's row is of another protocol: refused up front
+    with pytest.raises(ValueError, match="other settings"):
+        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=other, progress=quiet, only=["Mamba4Rec"])
+    assert ran == []
 
 
 def test_resume_refuses_foreign_or_truncated_files(in_tmp):
