@@ -2,13 +2,23 @@
 
 Each entry says what breaks without it; tests/test_compat.py shows each failure it prevents.
 
-1. numpy < 2 (pinned in setup.cfg). RecBole's ``Config.compatibility_settings`` assigns
-   ``np.float = np.float_`` and friends, and ``np.float_`` no longer exists in numpy 2: every
-   ``Config(...)`` would raise AttributeError. ray 2.6.3 (imported by ``recbole.quick_start``)
-   is also built against numpy 1. :func:`check_stack` turns a wrong install into one clear error.
-2. pandas < 3 (pinned). RecBole's ``Dataset`` fills missing values with
-   ``df[field].fillna(value, inplace=True)`` on a column; under pandas 3's copy-on-write that
-   writes into a temporary copy and is silently lost. :func:`check_stack` refuses pandas 3.
+1. numpy 2. RecBole's ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and
+   friends (its metrics use ``np.float``), and ``np.float_`` no longer exists in numpy 2: every
+   ``Config(...)`` would raise AttributeError. :func:`install_numpy2_fix` makes the same aliases
+   from names numpy 2 keeps (``np.float64`` for ``np.float_``, ...). setup.cfg still pins
+   numpy < 2 for a plain ``pip install``: RecBole requires ray 2.6.3 (imported by
+   ``recbole.quick_start``), which is built against numpy 1. Where RecBole was installed without
+   ray (``--no-deps``: Python 3.12 has no ray 2.6.3 wheel), numpy 2 works, with one warning.
+2. pandas 3. RecBole fills missing values with ``df[field].fillna(..., inplace=True)`` on a
+   column, which under copy-on-write (pandas 3's only mode) writes into a temporary copy and
+   is lost: in ``Dataset._fill_nan`` (note 5) and, for sequence fields, in ``Dataset._load_feat``,
+   where the NaN left in a ``token_seq``/``float_seq`` column then fails on ``.split``.
+   :func:`install_seq_fillna_fix` gives that module a ``pd`` whose ``read_csv`` fills missing
+   sequence values with "" itself (what the lost call meant to do). Sequence fields break in
+   pandas 3 further on (``Series.agg(len)``, used to split them back per row, measures the whole
+   column there), so under pandas 3 that ``read_csv`` refuses them with the fix; data sets of
+   user, item, rating and time fields (all that Mamba4Rec and the baselines here use) load and
+   train. setup.cfg pins pandas < 3 for a plain install.
 3. setuptools < 80 (pinned). ``recbole.quick_start`` imports ray 2.6.3, which imports
    ``pkg_resources``; recent setuptools no longer provides it. mamba4rec itself never imports
    quick_start, but users' own pipelines often do. Checked (warning only) by :func:`check_stack`.
@@ -54,10 +64,11 @@ def _major(version: str) -> int:
 
 
 def check_stack(versions: dict | None = None) -> list[str]:
-    """Fail clearly when the installed stack is one RecBole 1.2.1 cannot run on.
+    """Warn where the installed stack would break ``recbole.quick_start`` (ray 2.6.3), which
+    mamba4rec does not use; with the shims below mamba4rec runs on numpy 1 or 2, pandas 2 or 3.
 
     ``versions`` (name -> version string) replaces the installed versions, for tests.
-    Raises ImportError for a fatal mismatch; returns the list of warnings it issued.
+    Returns the list of warnings it issued.
     """
     def ver(name):
         if versions is not None:
@@ -68,18 +79,14 @@ def check_stack(versions: dict | None = None) -> list[str]:
             return None
 
     fix = 'reinstall with: pip install "numpy<2" "pandas<3" "setuptools<80"'
-    numpy_v, pandas_v = ver("numpy"), ver("pandas")
-    if numpy_v and _major(numpy_v) >= 2:
-        raise ImportError(
-            f"mamba4rec needs numpy < 2 (found {numpy_v}): RecBole 1.2.1's Config uses np.float_, "
-            f"removed in numpy 2, and ray 2.6.3 is built against numpy 1; {fix}"
-        )
-    if pandas_v and _major(pandas_v) >= 3:
-        raise ImportError(
-            f"mamba4rec needs pandas < 3 (found {pandas_v}): RecBole 1.2.1 fills missing values "
-            f"with in-place fillna on columns, which pandas 3 silently drops; {fix}"
-        )
+    numpy_v = ver("numpy")
     issued = []
+    if numpy_v and _major(numpy_v) >= 2:
+        msg = (f"numpy {numpy_v}: mamba4rec and RecBole's models, data and trainer work (see "
+               f"mamba4rec.compat, note 1), but recbole.quick_start imports ray 2.6.3, built against "
+               f"numpy 1; for quick_start {fix}")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        issued.append(msg)
     setuptools_v = ver("setuptools")
     if setuptools_v and _major(setuptools_v) >= 80:
         msg = (f"setuptools {setuptools_v} may lack pkg_resources, which ray 2.6.3 (imported by "
@@ -210,6 +217,69 @@ def install_fill_nan_fix() -> None:
         Dataset._fill_nan = _fill_nan
 
 
+def _compatibility_settings(self):
+    """RecBole's Config.compatibility_settings with numpy 2's names (see note 1): the same
+    aliases for code written before numpy 1.20 (RecBole's metrics use ``np.float``)."""
+    import numpy as np
+
+    for old, new in (("bool", np.bool_), ("int", np.int_), ("float", np.float64), ("complex", np.complex128),
+                     ("object", np.object_), ("str", np.str_), ("long", np.int_), ("unicode", np.str_)):
+        setattr(np, old, new)
+
+
+#: RecBole's atomic-file header types of sequence fields (``name:token_seq``)
+_SEQ_TYPES = ("token_seq", "float_seq")
+
+
+class _PandasForRecBoleDataset(types.ModuleType):
+    """``pandas`` as seen from recbole.data.dataset.dataset: everything is pandas', but
+    read_csv also fills missing sequence values with "" (note 2)."""
+
+    def __init__(self, pandas_module):
+        super().__init__("pandas")
+        self.__dict__["_pandas"] = pandas_module
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_pandas"], name)
+
+    def read_csv(self, *args, **kwargs):
+        pandas = self.__dict__["_pandas"]
+        seq = [c for c in kwargs.get("usecols") or [] if isinstance(c, str) and c.rsplit(":", 1)[-1] in _SEQ_TYPES]
+        if seq and _major(pandas.__version__) >= 3:
+            raise ValueError(
+                f"RecBole 1.2.1 cannot load the sequence field(s) {', '.join(seq)} under pandas "
+                f"{pandas.__version__}: it measures each row with Series.agg(len), which pandas 3 applies "
+                f"to the whole column. Install pandas<3 (pip install \"pandas<3\"), or leave these fields "
+                f"out of load_col (Mamba4Rec needs only user, item and time).")
+        df = pandas.read_csv(*args, **kwargs)
+        for col in df.columns:
+            if isinstance(col, str) and col.rsplit(":", 1)[-1] in _SEQ_TYPES and df[col].isna().any():
+                df[col] = df[col].fillna("")
+        return df
+
+
+def install_seq_fillna_fix() -> None:
+    import pandas
+    import recbole.data.dataset.dataset as rb_dataset
+
+    if not isinstance(rb_dataset.pd, _PandasForRecBoleDataset):
+        rb_dataset.pd = _PandasForRecBoleDataset(pandas)
+
+
+_RECBOLE_COMPATIBILITY_SETTINGS = None  # RecBole's own, kept so a test can show it fail
+
+
+def install_numpy2_fix() -> None:
+    global _RECBOLE_COMPATIBILITY_SETTINGS
+    import numpy as np
+    from recbole.config import Config
+
+    if _RECBOLE_COMPATIBILITY_SETTINGS is None:
+        _RECBOLE_COMPATIBILITY_SETTINGS = Config.compatibility_settings
+    if _major(np.__version__) >= 2:
+        Config.compatibility_settings = _compatibility_settings
+
+
 def _ddp_for_recbole(module, device_ids=None, *args, **kwargs):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -252,8 +322,10 @@ def install() -> None:
         "ignore", message=r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated.*",
         category=FutureWarning,
     )
+    install_numpy2_fix()
     install_checkpoint_shim()
     install_fill_nan_fix()
+    install_seq_fillna_fix()
     install_ddp_cpu_fix()
     install_ensure_dir_fix()
     _INSTALLED = True

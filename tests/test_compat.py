@@ -14,14 +14,36 @@ from mamba4rec import pipeline
 from tests.conftest import tiny_config_dict
 
 
-def test_numpy2_and_pandas3_are_refused_with_the_fix():
-    with pytest.raises(ImportError, match=r"numpy < 2.*np\.float_.*pip install"):
+def test_numpy2_warns_about_quick_start_only_and_pandas3_passes():
+    with pytest.warns(RuntimeWarning, match=r"numpy 2\.1\.0.*quick_start.*ray 2\.6\.3.*pip install"):
         compat.check_stack({"numpy": "2.1.0", "pandas": "2.2.0", "setuptools": "70"})
-    with pytest.raises(ImportError, match=r"pandas < 3.*fillna"):
-        compat.check_stack({"numpy": "1.26.4", "pandas": "3.0.0", "setuptools": "70"})
     with pytest.warns(RuntimeWarning, match="pkg_resources"):
         compat.check_stack({"numpy": "1.26.4", "pandas": "2.3.0", "setuptools": "81.0"})
     assert compat.check_stack({"numpy": "1.26.4", "pandas": "2.3.3", "setuptools": "79.0.1"}) == []
+    assert compat.check_stack({"numpy": "1.26.4", "pandas": "3.1.1", "setuptools": "79.0.1"}) == []
+
+
+def test_config_builds_without_the_aliases_numpy2_removed(in_tmp, monkeypatch):
+    """numpy 2 has no np.float_, np.complex_, np.unicode_: RecBole's own compatibility_settings
+    fails on every Config; with the fix the Config builds and np.float (used by RecBole's
+    metrics) is float64. numpy 1 is made to look like numpy 2 here; a real numpy 2 run is in
+    docs/ENV.md."""
+    import numpy as np
+    from recbole.config import Config
+
+    monkeypatch.setattr(Config, "compatibility_settings", Config.compatibility_settings)  # restored after
+    for name in ("float_", "complex_", "unicode_"):
+        monkeypatch.delattr(np, name, raising=False)  # on numpy 2 they are gone already
+    monkeypatch.setattr(np, "__version__", "2.1.0")
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch")
+    monkeypatch.setattr(Config, "compatibility_settings", compat._RECBOLE_COMPATIBILITY_SETTINGS)
+    with pytest.raises(AttributeError, match="float_"):
+        pipeline.build_config("Mamba4Rec", "tiny", config_dict=cfg)
+    compat.install_numpy2_fix()
+    assert Config.compatibility_settings is compat._compatibility_settings
+    config = pipeline.build_config("Mamba4Rec", "tiny", config_dict=cfg)
+    assert config["model"] == "Mamba4Rec"
+    assert np.float is np.float64 and np.complex is np.complex128 and np.unicode is np.str_
 
 
 def test_installed_stack_passes_and_quick_start_imports():
@@ -117,3 +139,58 @@ def test_fill_nan_survives_copy_on_write(in_tmp, monkeypatch, fill):
     else:
         assert not np.isnan(ratings).any()
         assert np.isclose(ratings, 12.0 / 5).any()
+
+
+@pytest.mark.parametrize("fill", ["recbole", "compat"])
+def test_missing_sequence_values_load_under_copy_on_write(in_tmp, monkeypatch, fill):
+    """pandas 3 (copy-on-write) loses RecBole's in-place fill of a sequence field's missing
+    values, and the NaN then fails on .split; the shim's read_csv fills them itself."""
+    import recbole.data.dataset.dataset as rb_dataset
+    from recbole.data import create_dataset
+
+    data = in_tmp / "data" / "seqholes"
+    data.mkdir(parents=True)
+    (data / "seqholes.inter").write_text(
+        "user_id:token\titem_id:token\ttags:token_seq\ttimestamp:float\n"
+        "u1\ti1\ta b\t1\nu1\ti2\t\t2\nu1\ti3\tb\t3\nu2\ti1\tc\t1\nu2\ti3\ta\t2\nu2\ti2\tb c\t3\n")
+    cfg = tiny_config_dict(in_tmp, data_path=str(in_tmp / "data"),
+                           load_col={"inter": ["user_id", "item_id", "tags", "timestamp"]})
+    if fill == "recbole":
+        monkeypatch.setattr(rb_dataset, "pd", pd)
+    config = pipeline.build_config("Mamba4Rec", "seqholes", config_dict=cfg)
+    if int(pd.__version__.split(".")[0]) >= 3:  # copy-on-write always; the shim refuses seq fields
+        if fill == "compat":
+            with pytest.raises(ValueError, match=r"tags:token_seq.*pandas<3.*load_col"):
+                create_dataset(config)
+        return
+    pd.set_option("mode.copy_on_write", True)
+    try:
+        if fill == "recbole":
+            with pytest.raises(AttributeError, match="split"):
+                create_dataset(config)
+            return
+        ds = create_dataset(config)
+    finally:
+        pd.set_option("mode.copy_on_write", False)
+    lengths = sorted(len(tags) for tags in ds.inter_feat["tags"])
+    assert lengths == [0, 1, 1, 1, 2, 2]  # the missing value is an empty sequence, the others intact
+
+
+def test_sequence_fields_under_pandas3_are_refused_with_the_fix(in_tmp, monkeypatch):
+    """pandas 3 also breaks RecBole's per-row Series.agg(len) on sequence fields: refused before
+    the file is read, with what to do; a data set without them is not affected."""
+    from recbole.data import create_dataset
+
+    data = in_tmp / "data" / "seqs"
+    data.mkdir(parents=True)
+    (data / "seqs.inter").write_text(
+        "user_id:token\titem_id:token\ttags:token_seq\ttimestamp:float\n"
+        "u1\ti1\ta\t1\nu1\ti2\tb\t2\nu1\ti3\tb\t3\nu2\ti1\tc\t1\nu2\ti3\ta\t2\nu2\ti2\tc\t3\n")
+    monkeypatch.setattr(pd, "__version__", "3.0.0")
+    with_seq = tiny_config_dict(in_tmp, data_path=str(in_tmp / "data"),
+                                load_col={"inter": ["user_id", "item_id", "tags", "timestamp"]})
+    with pytest.raises(ValueError, match=r"tags:token_seq under pandas 3\.0\.0.*pandas<3"):
+        create_dataset(pipeline.build_config("Mamba4Rec", "seqs", config_dict=with_seq))
+    without = tiny_config_dict(in_tmp, data_path=str(in_tmp / "data"),
+                               load_col={"inter": ["user_id", "item_id", "timestamp"]})
+    assert len(create_dataset(pipeline.build_config("Mamba4Rec", "seqs", config_dict=without)).inter_feat) == 6
