@@ -55,6 +55,9 @@ prepare)
         mkdir -p .gpu/state
         cp "$2"/ml1m-*.tar .gpu/state/
     fi
+    if ls .gpu/state/*.tar > /dev/null 2>&1; then  # carried along, and resumed by the next ml1m call
+        echo "ML-1M state to resume: $(cd .gpu/state && echo *.tar) (rm -r .gpu/state to start over)"
+    fi
     for ignored in /.whl/ /.gpu/; do
         grep -qxF "$ignored" .gitignore || echo "warning: $ignored is not in .gitignore" >&2
     done
