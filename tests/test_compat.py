@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 
@@ -110,6 +111,23 @@ def test_checkpoint_write_is_atomic(in_tmp, monkeypatch):
     assert sorted(p.name for p in in_tmp.iterdir() if "ckpt" in p.name) == ["ckpt.pth"]
 
 
+def _one_file_dataset(tmp, name, text, fields):
+    """A data set of one .inter file under tmp/data; the config dict that loads ``fields``."""
+    folder = tmp / "data" / name
+    folder.mkdir(parents=True)
+    (folder / f"{name}.inter").write_text(text)
+    return tiny_config_dict(tmp, data_path=str(tmp / "data"), load_col={"inter": fields})
+
+
+@contextlib.contextmanager
+def _copy_on_write():
+    pd.set_option("mode.copy_on_write", True)
+    try:
+        yield
+    finally:
+        pd.set_option("mode.copy_on_write", False)
+
+
 @pytest.mark.parametrize("fill", ["recbole", "compat"])
 def test_fill_nan_survives_copy_on_write(in_tmp, monkeypatch, fill):
     """A missing float value is filled with the column mean under copy-on-write with the shim;
@@ -118,21 +136,15 @@ def test_fill_nan_survives_copy_on_write(in_tmp, monkeypatch, fill):
     from recbole.data import create_dataset
     from recbole.data.dataset import Dataset
 
-    data = in_tmp / "data" / "holes"
-    data.mkdir(parents=True)
-    (data / "holes.inter").write_text(
-        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-        "u1\ti1\t1.0\t1\nu1\ti2\t\t2\nu1\ti3\t3.0\t3\nu2\ti1\t5.0\t1\nu2\ti3\t1.0\t2\nu2\ti2\t2.0\t3\n")
-    cfg = tiny_config_dict(in_tmp, data_path=str(in_tmp / "data"),
-                           load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]})
+    cfg = _one_file_dataset(
+        in_tmp, "holes", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        "u1\ti1\t1.0\t1\nu1\ti2\t\t2\nu1\ti3\t3.0\t3\nu2\ti1\t5.0\t1\nu2\ti3\t1.0\t2\nu2\ti2\t2.0\t3\n",
+        ["user_id", "item_id", "rating", "timestamp"])
     if fill == "recbole":
         monkeypatch.setattr(Dataset, "_fill_nan", compat._RECBOLE_FILL_NAN)
     config = pipeline.build_config("Mamba4Rec", "holes", config_dict=cfg)
-    pd.set_option("mode.copy_on_write", True)
-    try:
+    with _copy_on_write():
         ds = create_dataset(config)
-    finally:
-        pd.set_option("mode.copy_on_write", False)
     ratings = np.asarray(ds.inter_feat["rating"], dtype=float)
     if fill == "recbole":
         assert np.isnan(ratings).any()
@@ -148,13 +160,10 @@ def test_missing_sequence_values_load_under_copy_on_write(in_tmp, monkeypatch, f
     import recbole.data.dataset.dataset as rb_dataset
     from recbole.data import create_dataset
 
-    data = in_tmp / "data" / "seqholes"
-    data.mkdir(parents=True)
-    (data / "seqholes.inter").write_text(
-        "user_id:token\titem_id:token\ttags:token_seq\ttimestamp:float\n"
-        "u1\ti1\ta b\t1\nu1\ti2\t\t2\nu1\ti3\tb\t3\nu2\ti1\tc\t1\nu2\ti3\ta\t2\nu2\ti2\tb c\t3\n")
-    cfg = tiny_config_dict(in_tmp, data_path=str(in_tmp / "data"),
-                           load_col={"inter": ["user_id", "item_id", "tags", "timestamp"]})
+    cfg = _one_file_dataset(
+        in_tmp, "seqholes", "user_id:token\titem_id:token\ttags:token_seq\ttimestamp:float\n"
+        "u1\ti1\ta b\t1\nu1\ti2\t\t2\nu1\ti3\tb\t3\nu2\ti1\tc\t1\nu2\ti3\ta\t2\nu2\ti2\tb c\t3\n",
+        ["user_id", "item_id", "tags", "timestamp"])
     if fill == "recbole":
         monkeypatch.setattr(rb_dataset, "pd", pd)
     config = pipeline.build_config("Mamba4Rec", "seqholes", config_dict=cfg)
@@ -163,15 +172,12 @@ def test_missing_sequence_values_load_under_copy_on_write(in_tmp, monkeypatch, f
             with pytest.raises(ValueError, match=r"tags:token_seq.*pandas<3.*load_col"):
                 create_dataset(config)
         return
-    pd.set_option("mode.copy_on_write", True)
-    try:
+    with _copy_on_write():
         if fill == "recbole":
             with pytest.raises(AttributeError, match="split"):
                 create_dataset(config)
             return
         ds = create_dataset(config)
-    finally:
-        pd.set_option("mode.copy_on_write", False)
     lengths = sorted(len(tags) for tags in ds.inter_feat["tags"])
     assert lengths == [0, 1, 1, 1, 2, 2]  # the missing value is an empty sequence, the others intact
 
@@ -181,16 +187,11 @@ def test_sequence_fields_under_pandas3_are_refused_with_the_fix(in_tmp, monkeypa
     the file is read, with what to do; a data set without them is not affected."""
     from recbole.data import create_dataset
 
-    data = in_tmp / "data" / "seqs"
-    data.mkdir(parents=True)
-    (data / "seqs.inter").write_text(
-        "user_id:token\titem_id:token\ttags:token_seq\ttimestamp:float\n"
-        "u1\ti1\ta\t1\nu1\ti2\tb\t2\nu1\ti3\tb\t3\nu2\ti1\tc\t1\nu2\ti3\ta\t2\nu2\ti2\tc\t3\n")
+    text = ("user_id:token\titem_id:token\ttags:token_seq\ttimestamp:float\n"
+            "u1\ti1\ta\t1\nu1\ti2\tb\t2\nu1\ti3\tb\t3\nu2\ti1\tc\t1\nu2\ti3\ta\t2\nu2\ti2\tc\t3\n")
+    with_seq = _one_file_dataset(in_tmp, "seqs", text, ["user_id", "item_id", "tags", "timestamp"])
     monkeypatch.setattr(pd, "__version__", "3.0.0")
-    with_seq = tiny_config_dict(in_tmp, data_path=str(in_tmp / "data"),
-                                load_col={"inter": ["user_id", "item_id", "tags", "timestamp"]})
     with pytest.raises(ValueError, match=r"tags:token_seq under pandas 3\.0\.0.*pandas<3"):
         create_dataset(pipeline.build_config("Mamba4Rec", "seqs", config_dict=with_seq))
-    without = tiny_config_dict(in_tmp, data_path=str(in_tmp / "data"),
-                               load_col={"inter": ["user_id", "item_id", "timestamp"]})
+    without = dict(with_seq, load_col={"inter": ["user_id", "item_id", "timestamp"]})
     assert len(create_dataset(pipeline.build_config("Mamba4Rec", "seqs", config_dict=without)).inter_feat) == 6
