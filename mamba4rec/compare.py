@@ -191,6 +191,7 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
             with PeakMemory() as peak:
                 result = run(name, dataset, config=config, resume=resume_from)
             rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0, epoch_limit=config["epochs"])
+            _save_per_user(out, name, result, config)
             if resume_from:
                 rows[name]["status"] = "ok (resumed)"
             progress(f"[{i}/{len(running)}] {name}: test " + ", ".join(
@@ -210,6 +211,57 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
         return []
     snapshot()
     return [rows[n] for n in running]
+
+
+def _save_per_user(out: Path, name, result, config):
+    """out/per_user/<model>.npz: the per-user test values behind the row (for paired intervals)."""
+    import numpy as np
+
+    from .significance import consistent
+
+    places = config["metric_decimal_place"] if "metric_decimal_place" in config else 4
+    arrays = consistent(result.extra.get("per_user_test") or {}, result.test_result, places)
+    if not arrays:
+        return
+    folder = out / "per_user"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(p):
+        with open(p, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    _atomic_write(folder / f"{name}.npz", write)
+
+
+def load_per_user(out_dir, rows) -> dict:
+    """{model: {metric: array}} for the finished rows that have per-user values saved."""
+    import numpy as np
+
+    found = {}
+    for row in rows:
+        path = Path(out_dir) / "per_user" / f"{row['model']}.npz"
+        if str(row.get("status", "")).startswith("ok") and path.is_file():
+            with np.load(path) as data:
+                found[row["model"]] = {k: data[k] for k in data.files}
+    return found
+
+
+def paired_lines(per_user, model="Mamba4Rec") -> list[str]:
+    """Per baseline and test metric: ``model`` - baseline over the same users, with its 95%
+    interval (mamba4rec.significance)."""
+    from .significance import describe
+
+    if model not in per_user:
+        return []
+    lines = []
+    for other, values in per_user.items():
+        if other == model:
+            continue
+        for key in METRIC_KEYS:
+            a, b = per_user[model].get(key), values.get(key)
+            if a is not None and b is not None and a.shape == b.shape and len(a) > 1:
+                lines.append(describe(key, model, other, a, b))
+    return lines
 
 
 def _fmt(value):
@@ -255,7 +307,7 @@ def verdict(rows, model="Mamba4Rec", dataset=None) -> list[str]:
     return lines
 
 
-def markdown_table(rows, dataset) -> str:
+def markdown_table(rows, dataset, per_user=None) -> str:
     cols = ["model", "status"] + [f"{s}_{k}" for s in ("valid", "test") for k in METRIC_KEYS] + [
         "best_epoch", "epochs_run", "stopped_by", "params", "train_s_per_epoch", "threads", "eval_s",
         "peak_rss_mib", "peak_cuda_mib"]
@@ -266,6 +318,9 @@ def markdown_table(rows, dataset) -> str:
     if goal:
         title = "Goal (Mamba4Rec >= every baseline" + (" and the paper's figures" if dataset in PAPER else "")
         lines += ["", title + ", test split):"] + goal
+    paired = paired_lines(per_user or {})
+    if paired:
+        lines += ["", "Paired over the same test users (is the difference more than the sample of users?):"] + paired
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +338,8 @@ def write_outputs(rows, dataset, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "compare.md", "csv": out / "compare.csv", "png": out / "compare.png"}
-    _atomic_write(paths["md"], lambda p: p.write_text(markdown_table(rows, dataset)))
+    per_user = load_per_user(out, rows)
+    _atomic_write(paths["md"], lambda p: p.write_text(markdown_table(rows, dataset, per_user)))
 
     def write_csv(p):
         # every key of every row: rows kept from an earlier version (--resume) may lack newer ones

@@ -347,9 +347,12 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
         _save_last(last_path, trainer, net, train_data, current["epoch"], history)
     private_copy = _share_best_checkpoint(trainer) if saved and not config["single_spec"] else None
     t0 = time.perf_counter()
+    from .significance import recording
+
     try:
-        test_result = trainer.evaluate(test_data, load_best_model=saved,
-                                       show_progress=config["show_progress"])
+        with recording(config["topk"]) as per_user:  # RecBole's per-user values, for paired comparisons
+            test_result = trainer.evaluate(test_data, load_best_model=saved,
+                                           show_progress=config["show_progress"])
     finally:
         if private_copy:
             import shutil
@@ -358,7 +361,7 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     eval_seconds = time.perf_counter() - t0
     log.info("best valid : %s", dict(best_valid_result))
     log.info("test result: %s", dict(test_result))
-    extra = {}
+    extra = {"per_user_test": per_user}
     if export_path is not None and config["local_rank"] == 0:
         from .serving import export_checkpoint
 

@@ -193,6 +193,14 @@ def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, m
         assert [r["model"] for r in csv.DictReader(fh)] == ["Mamba4Rec", "GRU4Rec", "SASRec"]
     png = (in_tmp / "out" / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # per-user test values behind each finished row: their means are the row's figures
+    per_user = cmp.load_per_user(in_tmp / "out", rows)
+    assert sorted(per_user) == ["Mamba4Rec", "SASRec"]  # not the failed GRU4Rec
+    for row in (rows[0], rows[2]):
+        for key in ("hit@10", "ndcg@10", "mrr@10"):
+            values = per_user[row["model"]][key]
+            assert len(values) > 1 and abs(values.mean() - row[f"test_{key}"]) <= 5e-5
+    assert "Paired over the same test users" in table and "- test_ndcg@10, Mamba4Rec - SASRec: " in table
 
 
 def test_compare_refuses_unknown_or_repeated_models_before_training(in_tmp):
