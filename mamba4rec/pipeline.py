@@ -202,7 +202,11 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The fields as plain Python values (JSON-ready: per-user arrays become lists)."""
+        out = dict(self.__dict__)
+        out["extra"] = {k: ({m: [float(x) for x in v] for m, v in val.items()} if k == "per_user_test" else val)
+                        for k, val in self.extra.items()}
+        return out
 
 
 def build_model(config, train_dataset, model_class=None):
