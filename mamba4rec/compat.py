@@ -159,15 +159,20 @@ def _trainer_save(obj, f, *args, **kwargs):
     trust_checkpoint(path)
 
 
-class _TorchForRecBoleTrainer(types.ModuleType):
-    """``torch`` as seen from recbole.trainer.trainer: everything is torch's, but load/save."""
+class _ModuleProxy(types.ModuleType):
+    """A module as one RecBole module sees it: every attribute is the real module's, except
+    those the subclass defines. Replaces one module's global name, never the module itself."""
 
-    def __init__(self, torch_module):
-        super().__init__("torch")
-        self.__dict__["_torch"] = torch_module
+    def __init__(self, module):
+        super().__init__(module.__name__)
+        self.__dict__["_module"] = module
 
     def __getattr__(self, name):
-        return getattr(self.__dict__["_torch"], name)
+        return getattr(self.__dict__["_module"], name)
+
+
+class _TorchForRecBoleTrainer(_ModuleProxy):
+    """``torch`` as seen from recbole.trainer.trainer: everything is torch's, but load/save."""
 
     load = staticmethod(_trainer_load)
     save = staticmethod(_trainer_save)
@@ -231,19 +236,12 @@ def _compatibility_settings(self):
 _SEQ_TYPES = ("token_seq", "float_seq")
 
 
-class _PandasForRecBoleDataset(types.ModuleType):
+class _PandasForRecBoleDataset(_ModuleProxy):
     """``pandas`` as seen from recbole.data.dataset.dataset: everything is pandas', but
     read_csv also fills missing sequence values with "" (note 2)."""
 
-    def __init__(self, pandas_module):
-        super().__init__("pandas")
-        self.__dict__["_pandas"] = pandas_module
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_pandas"], name)
-
     def read_csv(self, *args, **kwargs):
-        pandas = self.__dict__["_pandas"]
+        pandas = self.__dict__["_module"]
         seq = [c for c in kwargs.get("usecols") or [] if isinstance(c, str) and c.rsplit(":", 1)[-1] in _SEQ_TYPES]
         if seq and _major(pandas.__version__) >= 3:
             raise ValueError(
