@@ -42,7 +42,8 @@ if [ "${LANES:-1}" = 2 ]; then
     local lane1=$!
     lane 2 SASRec "$@" &
     local lane2=$!
-    echo "lanes: $lane1 (Mamba4Rec, GRU4Rec), $lane2 (SASRec); logs $out/<folder>/lane{1,2}.log"
+    local folders=("${sets[@]#* }")
+    echo "lanes: $lane1 (Mamba4Rec, GRU4Rec), $lane2 (SASRec); logs $out/{$(IFS=,; echo "${folders[*]}")}/lane{1,2}.log"
     wait "$lane1" || echo "lane 1 ended with status $?"
     wait "$lane2" || echo "lane 2 ended with status $?"
 fi

@@ -76,6 +76,7 @@ def test_two_lanes_split_the_models_one_thread_each_then_write_the_tables(stub, 
     # after both lanes: one pass per data set writes the whole table (and retries a failed model)
     assert runs[-2:] == final and [c[1] for c in final] == ["unset", "unset"]
     assert (tmp_path / "out" / "beauty8" / "lane1.log").exists()
+    assert f"logs {tmp_path / 'out'}/{{beauty8,video-games}}/lane{{1,2}}.log" in proc.stdout
 
 
 def test_lanes_other_than_1_or_2_are_refused(stub, tmp_path):
