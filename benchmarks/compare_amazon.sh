@@ -10,10 +10,12 @@
 #   nohup nice -n 5 bash benchmarks/compare_amazon.sh /work/runs > /work/runs/compare.log 2>&1 &
 #   LANES=2 nohup nice -n 5 bash benchmarks/compare_amazon.sh /work/runs > /work/runs/compare.log 2>&1 &
 #
-# LANES=2 (for a 2-core machine): two processes of one thread each share the comparisons
-# (--compare_run): lane 1 runs Mamba4Rec then GRU4Rec on Beauty, then on Video Games; lane 2
-# runs SASRec (the slowest) on Beauty, then on Video Games; logs in OUT_DIR/<folder>/lane{1,2}.log.
-# Then one pass per data set, with nothing left to train, writes the full tables.
+# LANES=N (N >= 2; 2 for a 2-core machine): N processes of one thread each share the work as a
+# queue of (data set, model) jobs (--compare_run=MODEL): Beauty's Mamba4Rec, SASRec, GRU4Rec,
+# then Video Games' SASRec, Mamba4Rec, GRU4Rec; each lane takes the next job nobody has taken
+# (so Beauty's table is complete first and the slowest Video Games model starts early) and
+# logs to OUT_DIR/<folder>/lane<n>.log. A job already finished (--resume keeps its row) ends
+# at once. Then one pass per data set, with nothing left to train, writes the full tables.
 # Stop it with `kill <pid of this script>` (its lanes and their trainings go too).
 # One-thread processes lose less to a core taken by other work than a two-thread one does
 # (torch's threads wait for each other), and SASRec need not wait hours for the others.
@@ -26,7 +28,8 @@
 # were run with --epochs=8; the rows of that run were moved aside, and the models continue).
 main() {  # a function, so that bash has read all of it before running (edits are then safe)
 set -euo pipefail
-case "${LANES:-1}" in 1|2) ;; *) echo "LANES must be 1 or 2, not '$LANES'" >&2; exit 2 ;; esac
+lanes=${LANES:-1}
+case "$lanes" in ''|*[!0-9]*|0*) echo "LANES must be a whole number >= 1, not '$lanes'" >&2; exit 2 ;; esac
 trap stop_lanes EXIT  # stopping this script stops its lanes too
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/compare_amazon.sh OUT_DIR [overrides...]}
@@ -37,15 +40,23 @@ sets=("amazon-beauty beauty8" "amazon-video-games video-games")
 
 prepare amazon-beauty amazon-beauty/Beauty.txt
 prepare amazon-video-games amazon-video-games/Video_Games.txt
-if [ "${LANES:-1}" = 2 ]; then
-    lane 1 Mamba4Rec,GRU4Rec "$@" &
-    local lane1=$!
-    lane 2 SASRec "$@" &
-    local lane2=$!
+if [ "$lanes" -ge 2 ]; then
+    # the queue, in order; a lane claims job i by creating $claims/i (mkdir is atomic)
+    jobs_list=("amazon-beauty beauty8 Mamba4Rec" "amazon-beauty beauty8 SASRec"
+               "amazon-beauty beauty8 GRU4Rec" "amazon-video-games video-games SASRec"
+               "amazon-video-games video-games Mamba4Rec" "amazon-video-games video-games GRU4Rec")
+    claims=$(mktemp -d)
+    local pids=() n
+    for n in $(seq 1 "$lanes"); do
+        lane "$n" "$@" &
+        pids+=($!)
+    done
     local folders=("${sets[@]#* }")
-    echo "lanes: $lane1 (Mamba4Rec, GRU4Rec), $lane2 (SASRec); logs $out/{$(IFS=,; echo "${folders[*]}")}/lane{1,2}.log"
-    wait "$lane1" || echo "lane 1 ended with status $?"
-    wait "$lane2" || echo "lane 2 ended with status $?"
+    echo "lanes: ${pids[*]}; logs $out/{$(IFS=,; echo "${folders[*]}")}/lane{1..$lanes}.log"
+    for n in "${!pids[@]}"; do
+        wait "${pids[$n]}" || echo "lane $((n + 1)) ended with status $?"
+    done
+    rm -rf "$claims"
 fi
 # all models of each data set (with LANES=2 only a model whose lane failed is left to train;
 # the pass writes the whole table)
@@ -60,6 +71,7 @@ stop_lanes() {  # each lane subshell, then the training it was running
         kids=$(pgrep -P "$p" || true)
         kill "$p" $kids 2>/dev/null || true
     done
+    if [ -n "${claims:-}" ]; then rm -rf "$claims"; fi
 }
 
 prepare() {  # name, file under $shared
@@ -78,14 +90,17 @@ compare() {  # name, folder, overrides...
         --data_path="$out/dataset/" --show_progress=False --resume "$@"
 }
 
-lane() {  # number, models, overrides...: those models on each data set, one thread
-    local n=$1 models=$2
-    shift 2
-    for set in "${sets[@]}"; do
-        local folder=${set#* }
-        mkdir -p "$out/$folder"
-        OMP_NUM_THREADS=1 compare $set "$@" --compare_run="$models" >> "$out/$folder/lane$n.log" 2>&1 \
-            || echo "lane $n: ${set%% *} ended with status $? (see $out/$folder/lane$n.log)"
+lane() {  # number, overrides...: the next unclaimed job of the queue, one thread, until none
+    local n=$1 i
+    shift
+    for i in "${!jobs_list[@]}"; do
+        mkdir "$claims/$i" 2>/dev/null || continue
+        local job=(${jobs_list[$i]})
+        mkdir -p "$out/${job[1]}"
+        echo "lane $n: ${job[0]} ${job[2]} ($(date -u +%FT%TZ))"
+        OMP_NUM_THREADS=1 compare "${job[0]}" "${job[1]}" "$@" --compare_run="${job[2]}" \
+            >> "$out/${job[1]}/lane$n.log" 2>&1 \
+            || echo "lane $n: ${job[0]} ${job[2]} ended with status $? (see $out/${job[1]}/lane$n.log)"
     done
 }
 

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("pg
 
 @pytest.fixture
 def stub(tmp_path):
-    """A 'python' that logs one line per call (pid, OMP_NUM_THREADS, arguments); a training
-    call sleeps STUB_SLEEP seconds."""
+    """A 'python' that logs one line per call (pid, OMP_NUM_THREADS, arguments, parent pid: the
+    lane that ran it); a training call sleeps STUB_SLEEP seconds."""
     log = tmp_path / "calls.log"
     path = tmp_path / "python"
     path.write_text(
         "#!/usr/bin/env bash\n"
-        f'echo "$$|${{OMP_NUM_THREADS:-unset}}|$*" >> {log}\n'
+        f'echo "$$|${{OMP_NUM_THREADS:-unset}}|$*|$PPID" >> {log}\n'
         'case "$*" in *prepare.py*) exit 0 ;; esac\n'
         'exec sleep "${STUB_SLEEP:-0}"\n')
     path.chmod(0o755)
@@ -46,7 +46,7 @@ def _run(stub, tmp_path, lanes=None, extra=(), wait=True, sleep=0):
 
 
 def _calls(log):
-    return [line.split("|", 2) for line in log.read_text().splitlines()] if log.exists() else []
+    return [line.split("|") for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def test_one_lane_runs_each_data_set_once_with_every_model(stub, tmp_path):
@@ -61,27 +61,41 @@ def test_one_lane_runs_each_data_set_once_with_every_model(stub, tmp_path):
     assert all("--compare_run" not in c[2] and c[1] == "unset" for c in runs)
 
 
-def test_two_lanes_split_the_models_one_thread_each_then_write_the_tables(stub, tmp_path):
+def test_two_lanes_share_a_queue_of_jobs_one_thread_each_then_write_the_tables(stub, tmp_path):
     proc = _run(stub, tmp_path, lanes="2", extra=["--epochs=3"])
     assert proc.returncode == 0, proc.stderr
     runs = [c for c in _calls(stub[1]) if "run_recbole.py" in c[2]]
     lanes = [c for c in runs if "--compare_run" in c[2]]
     final = [c for c in runs if "--compare_run" not in c[2]]
-    assert len(lanes) == 4 and all(c[1] == "1" and "--epochs=3" in c[2] for c in lanes)
-    by_lane = {}
-    for c in lanes:
-        by_lane.setdefault(c[2].split("--compare_run=")[1], []).append(c[2].split("-d ")[1].split()[0])
-    assert by_lane == {"Mamba4Rec,GRU4Rec": ["amazon-beauty", "amazon-video-games"],
-                       "SASRec": ["amazon-beauty", "amazon-video-games"]}
+    assert all(c[1] == "1" and "--epochs=3" in c[2] for c in lanes)
+    jobs = [(c[2].split("-d ")[1].split()[0], c[2].split("--compare_run=")[1]) for c in lanes]
+    # every (data set, model) exactly once, one model per job, Beauty's jobs taken first
+    assert sorted(jobs) == sorted((d, m) for d in ("amazon-beauty", "amazon-video-games")
+                                  for m in ("Mamba4Rec", "SASRec", "GRU4Rec"))
+    assert [d for d, _ in jobs[:3]] == ["amazon-beauty"] * 3
+    assert jobs[3] == ("amazon-video-games", "SASRec")
     # after both lanes: one pass per data set writes the whole table (and retries a failed model)
     assert runs[-2:] == final and [c[1] for c in final] == ["unset", "unset"]
     assert (tmp_path / "out" / "beauty8" / "lane1.log").exists()
-    assert f"logs {tmp_path / 'out'}/{{beauty8,video-games}}/lane{{1,2}}.log" in proc.stdout
+    assert f"logs {tmp_path / 'out'}/{{beauty8,video-games}}/lane{{1..2}}.log" in proc.stdout
 
 
-def test_lanes_other_than_1_or_2_are_refused(stub, tmp_path):
-    proc = _run(stub, tmp_path, lanes="3")
-    assert proc.returncode == 2 and "LANES must be 1 or 2" in proc.stderr
+def test_each_lane_takes_the_next_free_job_while_the_others_train(stub, tmp_path):
+    """Three lanes, trainings that take a moment: Beauty's three models go to three different
+    lanes, which then take Video Games' jobs; no job runs twice."""
+    proc = _run(stub, tmp_path, lanes="3", sleep=1)
+    assert proc.returncode == 0, proc.stderr
+    lanes = [c for c in _calls(stub[1]) if "--compare_run" in c[2]]
+    assert len(lanes) == 6 and len({c[2] for c in lanes}) == 6
+    assert sorted(c[2].split("--compare_run=")[1] for c in lanes[:3]) == ["GRU4Rec", "Mamba4Rec", "SASRec"]
+    assert len({c[3] for c in lanes[:3]}) == 3 and {c[3] for c in lanes[3:]} <= {c[3] for c in lanes[:3]}
+    assert all(f"lane {n}: amazon-" in proc.stdout for n in (1, 2, 3))
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "02"])
+def test_lanes_must_be_a_positive_whole_number(stub, tmp_path, value):
+    proc = _run(stub, tmp_path, lanes=value)
+    assert proc.returncode == 2 and "LANES must be a whole number >= 1" in proc.stderr
     assert _calls(stub[1]) == []
 
 
