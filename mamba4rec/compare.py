@@ -1,8 +1,10 @@
 """Train Mamba4Rec and baselines under one protocol and write a table, a CSV and a chart.
 
 Every model goes through :func:`mamba4rec.pipeline.run` with the same data set, split, seed,
-evaluation and overrides; each model keeps its own RecBole defaults. A model that fails is
-reported in the table and the others go on.
+evaluation and overrides; each model keeps its own RecBole defaults. Each model trains in a
+fresh process of its own, so its peak memory is its own and not what the models before it left
+behind in a shared process. A model that fails, even by taking its process down (killed for
+memory, a crash in native code), is reported in the table and the others go on.
 
 A comparison can take hours per model on a CPU, so it survives being stopped: each finished
 model's row is kept in ``out_dir/rows/<model>.json`` and the table is rewritten after every
@@ -15,7 +17,7 @@ made with; resuming under other settings is refused.
 ``compare(..., only=[...])`` (``--compare_run=...``) runs only some of the models and shows the
 others as their rows on disk say: several processes can then share one comparison (one model
 each, one thread each on a small CPU: ``benchmarks/compare_amazon.sh`` does this with
-``LANES=2``), and the table, rewritten by whichever finishes, merges their rows. Each row records
+``LANES=2``: a queue of (data set, model) jobs), and the table, rewritten by whichever finishes, merges their rows. Each row records
 the CPU threads it trained with, since its seconds per epoch depend on them.
 """
 
@@ -78,7 +80,7 @@ class PeakMemory:
         return False
 
 
-def _row(model, result=None, error=None, peak=None, seconds=None, status=None, epoch_limit=None):
+def _row(model, result=None, error=None, peak=None, seconds=None, status=None, epoch_limit=None, threads=None):
     row = {"model": model, "status": status or ("ok" if error is None else f"failed: {error}")}
     for split in ("valid", "test"):
         values = {} if result is None else (result.best_valid_result if split == "valid" else result.test_result)
@@ -97,7 +99,7 @@ def _row(model, result=None, error=None, peak=None, seconds=None, status=None, e
         "peak_rss_mib": None if peak is None else round(peak.peak_mib),
         "peak_cuda_mib": None if peak is None or peak.cuda_peak_mib is None else round(peak.cuda_peak_mib),
         "wall_s": None if seconds is None else round(seconds, 1),
-        "threads": None if result is None else _threads(),
+        "threads": None if result is None else (threads or _threads()),
     })
     return row
 
@@ -138,16 +140,25 @@ def _load_rows(rows_dir: Path, names, settings, failed=False, flag="--resume") -
 
 
 def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_args=None,
-            progress=print, resume=False, only=None) -> list[dict]:
+            progress=print, resume=False, only=None, isolate=True) -> list[dict]:
     """Run each model, then write ``out_dir``/compare.md, compare.csv and compare.png.
 
     ``resume``: keep the rows of models that finished in an earlier call with the same
     ``out_dir`` and settings, and continue an interrupted model from its last epoch.
     ``only``: run just these of ``models``; the others appear as their rows in ``out_dir``
-    say (written by another process sharing the comparison), or as "pending"."""
-    names = [resolve_model(m)[1] for m in models]  # unknown names fail before any training
-    if len(set(names)) != len(names):
-        raise ValueError(f"--compare lists a model twice: {', '.join(names)}")
+    say (written by another process sharing the comparison), or as "pending".
+    ``isolate``: train each model in a fresh process of its own (multiprocessing "spawn"), so
+    that its peak memory is its own (not what earlier models left in this process), and a model
+    whose process dies (out of memory, a crash in native code) is reported as failed while the
+    others go on. A script calling compare() then needs the usual ``if __name__ == "__main__":``
+    guard. ``isolate=False`` trains in this process (for tests that patch the training)."""
+    classes = {}
+    for m in models:  # unknown names fail before any training
+        cls, name = resolve_model(m)
+        if name in classes:
+            raise ValueError(f"--compare lists a model twice: {', '.join([*classes, name])}")
+        classes[name] = cls
+    names = list(classes)
     if only is not None:
         only = [resolve_model(m)[1] for m in only]
         stray = [m for m in only if m not in names]
@@ -183,14 +194,15 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
         progress(f"[{i}/{len(running)}] {name} on {dataset} ...")
         t0 = time.perf_counter()
         try:
-            config = build_config(name, dataset, config_files, run_dict, cmd_args)
+            config = build_config(classes[name], dataset, config_files, run_dict, cmd_args)
             resume_from = None
             if resume and os.path.isfile(last_checkpoint_path(config)):
                 resume_from = last_checkpoint_path(config)
                 progress(f"[{i}/{len(running)}] {name}: continuing from {resume_from}")
-            with PeakMemory() as peak:
-                result = run(name, dataset, config=config, resume=resume_from)
-            rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0, epoch_limit=config["epochs"])
+            train = _train_isolated if isolate else _train
+            result, peak, threads = train(classes[name], dataset, config_files, run_dict, cmd_args, resume_from)
+            rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0,
+                              epoch_limit=config["epochs"], threads=threads)
             _save_per_user(out, name, result, config)
             if resume_from:
                 rows[name]["status"] = "ok (resumed)"
@@ -199,10 +211,11 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a failed model is reported; the others still run
+            # the error of a model's own process is already its own "Type: message"
+            error = str(exc) if isinstance(exc, (ModelFailed, ModelProcessDied)) else f"{type(exc).__name__}: {exc}"
             logger.error("%s failed:\n%s", name, traceback.format_exc())
-            rows[name] = _row(name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
-                              seconds=time.perf_counter() - t0)
-            progress(f"[{i}/{len(running)}] {name}: FAILED ({type(exc).__name__}: {exc})")
+            rows[name] = _row(name, error=error.splitlines()[0][:200], seconds=time.perf_counter() - t0)
+            progress(f"[{i}/{len(running)}] {name}: FAILED ({error})")
         rows_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(rows_dir / f"{name}.json",
                       lambda p, r=rows[name]: p.write_text(json.dumps({"row": r, "settings": settings}, indent=1)))
@@ -211,6 +224,92 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
         return []
     snapshot()
     return [rows[n] for n in running]
+
+
+def _train(model, dataset, config_files, run_dict, cmd_args, resume_from):
+    """Train one model in this process: (RunResult, PeakMemory, torch threads)."""
+    config = build_config(model, dataset, config_files, run_dict, cmd_args)
+    with PeakMemory() as peak:
+        result = run(model, dataset, config=config, resume=resume_from)
+    return result, peak, _threads()
+
+
+class ModelProcessDied(RuntimeError):
+    """The process training a model ended without a result (killed, crashed)."""
+
+
+class ModelFailed(RuntimeError):
+    """Training failed in the model's own process; the message is the child's error."""
+
+
+def _child(conn, parent_pid, threads, *args):
+    """Entry of a model's own process: train, send (result, peak, threads) or the error back."""
+    _exit_with_parent(parent_pid)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)  # the comparison's count, however it was set there
+        result, peak, threads = _train(*args)
+        conn.send(("ok", (result, {"peak_mib": peak.peak_mib, "cuda_peak_mib": peak.cuda_peak_mib}, threads)))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        conn.send(("error", (type(exc).__name__, str(exc), traceback.format_exc())))
+    finally:
+        conn.close()
+
+
+def _exit_with_parent(parent_pid, interval=1.0):
+    """A model's process ends when the comparison's does (killed by a signal Python cannot
+    catch, a stopped background job): it must not train on as an orphan."""
+    def watch():
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent_pid:
+                os._exit(70)
+
+    threading.Thread(target=watch, daemon=True, name="mamba4rec-parent-watch").start()
+
+
+def _train_isolated(model, dataset, config_files, run_dict, cmd_args, resume_from):
+    """_train in a fresh process of its own (see compare(isolate=True))."""
+    import multiprocessing
+    import signal
+    from types import SimpleNamespace
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, os.getpid(), _threads(), model, dataset, config_files,
+                                            run_dict, cmd_args, resume_from),
+                       name=f"mamba4rec-compare-{resolve_model(model)[1]}")
+    proc.start()
+    send.close()
+    try:
+        try:
+            message = receive.recv()
+        except EOFError:  # the process ended without sending anything
+            message = None
+        proc.join()
+    except BaseException:  # interrupted here: the model's process goes too
+        proc.terminate()
+        proc.join()
+        raise
+    finally:
+        receive.close()
+    if message is None:
+        code = proc.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            sig = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            how = f"signal {sig}" + (" (out of memory? see dmesg)" if sig == "SIGKILL" else "")
+        raise ModelProcessDied(f"its process ended without a result ({how})")
+    kind, payload = message
+    if kind == "error":
+        name, text, trace = payload
+        if name == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        logger.error("%s", trace.rstrip())
+        raise ModelFailed(f"{name}: {text}")
+    result, peak, threads = payload
+    return result, SimpleNamespace(**peak), threads
 
 
 def _save_per_user(out: Path, name, result, config):
@@ -355,24 +454,29 @@ def write_outputs(rows, dataset, out_dir) -> dict:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # a dependency, but an environment may lack it: the table and CSV still count
         logger.warning("matplotlib is not installed: no chart (pip install matplotlib)")
-        paths.pop("png")
+        stale = paths.pop("png")
+        if stale.exists():  # a chart of an earlier table would no longer match this one
+            stale.unlink()
         return paths
     ok = [r for r in rows if r["status"].startswith("ok")]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     width = 0.8 / max(len(ok), 1)
     for j, row in enumerate(ok):
         axes[0].bar([i + j * width for i in range(3)], [row[f"test_{k}"] for k in METRIC_KEYS], width,
                     label=row["model"])
     axes[0].set_xticks([i + width * (len(ok) - 1) / 2 for i in range(3)], [k.upper() for k in METRIC_KEYS])
     axes[0].set_title(f"test metrics, {dataset}")
-    axes[0].legend()
+    if ok:
+        axes[0].legend()
     names = [r["model"] for r in ok]
     axes[1].bar(names, [r["train_s_per_epoch"] for r in ok])
     axes[1].set_title("train seconds / epoch")
-    axes[2].bar(names, [r["peak_cuda_mib"] or r["peak_rss_mib"] for r in ok])
-    axes[2].set_title("peak memory (MiB; CUDA if used, else RSS)")
+    axes[2].bar(names, [r.get("eval_s") or 0 for r in ok])  # rows kept from older versions may lack it
+    axes[2].set_title("test evaluation seconds")
+    axes[3].bar(names, [r["peak_cuda_mib"] or r["peak_rss_mib"] for r in ok])
+    axes[3].set_title("peak memory (MiB; CUDA if used, else RSS)")
     fig.tight_layout()
     _atomic_write(paths["png"], lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)

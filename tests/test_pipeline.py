@@ -173,15 +173,15 @@ def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, m
 
     real_run = cmp.run
 
-    def run_or_fail(name, *a, **k):
-        if name == "GRU4Rec":
+    def run_or_fail(model, *a, **k):  # compare passes model classes
+        if model.__name__ == "GRU4Rec":
             raise RuntimeError("boom")
-        return real_run(name, *a, **k)
+        return real_run(model, *a, **k)
 
     monkeypatch.setattr(cmp, "run", run_or_fail)
     cfg = tiny_config_dict(in_tmp, scan_impl="torch", n_layers=1, n_heads=1)
     rows = cmp.compare(["Mamba4Rec", "GRU4Rec", "SASRec"], "tiny", in_tmp / "out", config_dict=cfg,
-                       progress=lambda *_: None)
+                       progress=lambda *_: None, isolate=False)  # the patched run() is in this process
     assert [r["model"] for r in rows] == ["Mamba4Rec", "GRU4Rec", "SASRec"]
     assert rows[1]["status"].startswith("failed: RuntimeError: boom")
     for row in (rows[0], rows[2]):
@@ -256,7 +256,7 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     models, quiet = ["GRU4Rec", "Mamba4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
     cfg.pop("checkpoint_dir")  # compare keeps them in <out>/checkpoints
-    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet)
+    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet, isolate=False)
     assert (in_tmp / "whole" / "checkpoints" / "Mamba4Rec-tiny-last.pth").is_file()
 
     real_save = pl._save_last
@@ -268,14 +268,14 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
 
     monkeypatch.setattr(pl, "_save_last", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet)
+        cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False)
     monkeypatch.setattr(pl, "_save_last", real_save)
     table = (in_tmp / "cut" / "compare.md").read_text()
     assert "| GRU4Rec | ok |" in table and "| Mamba4Rec | pending |" in table  # written after each model
 
     real_run, ran = cmp.run, []
-    monkeypatch.setattr(cmp, "run", lambda name, *a, **k: ran.append((name, k["resume"])) or real_run(name, *a, **k))
-    resumed = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, resume=True)
+    monkeypatch.setattr(cmp, "run", lambda m, *a, **k: ran.append((m.__name__, k["resume"])) or real_run(m, *a, **k))
+    resumed = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert [name for name, _ in ran] == ["Mamba4Rec"] and ran[0][1].endswith("Mamba4Rec-tiny-last.pth")
     assert resumed[1]["status"] == "ok (resumed)"
     for a, b in zip(whole, resumed):
@@ -284,12 +284,12 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
             assert a[key] == b[key], (a["model"], key)
 
     ran.clear()  # everything finished: a resume trains nothing and rewrites the same table
-    again = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, resume=True)
+    again = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert ran == [] and again == resumed
 
     other = dict(cfg, learning_rate=0.01)
     with pytest.raises(ValueError, match="other settings"):
-        cmp.compare(models, "tiny", in_tmp / "cut", config_dict=other, progress=quiet, resume=True)
+        cmp.compare(models, "tiny", in_tmp / "cut", config_dict=other, progress=quiet, isolate=False, resume=True)
 
 
 def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch):
@@ -300,33 +300,33 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     models, quiet = ["Mamba4Rec", "GRU4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
     cfg.pop("checkpoint_dir")
-    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet)
+    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet, isolate=False)
     assert all(r["threads"] == torch.get_num_threads() for r in whole)
 
     with pytest.raises(ValueError, match="SASRec"):  # not a model of this comparison
-        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=["SASRec"])
+        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=["SASRec"])
     with pytest.raises(ValueError, match="no model"):
-        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=[])
+        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=[])
 
     real_run, ran, tables = cmp.run, [], []
 
-    def run_with_other_lane(name, *a, **k):
-        ran.append(name)
-        if name == "Mamba4Rec":  # the other process runs GRU4Rec to the end meanwhile
-            other = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=["GRU4Rec"])
+    def run_with_other_lane(model, *a, **k):
+        ran.append(model.__name__)
+        if model.__name__ == "Mamba4Rec":  # the other process runs GRU4Rec to the end meanwhile
+            other = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=["GRU4Rec"])
             assert [r["model"] for r in other] == ["GRU4Rec"]
             tables.append((in_tmp / "lanes" / "compare.md").read_text())
-        return real_run(name, *a, **k)
+        return real_run(model, *a, **k)
 
     monkeypatch.setattr(cmp, "run", run_with_other_lane)
-    mine = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, only=["Mamba4Rec"])
+    mine = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=["Mamba4Rec"])
     assert ran == ["Mamba4Rec", "GRU4Rec"] and [r["model"] for r in mine] == ["Mamba4Rec"]
     assert "| GRU4Rec | ok |" in tables[0] and "| Mamba4Rec | pending |" in tables[0]
     table = (in_tmp / "lanes" / "compare.md").read_text()
     assert "| Mamba4Rec | ok |" in table and "| GRU4Rec | ok |" in table  # merged by the last to finish
 
     ran.clear()  # both done: a resume of the whole comparison trains nothing and has both rows
-    merged = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, resume=True)
+    merged = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert ran == []
     for a, b in zip(whole, merged):
         for key in ("model", "valid_ndcg@10", "test_ndcg@10", "test_mrr@10", "best_epoch", "params"):
@@ -334,8 +334,89 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
 
     other = dict(cfg, learning_rate=0.01)  # the other lane's row is of another protocol: refused up front
     with pytest.raises(ValueError, match="other settings"):
-        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=other, progress=quiet, only=["Mamba4Rec"])
+        cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=other, progress=quiet, isolate=False, only=["Mamba4Rec"])
     assert ran == []
+
+
+def test_compare_trains_each_model_in_its_own_process(in_tmp):
+    """Isolated (the default): a model whose process is killed is a failed row and the others go
+    on; memory one model leaves behind does not count in the next one's peak (it does when they
+    share a process, which is why each gets its own)."""
+    from mamba4rec import compare as cmp
+    from tests.compare_models import HogGRU4Rec, KilledGRU4Rec
+
+    quiet = lambda *_: None  # noqa: E731
+    # the test models are GRU4Rec by another name: RecBole finds no defaults for that name
+    cfg = dict(_compare_cfg(in_tmp), epochs=1, embedding_size=16, num_layers=1, dropout_prob=0.3, loss_type="CE")
+    rows = cmp.compare([HogGRU4Rec, KilledGRU4Rec, "GRU4Rec"], "tiny", in_tmp / "iso", config_dict=cfg,
+                       progress=quiet)
+    assert [r["model"] for r in rows] == ["HogGRU4Rec", "KilledGRU4Rec", "GRU4Rec"]
+    assert rows[1]["status"] == "failed: its process ended without a result (signal SIGKILL (out of memory? " \
+                                "see dmesg))"
+    assert rows[0]["status"] == rows[2]["status"] == "ok" and rows[2]["test_ndcg@10"] is not None
+    assert rows[0]["peak_rss_mib"] - rows[2]["peak_rss_mib"] > 200  # the 256 MiB are the hog's alone
+    assert rows[2]["threads"] == torch.get_num_threads()
+    table = (in_tmp / "iso" / "compare.md").read_text()
+    assert "| KilledGRU4Rec | failed: its process ended" in table and "| GRU4Rec | ok |" in table
+
+    shared = cmp.compare([HogGRU4Rec, "GRU4Rec"], "tiny", in_tmp / "shared", config_dict=cfg, progress=quiet,
+                         isolate=False)
+    assert shared[1]["peak_rss_mib"] >= shared[0]["peak_rss_mib"] - 20  # the hog's memory is still there
+    for key in ("test_ndcg@10", "test_hit@10", "valid_ndcg@10", "best_epoch", "params"):  # same training
+        assert shared[1][key] == rows[2][key], key
+
+
+def test_a_model_process_ends_with_the_comparison(in_tmp):
+    """Killing the comparison (SIGKILL: no Python clean-up runs) must not leave its model's
+    process training on as an orphan."""
+    import os
+    import signal
+    import time
+
+    pid_file = in_tmp / "sleepy.pid"
+    script = (
+        "from mamba4rec.compare import compare\n"
+        "from tests.compare_models import SleepyGRU4Rec\n"
+        "from tests.conftest import tiny_config_dict\n"
+        "from pathlib import Path\n"
+        "if __name__ == '__main__':\n"
+        "    cfg = tiny_config_dict(Path('.'), embedding_size=16, num_layers=1, dropout_prob=0.3, loss_type='CE')\n"
+        "    compare([SleepyGRU4Rec], 'tiny', 'out', config_dict=cfg)\n")
+    (in_tmp / "run_sleepy.py").write_text(script)
+    env = dict(os.environ, SLEEPY_PID_FILE=str(pid_file), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "run_sleepy.py"], cwd=in_tmp, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the comparison ended before its model started"
+            time.sleep(0.2)
+        child = int(pid_file.read_text())
+        assert child != proc.pid
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def _alive(pid):
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
 
 
 def test_resume_refuses_foreign_or_truncated_files(in_tmp):
@@ -386,6 +467,18 @@ def test_compare_table_says_whether_the_goal_is_met_and_flags_unconverged_runs(t
     cmp.write_outputs([old, rows[1]], "beauty", tmp_path)
     header = (tmp_path / "compare.csv").read_text().splitlines()[0]
     assert "stopped_by" in header
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_without_matplotlib_writes_table_and_csv_and_drops_a_stale_chart(tmp_path, monkeypatch):
+    from mamba4rec import compare as cmp
+
+    (tmp_path / "compare.png").write_bytes(b"\x89PNG of an earlier table")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    row = {"model": "Mamba4Rec", "status": "ok", "test_ndcg@10": 0.05}
+    paths = cmp.write_outputs([row], "beauty", tmp_path)
+    assert sorted(paths) == ["csv", "md"] and not (tmp_path / "compare.png").exists()
+    assert "| Mamba4Rec | ok |" in (tmp_path / "compare.md").read_text()
 
 
 def test_compare_table_holds_ml1m_runs_to_the_papers_figures():
