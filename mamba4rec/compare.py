@@ -12,7 +12,8 @@ model (models not yet run show as "pending"); checkpoints go to ``out_dir/checkp
 the caller sets ``checkpoint_dir``. ``compare(..., resume=True)`` (``run_recbole.py ...
 --compare=... --resume``) keeps the finished rows, continues an interrupted model from its
 ``-last.pth`` exactly where it stopped, and runs the rest. The rows record the settings they were
-made with; resuming under other settings is refused.
+made with and the checksums of the data files they were trained on; resuming under other
+settings, or on a data set prepared again since, is refused.
 
 ``compare(..., only=[...])`` (``--compare_run=...``) runs only some of the models and shows the
 others as their rows on disk say: several processes can then share one comparison (one model
@@ -117,8 +118,30 @@ def _settings(dataset, config_files, config_dict, cmd_args) -> dict:
             "cmd_args": sorted(cmd_args or [])}
 
 
-def _load_rows(rows_dir: Path, names, settings, failed=False, flag="--resume") -> dict:
-    """Finished rows of ``names`` kept in ``rows_dir`` (and failed ones with ``failed``)."""
+def _data_files(config) -> dict | None:
+    """{file name: sha256} of the data set's atomic files (``<data_path>/<dataset>.*``), or None
+    when they are not there yet (a RecBole download name before its download). Settings alone
+    do not pin the data: the same name may have been prepared again, with another k-core."""
+    import glob
+    import hashlib
+
+    folder = config["data_path"]
+    files = sorted(glob.glob(os.path.join(glob.escape(folder), glob.escape(config["dataset"]) + ".*")))
+    if not files:
+        return None
+    digests = {}
+    for path in files:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digests[os.path.basename(path)] = digest.hexdigest()
+    return digests
+
+
+def _load_rows(rows_dir: Path, names, settings, failed=False, flag="--resume", data=None) -> dict:
+    """Finished rows of ``names`` kept in ``rows_dir`` (and failed ones with ``failed``).
+    ``data``: this run's _data_files; a row made from other data files is refused."""
     done = {}
     for name in names:
         path = rows_dir / f"{name}.json"
@@ -134,6 +157,12 @@ def _load_rows(rows_dir: Path, names, settings, failed=False, flag="--resume") -
             raise ValueError(
                 f"{flag}: {path} was made with other settings ({made_with}) than this run ({settings}). "
                 f"Rerun with the same data set, config files and overrides, or use another --compare_dir.")
+        if data and saved.get("data") and saved["data"] != data:
+            changed = sorted(set(data) ^ set(saved["data"]) | {f for f in data if saved["data"].get(f) != data[f]})
+            raise ValueError(
+                f"{flag}: {path} was made from other data files than this run's ({', '.join(changed)} "
+                f"changed since: the data set was prepared again?). Mixing them would compare models on "
+                f"different data: use another --compare_dir, or delete {rows_dir} to train every model again.")
         if failed or str(row.get("status", "")).startswith("ok"):  # a failed model is retried
             done[name] = row
     return done
@@ -170,17 +199,22 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
     settings = _settings(dataset, config_files, config_dict, cmd_args)
     running = names if only is None else [n for n in names if n in only]
     others = [n for n in names if n not in running]
-    # the rows of models run elsewhere must be of this protocol too (refused now, not after hours)
-    _load_rows(rows_dir, others, settings, failed=True, flag="--compare_run")
-    done = _load_rows(rows_dir, running, settings) if resume else {}
     run_dict = dict(config_dict or {})
     if "checkpoint_dir" not in run_dict and not any(a.startswith("--checkpoint_dir=") for a in cmd_args or []):
         run_dict["checkpoint_dir"] = str(out / "checkpoints")
+    try:  # the data files every model of this run reads (the data path is the same for all)
+        data = _data_files(build_config(classes[names[0]], dataset, config_files, run_dict, cmd_args)) \
+            if names else None
+    except Exception:  # noqa: BLE001 - a config error shows in that model's row
+        data = None
+    # the rows of models run elsewhere must be of this protocol and data too (refused now, not after hours)
+    _load_rows(rows_dir, others, settings, failed=True, flag="--compare_run", data=data)
+    done = _load_rows(rows_dir, running, settings, data=data) if resume else {}
     rows = {}
 
     def snapshot():
         try:  # re-read: another process may have finished one of the others meanwhile
-            elsewhere = _load_rows(rows_dir, others, settings, failed=True)
+            elsewhere = _load_rows(rows_dir, others, settings, failed=True, data=data)
         except ValueError:
             elsewhere = {}
         merged = {**elsewhere, **rows}
@@ -218,7 +252,8 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
             progress(f"[{i}/{len(running)}] {name}: FAILED ({error})")
         rows_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(rows_dir / f"{name}.json",
-                      lambda p, r=rows[name]: p.write_text(json.dumps({"row": r, "settings": settings}, indent=1)))
+                      lambda p, r=rows[name]: p.write_text(json.dumps({"row": r, "settings": settings, "data": data},
+                                                                       indent=1)))
         snapshot()
     if not names:
         return []

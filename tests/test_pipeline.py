@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -336,6 +337,37 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     with pytest.raises(ValueError, match="other settings"):
         cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=other, progress=quiet, isolate=False, only=["Mamba4Rec"])
     assert ran == []
+
+
+def test_compare_refuses_rows_made_from_other_data_files(in_tmp):
+    """Same name, same settings, data prepared again (say with another k-core): the rows on disk
+    no longer describe this data, so --resume and --compare_run refuse them before training."""
+    import shutil
+
+    from mamba4rec import compare as cmp
+
+    data = in_tmp / "data"
+    shutil.copytree(TINY_DATA, data)
+    cfg = dict(_compare_cfg(in_tmp), data_path=str(data), epochs=1)
+    cfg.pop("checkpoint_dir")
+    quiet = lambda *_: None  # noqa: E731
+    models = ["GRU4Rec", "Mamba4Rec"]
+    cmp.compare(models, "tiny", in_tmp / "out", config_dict=cfg, progress=quiet, isolate=False, only=["GRU4Rec"])
+    saved = json.loads((in_tmp / "out" / "rows" / "GRU4Rec.json").read_text())
+    assert list(saved["data"]) == ["tiny.inter"] and len(saved["data"]["tiny.inter"]) == 64
+    again = cmp.compare(models, "tiny", in_tmp / "out", config_dict=cfg, progress=quiet, isolate=False,
+                        resume=True, only=["GRU4Rec"])  # unchanged data: kept
+    assert again[0]["test_ndcg@10"] == saved["row"]["test_ndcg@10"]
+
+    inter = data / "tiny" / "tiny.inter"
+    lines = inter.read_text().splitlines(keepends=True)
+    inter.write_text("".join(lines[:-5]))  # the same data set, prepared again with fewer rows
+    with pytest.raises(ValueError, match=r"other data files than this run's \(tiny.inter changed"):
+        cmp.compare(models, "tiny", in_tmp / "out", config_dict=cfg, progress=quiet, isolate=False, resume=True)
+    with pytest.raises(ValueError, match="other data files"):
+        cmp.compare(models, "tiny", in_tmp / "out", config_dict=cfg, progress=quiet, isolate=False,
+                    only=["Mamba4Rec"])
+    assert not (in_tmp / "out" / "rows" / "Mamba4Rec.json").exists()  # refused before any training
 
 
 def test_compare_trains_each_model_in_its_own_process(in_tmp):
