@@ -383,6 +383,24 @@ def test_dataset_configs_load_in_recbole(tmp_path, monkeypatch, name):
     assert f"dropout_prob: {0.2 if name == 'ml-1m' else 0.4}" in model_file.read_text()
 
 
+def test_every_config_key_has_a_typed_comment():
+    """Each key in configs/ says its type in its comment: `key: value  # (type) what it does`."""
+    import re
+
+    import yaml
+
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(files) >= 10
+    untyped = []
+    for path in files:
+        yaml.safe_load(path.read_text())  # and every file parses
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*[A-Za-z_][\w-]*\s*:", line) and not re.search(r"#\s*\((str|int|float|bool|list|dict)"
+                                                                           r"[^)]*\)", line):
+                untyped.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert untyped == []
+
+
 # --------------------------------------------------------------------------- real data
 
 REAL = [  # (folder/file, RecBole name, k-core args, users, items, interactions)
