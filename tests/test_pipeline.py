@@ -133,6 +133,24 @@ def test_dataset_without_files_says_where_and_how(in_tmp):
     assert "datasets/prepare.py" in msg
 
 
+@pytest.mark.parametrize("name", ["ml-1m", "amazon-beauty", "amazon-video-games"])
+def test_recbole_download_names_go_through_to_recbole_s_download(in_tmp, caplog, name):
+    """RecBole's own names still work: with no folder, the run goes on to RecBole's download (a
+    warning says from where, and what to do offline); nothing is downloaded here. A folder
+    that exists without the file is a mistake in data_path: refused."""
+    import logging
+
+    config = pipeline.build_config("Mamba4Rec", name, config_dict={"data_path": str(in_tmp)})
+    with caplog.at_level(logging.WARNING, logger="mamba4rec.pipeline"):
+        pipeline.check_dataset_files(config)
+    text = caplog.text
+    assert f"data set {name!r} not found" in text and "RecBole will download it from http" in text
+    assert "Offline?" in text and f"--dataset {name}" in text
+    (in_tmp / name).mkdir()
+    with pytest.raises(FileNotFoundError, match="no atomic file"):
+        pipeline.check_dataset_files(config)
+
+
 def test_override_must_be_key_value(in_tmp):
     with pytest.raises(ValueError, match="--key=value"):
         pipeline.build_config("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp), cmd_args=["--epochs"])
