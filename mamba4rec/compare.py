@@ -18,8 +18,9 @@ settings, or on a data set prepared again since, is refused.
 ``compare(..., only=[...])`` (``--compare_run=...``) runs only some of the models and shows the
 others as their rows on disk say: several processes can then share one comparison (one model
 each, one thread each on a small CPU: ``benchmarks/compare_amazon.sh`` does this with
-``LANES=2``: a queue of (data set, model) jobs), and the table, rewritten by whichever finishes, merges their rows. Each row records
-the CPU threads it trained with, since its seconds per epoch depend on them.
+``LANES=2``, a queue of (data set, model) jobs), and the table, rewritten by whichever finishes,
+merges their rows. Each row records the CPU threads it trained with, since its seconds per epoch
+depend on them.
 """
 
 from __future__ import annotations
@@ -293,8 +294,8 @@ def _child(conn, parent_pid, threads, *args):
 
 
 def _exit_with_parent(parent_pid, interval=1.0):
-    """A model's process ends when the comparison's does (killed by a signal Python cannot
-    catch, a stopped background job): it must not train on as an orphan."""
+    """A model's process ends when the comparison's does, however that ends (SIGTERM and
+    SIGKILL run no Python clean-up in the parent): it must not train on as an orphan."""
     def watch():
         while True:
             time.sleep(interval)
