@@ -128,7 +128,8 @@ def _compare(args, config_files, overrides) -> int:
                    resume=args.resume == "auto")
     print()
     print(Path(out_dir, "compare.md").read_text())  # with the rows of models run elsewhere (--compare_run)
-    written = [name for name in ("compare.md", "compare.csv", "compare.png") if Path(out_dir, name).is_file()]
+    written = [name for name in ("compare.md", "compare.csv", "compare.png", "curves.csv", "compare_curves.png")
+               if Path(out_dir, name).is_file()]
     print(f"written: {out_dir}/{', '.join(written)}")
     return 0 if all(r["status"].startswith("ok") for r in rows) else 1
 

@@ -225,6 +225,8 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
         if name in done:
             rows[name] = done[name]
             progress(f"[{i}/{len(running)}] {name}: finished earlier, kept ({rows_dir / (name + '.json')})")
+            if not (out / "curves" / f"{name}.json").is_file():  # a row from before curves were kept
+                _curve_from_checkpoint(out, name, classes[name], dataset, config_files, run_dict, cmd_args)
             continue
         progress(f"[{i}/{len(running)}] {name} on {dataset} ...")
         t0 = time.perf_counter()
@@ -239,6 +241,7 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
             rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0,
                               epoch_limit=config["epochs"], threads=threads)
             _save_per_user(out, name, result, config)
+            _save_curve(out, name, result.extra.get("history"), config)
             if resume_from:
                 rows[name]["status"] = "ok (resumed)"
             progress(f"[{i}/{len(running)}] {name}: test " + ", ".join(
@@ -368,6 +371,46 @@ def _save_per_user(out: Path, name, result, config):
     _atomic_write(folder / f"{name}.npz", write)
 
 
+def _save_curve(out: Path, name, history, config):
+    """out/curves/<model>.json: valid score per validated epoch and train seconds per epoch."""
+    if not history or not history.get("valid_scores"):
+        return
+    curve = {"metric": str(config["valid_metric"]), "bigger": bool(config["valid_metric_bigger"]),
+             "valid_scores": history["valid_scores"],
+             "train_seconds": history.get("train_seconds", [])}
+    folder = out / "curves"
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(curve)))
+
+
+def _curve_from_checkpoint(out: Path, name, model, dataset, config_files, run_dict, cmd_args):
+    """The curve of a row kept from an older version, read back from the model's -last.pth
+    (which keeps the per-epoch history across resumes); nothing when there is none."""
+    import torch
+
+    try:
+        config = build_config(model, dataset, config_files, run_dict, cmd_args)
+        path = last_checkpoint_path(config)
+        if not os.path.isfile(path):
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (pipeline._save_last)
+        history = state.get("history") or {}
+        _save_curve(out, name, {"valid_scores": [[int(e), float(v)] for e, v in history.get("valid_scores", [])],
+                                "train_seconds": [float(t) for t in history.get("train_seconds", [])]}, config)
+    except Exception as exc:  # noqa: BLE001 - the curve is an extra; the row stands without it
+        logger.warning("%s: no learning curve from its checkpoint (%s)", name, exc)
+
+
+def load_curves(out_dir, rows) -> dict:
+    """{model: curve} for the finished rows whose curves/<model>.json is there."""
+    found = {}
+    for row in rows:
+        path = Path(out_dir) / "curves" / f"{row['model']}.json"
+        if str(row.get("status", "")).startswith("ok") and path.is_file():
+            found[row["model"]] = json.loads(path.read_text())
+    return found
+
+
 def load_per_user(out_dir, rows) -> dict:
     """{model: {metric: array}} for the finished rows that have per-user values saved."""
     import numpy as np
@@ -485,6 +528,24 @@ def write_outputs(rows, dataset, out_dir) -> dict:
             writer.writerows(rows)
 
     _atomic_write(paths["csv"], write_csv)
+    curves = load_curves(out, rows)
+    if curves:
+        paths["curves_csv"] = out / "curves.csv"
+
+        def write_curves(p):
+            with open(p, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["model", "epoch", "valid_metric", "valid_score", "train_s", "cum_train_s"])
+                for model, curve in curves.items():
+                    seconds = curve.get("train_seconds") or []
+                    for epoch, score in curve["valid_scores"]:
+                        spent = seconds[epoch] if epoch < len(seconds) else None
+                        total = sum(seconds[:epoch + 1]) if epoch < len(seconds) else None
+                        writer.writerow([model, epoch, curve.get("metric"), score,
+                                         None if spent is None else round(spent, 2),
+                                         None if total is None else round(total, 1)])
+
+        _atomic_write(paths["curves_csv"], write_curves)
     try:
         import matplotlib
 
@@ -492,9 +553,9 @@ def write_outputs(rows, dataset, out_dir) -> dict:
         import matplotlib.pyplot as plt
     except ImportError:  # a dependency, but an environment may lack it: the table and CSV still count
         logger.warning("matplotlib is not installed: no chart (pip install matplotlib)")
-        stale = paths.pop("png")
-        if stale.exists():  # a chart of an earlier table would no longer match this one
-            stale.unlink()
+        for stale in (paths.pop("png"), out / "compare_curves.png"):
+            if stale.exists():  # a chart of an earlier table would no longer match this one
+                stale.unlink()
         return paths
     ok = [r for r in rows if r["status"].startswith("ok")]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
@@ -516,4 +577,37 @@ def write_outputs(rows, dataset, out_dir) -> dict:
     fig.tight_layout()
     _atomic_write(paths["png"], lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
+    if curves:
+        paths["curves_png"] = out / "compare_curves.png"
+        _plot_curves(plt, curves, dataset, paths["curves_png"])
     return paths
+
+
+def _plot_curves(plt, curves, dataset, path):
+    """Valid score per epoch, and against the training time spent to reach it."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    metric = next(iter(curves.values())).get("metric") or "valid score"
+    for model, curve in curves.items():
+        epochs = [e for e, _ in curve["valid_scores"]]
+        scores = [v for _, v in curve["valid_scores"]]
+        line, = axes[0].plot(epochs, scores, label=model)
+        pick = max if curve.get("bigger", True) else min  # the first best, as RecBole's early stopping
+        best = pick(range(len(scores)), key=scores.__getitem__)
+        axes[0].plot([epochs[best]], [scores[best]], "o", color=line.get_color())
+        seconds = curve.get("train_seconds") or []
+        if len(seconds) >= max(epochs) + 1:
+            cumulative, total = [], 0.0
+            for t in seconds:
+                total += t
+                cumulative.append(total / 3600)
+            axes[1].plot([cumulative[e] for e in epochs], scores, label=model, color=line.get_color())
+    axes[0].set(title=f"validation {metric} per epoch, {dataset} (dot: best)", xlabel="epoch", ylabel=metric)
+    axes[1].set(title="against training time (hours; threads and load as in the rows)", xlabel="hours of training",
+                ylabel=metric)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend()
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)

@@ -365,7 +365,11 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     eval_seconds = time.perf_counter() - t0
     log.info("best valid : %s", dict(best_valid_result))
     log.info("test result: %s", dict(test_result))
-    extra = {"per_user_test": per_user}
+    # the learning curve: (epoch, valid score) per validation, train seconds per epoch (all epochs,
+    # those before a resume included)
+    extra = {"per_user_test": per_user,
+             "history": {"valid_scores": [[int(e), float(v)] for e, v in history["valid_scores"]],
+                         "train_seconds": [float(t) for t in history["train_seconds"]]}}
     if export_path is not None and config["local_rank"] == 0:
         from .serving import export_checkpoint
 

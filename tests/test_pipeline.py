@@ -220,6 +220,18 @@ def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, m
             values = per_user[row["model"]][key]
             assert len(values) > 1 and abs(values.mean() - row[f"test_{key}"]) <= 5e-5
     assert "Paired over the same test users" in table and "- test_ndcg@10, Mamba4Rec - SASRec: " in table
+    # learning curves of the finished models: one valid score per epoch, as a CSV and a chart
+    curves = cmp.load_curves(in_tmp / "out", rows)
+    assert sorted(curves) == ["Mamba4Rec", "SASRec"]
+    for row in (rows[0], rows[2]):
+        curve = curves[row["model"]]
+        assert curve["metric"] == "NDCG@10" and len(curve["valid_scores"]) == row["epochs_run"]
+        assert len(curve["train_seconds"]) == row["epochs_run"]
+        assert max(v for _, v in curve["valid_scores"]) == pytest.approx(row["valid_ndcg@10"], abs=5e-5)
+    with open(in_tmp / "out" / "curves.csv") as fh:
+        lines = list(csv.DictReader(fh))
+    assert [r["model"] for r in lines] == ["Mamba4Rec"] * rows[0]["epochs_run"] + ["SASRec"] * rows[2]["epochs_run"]
+    assert (in_tmp / "out" / "compare_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_refuses_unknown_or_repeated_models_before_training(in_tmp):
@@ -305,6 +317,16 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     ran.clear()  # everything finished: a resume trains nothing and rewrites the same table
     again = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert ran == [] and again == resumed
+    # the curve of the resumed model has every epoch, those before the stop included
+    curve = json.loads((in_tmp / "cut" / "curves" / "Mamba4Rec.json").read_text())
+    assert [e for e, _ in curve["valid_scores"]] == list(range(resumed[1]["epochs_run"]))
+    # rows kept from before curves existed: their curves come back from the models' -last.pth
+    import shutil
+
+    shutil.rmtree(in_tmp / "cut" / "curves")
+    cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False, resume=True)
+    assert json.loads((in_tmp / "cut" / "curves" / "Mamba4Rec.json").read_text()) == curve
+    assert ran == [] and (in_tmp / "cut" / "curves" / "GRU4Rec.json").is_file()
 
     other = dict(cfg, learning_rate=0.01)
     with pytest.raises(ValueError, match="other settings"):
@@ -526,8 +548,10 @@ def test_compare_without_matplotlib_writes_table_and_csv_and_drops_a_stale_chart
     (tmp_path / "compare.png").write_bytes(b"\x89PNG of an earlier table")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     row = {"model": "Mamba4Rec", "status": "ok", "test_ndcg@10": 0.05}
+    (tmp_path / "compare_curves.png").write_bytes(b"\x89PNG of an earlier table")
     paths = cmp.write_outputs([row], "beauty", tmp_path)
     assert sorted(paths) == ["csv", "md"] and not (tmp_path / "compare.png").exists()
+    assert not (tmp_path / "compare_curves.png").exists()
     assert "| Mamba4Rec | ok |" in (tmp_path / "compare.md").read_text()
 
 
