@@ -14,6 +14,7 @@ Flags as RecBole's run_recbole.py: --model/-m, --dataset/-d, --config_files, and
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -116,6 +117,10 @@ def _distributed(args, config_files, overrides) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _compare(args, config_files, overrides) -> int:
     from pathlib import Path
 
@@ -124,6 +129,9 @@ def _compare(args, config_files, overrides) -> int:
     models = [args.model] + [m.strip() for m in args.compare.split(",") if m.strip()]
     out_dir = args.compare_dir or f"saved/compare-{args.dataset}"
     only = [m.strip() for m in args.compare_run.split(",") if m.strip()] if args.compare_run else None
+    # SIGTERM (a `timeout`, a job scheduler) as an exception: the model's own process is then
+    # stopped with this one instead of finding out a second later that it was orphaned
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides, only=only,
                    resume=args.resume == "auto")
     print()

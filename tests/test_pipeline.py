@@ -478,6 +478,38 @@ def test_a_model_process_ends_with_the_comparison(in_tmp):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+def test_cli_compare_stops_its_model_process_on_sigterm(in_tmp):
+    """`timeout` and schedulers stop a run with SIGTERM: the CLI turns it into an exit that
+    stops the model's own process first (exit 143), rather than leaving it to notice later."""
+    import os
+    import signal
+    import time
+
+    (in_tmp / "tiny.yaml").write_text("load_col:\n  inter: [user_id, item_id, timestamp]\n")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run_recbole.py"), "-d", "tiny", "--config_files", "tiny.yaml",
+         f"--data_path={TINY_DATA}", "--compare=GRU4Rec", "--epochs=100000", "--stopping_step=100000",
+         "--show_progress=False", "--state=WARNING", "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16",
+         "--d_state=4", "--compare_dir=out"], cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, children = time.monotonic() + 120, []
+        while not children and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.2)
+            children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"],
+                                                       capture_output=True, text=True).stdout.split()]
+        assert len(children) == 1, "no model process started"  # (not counting multiprocessing's tracker)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not any(_alive(c) for c in children)  # already gone when the CLI has exited
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for line in subprocess.run(["pgrep", "-f", str(in_tmp)], capture_output=True, text=True).stdout.split():
+            os.kill(int(line), signal.SIGKILL)
+
+
 def _alive(pid):
     import os
 
