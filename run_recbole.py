@@ -43,6 +43,10 @@ def parse_args(argv=None):
                         help="with --compare: train only these of its models; the table shows the others "
                              "as their rows in --compare_dir say (for several processes sharing one "
                              "comparison, e.g. one model each with OMP_NUM_THREADS=1)")
+    parser.add_argument("--compare_status", action="store_true",
+                        help="print where the comparison in --compare_dir stands (per model: finished, in "
+                             "progress with its epochs and best score so far, pending), from its files; "
+                             "trains nothing")
     dist = parser.add_argument_group("distributed (torch.distributed DDP through RecBole's trainer)")
     dist.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1: no DDP)")
     dist.add_argument("--world_size", type=int, default=None, help="processes over all nodes (default: nproc)")
@@ -65,6 +69,16 @@ def main(argv=None) -> int:
     from mamba4rec.pipeline import run
 
     config_files = args.config_files.strip().split() if args.config_files else None
+    if args.compare_status:
+        from mamba4rec.compare import progress_report
+
+        checkpoint_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("--checkpoint_dir=")), None)
+        try:
+            print(progress_report(args.compare_dir or f"saved/compare-{args.dataset}", checkpoint_dir))
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.compare_run and not args.compare:
         print("error: --compare_run picks models of a comparison: give --compare=... too", file=sys.stderr)
         return 2

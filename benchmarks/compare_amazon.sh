@@ -17,6 +17,8 @@
 # logs to OUT_DIR/<folder>/lane<n>.log. A job already finished (--resume keeps its row) ends
 # at once. Then one pass per data set, with nothing left to train, writes the full tables.
 # Stop it with `kill <pid of this script>` (its lanes and their trainings go too).
+# Where each model stands (epochs, best valid so far, pace):
+#   python run_recbole.py --compare_status --compare_dir=OUT_DIR/beauty8/out
 # One-thread processes lose less to a core taken by other work than a two-thread one does
 # (torch's threads wait for each other), and SASRec need not wait hours for the others.
 # The rows record their thread count: seconds per epoch are comparable only at equal threads

@@ -265,6 +265,69 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
     return [rows[n] for n in running]
 
 
+def progress_report(out_dir, checkpoint_dir=None, now=None) -> str:
+    """Where a comparison stands, from what is on disk (rows/ and the models' -last.pth files),
+    while it runs or after it stopped: per model, finished / failed / in progress / pending,
+    epochs so far, best and last validation score, evaluations since the best (early stopping
+    ends the run at stopping_step), recent seconds per epoch and how long ago the last epoch ended.
+    ``run_recbole.py --compare_status`` prints it."""
+    import torch
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--compare_status: no comparison at {out} (give the --compare_dir it ran with)")
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
+    now = time.time() if now is None else now
+    rows = {}
+    for path in sorted((out / "rows").glob("*.json")):
+        try:
+            rows[path.stem] = json.loads(path.read_text())["row"]
+        except (ValueError, KeyError, TypeError):
+            continue
+    lasts = {}
+    for path in sorted(checkpoints.glob("*-last.pth")):
+        lasts.setdefault(path.name.split("-", 1)[0], path)
+    lines = [f"Comparison at {out}", "",
+             "| model | state | epochs | best valid (epoch) | last valid | evals since best | s/epoch (last 5) | "
+             "last epoch ended |", "|---|---|---|---|---|---|---|---|"]
+    for model in dict.fromkeys([*rows, *lasts]):
+        row, last = rows.get(model), lasts.get(model)
+        state = ("finished" if str(row.get("status", "")).startswith("ok") else f"{row.get('status')}") if row \
+            else ("in progress" if last else "pending")
+        epochs = best = latest = since = pace = age = "-"
+        if last is not None:
+            try:
+                saved = torch.load(last, map_location="cpu", weights_only=False)  # our own file
+            except Exception as exc:  # noqa: BLE001 - being rewritten, or foreign: say so, go on
+                lines.append(f"| {model} | {state} | unreadable {last.name}: {type(exc).__name__} | | | | | |")
+                continue
+            history = saved.get("history") or {}
+            scores, seconds = history.get("valid_scores") or [], history.get("train_seconds") or []
+            epochs = str(saved.get("epoch", -1) + 1)
+            if scores:
+                top = max(range(len(scores)), key=lambda i: scores[i][1])  # first best, as RecBole's
+                best = f"{scores[top][1]:.4f} ({scores[top][0]})"
+                latest = f"{scores[-1][1]:.4f}"
+                since = str(saved.get("cur_step", len(scores) - 1 - top))
+            if seconds:
+                pace = f"{sum(seconds[-5:]) / len(seconds[-5:]):.0f}"
+            age = _ago(now - last.stat().st_mtime)
+        elif row:
+            epochs = _fmt(row.get("epochs_run"))
+            best = f"{_fmt(row.get('valid_ndcg@10'))} ({_fmt(row.get('best_epoch'))})"
+        lines.append(f"| {model} | {state} | {epochs} | {best} | {latest} | {since} | {pace} | {age} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ago(seconds) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
 def _train(model, dataset, config_files, run_dict, cmd_args, resume_from):
     """Train one model in this process: (RunResult, PeakMemory, torch threads)."""
     config = build_config(model, dataset, config_files, run_dict, cmd_args)

@@ -303,6 +303,19 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     monkeypatch.setattr(pl, "_save_last", real_save)
     table = (in_tmp / "cut" / "compare.md").read_text()
     assert "| GRU4Rec | ok |" in table and "| Mamba4Rec | pending |" in table  # written after each model
+    # where it stands, from its files: GRU4Rec done, Mamba4Rec stopped after 2 of its 3 epochs
+    report = cmp.progress_report(in_tmp / "cut").splitlines()
+    gru = next(line for line in report if line.startswith("| GRU4Rec |")).split(" | ")
+    mamba = next(line for line in report if line.startswith("| Mamba4Rec |")).split(" | ")
+    assert gru[1:3] == ["finished", "3"] and mamba[1:3] == ["in progress", "2"]
+    scores = torch.load(in_tmp / "cut" / "checkpoints" / "Mamba4Rec-tiny-last.pth", weights_only=False)["history"]
+    best = max(v for _, v in scores["valid_scores"])
+    assert mamba[3].startswith(f"{best:.4f} (") and mamba[4] == f"{scores['valid_scores'][-1][1]:.4f}"
+    assert mamba[7].endswith("s ago |")
+    proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'cut'}"], in_tmp)
+    assert proc.returncode == 0 and "| Mamba4Rec | in progress | 2 |" in proc.stdout
+    proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'nothing'}"], in_tmp)
+    assert proc.returncode == 2 and "no comparison at" in proc.stderr
 
     real_run, ran = cmp.run, []
     monkeypatch.setattr(cmp, "run", lambda m, *a, **k: ran.append((m.__name__, k["resume"])) or real_run(m, *a, **k))
