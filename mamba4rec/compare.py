@@ -120,14 +120,16 @@ def _settings(dataset, config_files, config_dict, cmd_args) -> dict:
 
 
 def _data_files(config) -> dict | None:
-    """{file name: sha256} of the data set's atomic files (``<data_path>/<dataset>.*``), or None
+    """{file name: sha256} of the data set's atomic files (``<data_path>/<dataset>.inter`` etc.), or None
     when they are not there yet (a RecBole download name before its download). Settings alone
     do not pin the data: the same name may have been prepared again, with another k-core."""
     import glob
     import hashlib
 
-    folder = config["data_path"]
-    files = sorted(glob.glob(os.path.join(glob.escape(folder), glob.escape(config["dataset"]) + ".*")))
+    folder, name = config["data_path"], config["dataset"]
+    # the atomic files RecBole reads, not side files (prepare.py's stats.json names its input path)
+    files = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + ".*"))
+                   if p.rsplit(".", 1)[-1] in ("inter", "user", "item", "kg", "link", "net"))
     if not files:
         return None
     digests = {}
