@@ -74,7 +74,10 @@ def main(argv=None) -> int:
 
         checkpoint_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("--checkpoint_dir=")), None)
         try:
-            print(progress_report(args.compare_dir or f"saved/compare-{args.dataset}", checkpoint_dir))
+            models = [args.model] + [m.strip() for m in (args.compare or "").split(",") if m.strip()] \
+                if args.compare else []
+            print(progress_report(args.compare_dir or f"saved/compare-{args.dataset}", checkpoint_dir,
+                                  models=models))
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -145,9 +148,12 @@ def _compare(args, config_files, overrides) -> int:
     only = [m.strip() for m in args.compare_run.split(",") if m.strip()] if args.compare_run else None
     # SIGTERM (a `timeout`, a job scheduler) as an exception: the model's own process is then
     # stopped with this one instead of finding out a second later that it was orphaned
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides, only=only,
-                   resume=args.resume == "auto")
+    before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        rows = compare(models, args.dataset, out_dir, config_files=config_files, cmd_args=overrides, only=only,
+                       resume=args.resume == "auto")
+    finally:
+        signal.signal(signal.SIGTERM, before)
     print()
     print(Path(out_dir, "compare.md").read_text())  # with the rows of models run elsewhere (--compare_run)
     written = [name for name in ("compare.md", "compare.csv", "compare.png", "curves.csv", "compare_curves.png")

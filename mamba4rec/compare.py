@@ -29,6 +29,7 @@ import csv
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -54,8 +55,12 @@ class PeakMemory:
             with open("/proc/self/statm") as fh:
                 return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         except OSError:  # not Linux: the process-wide maximum is the best we have
-            import resource
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            try:
+                import resource
+            except ImportError:  # Windows: no figure rather than a wrong one
+                return 0.0
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
     def _sample(self):
         while not self._stop.is_set():
@@ -142,6 +147,26 @@ def _data_files(config) -> dict | None:
     return digests
 
 
+def _check_checkpoint_data(last_path, resume_from, data):
+    """Keep, beside a model's -last.pth, the checksums of the data it is trained on; refuse to
+    continue it on other data (the data set prepared again while it was stopped)."""
+    side = Path(f"{last_path}.data.json")
+    if not data:
+        return
+    if resume_from and side.is_file():
+        try:
+            before = json.loads(side.read_text())
+        except ValueError:
+            before = None
+        if before and before != data:
+            changed = sorted(set(data) ^ set(before) | {f for f in data if before.get(f) != data[f]})
+            raise ValueError(f"--resume: {resume_from} was trained on other data files ({', '.join(changed)} "
+                             f"changed since): delete it to train this model from the start, or use another "
+                             f"--compare_dir")
+    side.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(side, lambda p: p.write_text(json.dumps(data)))
+
+
 def _load_rows(rows_dir: Path, names, settings, failed=False, flag="--resume", data=None) -> dict:
     """Finished rows of ``names`` kept in ``rows_dir`` (and failed ones with ``failed``).
     ``data``: this run's _data_files; a row made from other data files is refused."""
@@ -190,6 +215,8 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
         if name in classes:
             raise ValueError(f"--compare lists a model twice: {', '.join([*classes, name])}")
         classes[name] = cls
+        if isolate:
+            _spawnable(cls)  # before any training, not when its turn comes
     names = list(classes)
     if only is not None:
         only = [resolve_model(m)[1] for m in only]
@@ -205,15 +232,17 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
     run_dict = dict(config_dict or {})
     if "checkpoint_dir" not in run_dict and not any(a.startswith("--checkpoint_dir=") for a in cmd_args or []):
         run_dict["checkpoint_dir"] = str(out / "checkpoints")
-    try:  # the data files every model of this run reads (the data path is the same for all)
-        data = _data_files(build_config(classes[names[0]], dataset, config_files, run_dict, cmd_args)) \
-            if names else None
-    except Exception:  # noqa: BLE001 - a config error shows in that model's row
-        data = None
+    data = None  # the data files the models of this run read (the data path is the same for all)
+    for name in names:
+        try:
+            data = _data_files(build_config(classes[name], dataset, config_files, run_dict, cmd_args))
+            break
+        except Exception:  # noqa: BLE001 - a config error shows in that model's row
+            continue
     # the rows of models run elsewhere must be of this protocol and data too (refused now, not after hours)
     _load_rows(rows_dir, others, settings, failed=True, flag="--compare_run", data=data)
     done = _load_rows(rows_dir, running, settings, data=data) if resume else {}
-    rows = {}
+    rows, row_data = {}, {}
 
     def snapshot():
         try:  # re-read: another process may have finished one of the others meanwhile
@@ -238,10 +267,13 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
             if resume and os.path.isfile(last_checkpoint_path(config)):
                 resume_from = last_checkpoint_path(config)
                 progress(f"[{i}/{len(running)}] {name}: continuing from {resume_from}")
+            model_data = _data_files(config)  # now, not at the start: hours may have passed
+            _check_checkpoint_data(last_checkpoint_path(config), resume_from, model_data)
             train = _train_isolated if isolate else _train
             result, peak, threads = train(classes[name], dataset, config_files, run_dict, cmd_args, resume_from)
             rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0,
                               epoch_limit=config["epochs"], threads=threads)
+            row_data[name] = model_data
             _save_per_user(out, name, result, config)
             _save_curve(out, name, result.extra.get("history"), config)
             if resume_from:
@@ -252,14 +284,18 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
             raise
         except Exception as exc:  # a failed model is reported; the others still run
             # the error of a model's own process is already its own "Type: message"
-            error = str(exc) if isinstance(exc, (ModelFailed, ModelProcessDied)) else f"{type(exc).__name__}: {exc}"
-            logger.error("%s failed:\n%s", name, traceback.format_exc())
+            own = isinstance(exc, (ModelFailed, ModelProcessDied))  # its process logged the traceback
+            error = str(exc) if own else f"{type(exc).__name__}: {exc}"
+            if own:
+                logger.error("%s failed: %s", name, error)
+            else:
+                logger.error("%s failed:\n%s", name, traceback.format_exc())
             rows[name] = _row(name, error=error.splitlines()[0][:200], seconds=time.perf_counter() - t0)
             progress(f"[{i}/{len(running)}] {name}: FAILED ({error})")
         rows_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(rows_dir / f"{name}.json",
-                      lambda p, r=rows[name]: p.write_text(json.dumps({"row": r, "settings": settings, "data": data},
-                                                                       indent=1)))
+                      lambda p, r=rows[name], d=row_data.get(name, data): p.write_text(
+                          json.dumps({"row": r, "settings": settings, "data": d}, indent=1)))
         snapshot()
     if not names:
         return []
@@ -267,11 +303,12 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
     return [rows[n] for n in running]
 
 
-def progress_report(out_dir, checkpoint_dir=None, now=None) -> str:
+def progress_report(out_dir, checkpoint_dir=None, now=None, models=()) -> str:
     """Where a comparison stands, from what is on disk (rows/ and the models' -last.pth files),
     while it runs or after it stopped: per model, finished / failed / in progress / pending,
     epochs so far, best and last validation score, evaluations since the best (early stopping
     ends the run at stopping_step), recent seconds per epoch and how long ago the last epoch ended.
+    ``models``: the comparison's models (those not started yet show as pending).
     ``run_recbole.py --compare_status`` prints it."""
     import torch
 
@@ -280,22 +317,29 @@ def progress_report(out_dir, checkpoint_dir=None, now=None) -> str:
         raise FileNotFoundError(f"--compare_status: no comparison at {out} (give the --compare_dir it ran with)")
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
     now = time.time() if now is None else now
-    rows = {}
+    rows, row_files, dataset = {}, {}, None
     for path in sorted((out / "rows").glob("*.json")):
         try:
-            rows[path.stem] = json.loads(path.read_text())["row"]
+            saved = json.loads(path.read_text())
+            rows[path.stem], row_files[path.stem] = saved["row"], path
+            dataset = dataset or saved["settings"]["dataset"]
         except (ValueError, KeyError, TypeError):
             continue
     lasts = {}
     for path in sorted(checkpoints.glob("*-last.pth")):
-        lasts.setdefault(path.name.split("-", 1)[0], path)
+        model, rest = path.name.split("-", 1)  # <model>-<dataset>-last.pth; model names have no "-"
+        if dataset is None or rest == f"{dataset}-last.pth":  # a checkpoint_dir may hold other data sets'
+            lasts.setdefault(model, path)
     lines = [f"Comparison at {out}", "",
              "| model | state | epochs | best valid (epoch) | last valid | evals since best | s/epoch (last 5) | "
              "last epoch ended |", "|---|---|---|---|---|---|---|---|"]
-    for model in dict.fromkeys([*rows, *lasts]):
+    for model in dict.fromkeys([*models, *rows, *lasts]):
         row, last = rows.get(model), lasts.get(model)
-        state = ("finished" if str(row.get("status", "")).startswith("ok") else f"{row.get('status')}") if row \
-            else ("in progress" if last else "pending")
+        if row and not (last and last.stat().st_mtime > row_files[model].stat().st_mtime):
+            state = "finished" if str(row.get("status", "")).startswith("ok") else str(row.get("status"))
+        else:  # no row yet, or a failed model being run again since its row was written
+            state = "in progress" if last else "pending"
+        state = state.replace("|", "\\|")
         epochs = best = latest = since = pace = age = "-"
         if last is not None:
             try:
@@ -307,7 +351,9 @@ def progress_report(out_dir, checkpoint_dir=None, now=None) -> str:
             scores, seconds = history.get("valid_scores") or [], history.get("train_seconds") or []
             epochs = str(saved.get("epoch", -1) + 1)
             if scores:
-                top = max(range(len(scores)), key=lambda i: scores[i][1])  # first best, as RecBole's
+                target = saved.get("best_valid_score")  # the trainer's, whichever way its metric points
+                top = next((i for i, (_, v) in enumerate(scores) if target is not None and abs(v - target) < 1e-12),
+                           max(range(len(scores)), key=lambda i: scores[i][1]))
                 best = f"{scores[top][1]:.4f} ({scores[top][0]})"
                 latest = f"{scores[-1][1]:.4f}"
                 since = str(saved.get("cur_step", len(scores) - 1 - top))
@@ -346,9 +392,9 @@ class ModelFailed(RuntimeError):
     """Training failed in the model's own process; the message is the child's error."""
 
 
-def _child(conn, parent_pid, threads, *args):
+def _child(conn, threads, *args):
     """Entry of a model's own process: train, send (result, peak, threads) or the error back."""
-    _exit_with_parent(parent_pid)
+    _exit_with_parent()
     try:
         import torch
 
@@ -361,16 +407,33 @@ def _child(conn, parent_pid, threads, *args):
         conn.close()
 
 
-def _exit_with_parent(parent_pid, interval=1.0):
-    """A model's process ends when the comparison's does, however that ends (SIGTERM and
-    SIGKILL run no Python clean-up in the parent): it must not train on as an orphan."""
+def _exit_with_parent():
+    """A model's process ends when the comparison's does, however that ends (SIGKILL runs no
+    clean-up in the parent): it must not train on as an orphan. The parent's sentinel becomes
+    ready the moment it exits, on every platform."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
     def watch():
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent_pid:
-                os._exit(70)
+        wait([parent.sentinel])
+        os._exit(70)
 
     threading.Thread(target=watch, daemon=True, name="mamba4rec-parent-watch").start()
+
+
+def _spawnable(model):
+    """A model's own process imports its class by module and name: refuse, with the way out,
+    a class it could not import (defined in an interactive session's __main__)."""
+    cls = resolve_model(model)[0]
+    main = sys.modules.get("__main__")
+    if cls.__module__ == "__main__" and not getattr(main, "__file__", None):
+        raise ValueError(f"model class {cls.__name__} is defined in an interactive session: a model's own "
+                         f"process cannot import it. Define it in a module (a .py file), or pass "
+                         f"compare(..., isolate=False) to train in this process.")
 
 
 def _train_isolated(model, dataset, config_files, run_dict, cmd_args, resume_from):
@@ -381,27 +444,31 @@ def _train_isolated(model, dataset, config_files, run_dict, cmd_args, resume_fro
 
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, os.getpid(), _threads(), model, dataset, config_files,
-                                            run_dict, cmd_args, resume_from),
+    proc = ctx.Process(target=_child, args=(send, _threads(), model, dataset, config_files, run_dict, cmd_args,
+                                            resume_from),
                        name=f"mamba4rec-compare-{resolve_model(model)[1]}")
     proc.start()
     send.close()
     try:
         try:
             message = receive.recv()
-        except EOFError:  # the process ended without sending anything
+        except (EOFError, OSError):  # the process ended without sending (all of) its message
             message = None
-        proc.join()
+        proc.join(60)  # it has sent everything; a process that does not end after that is stopped
+        if proc.exitcode is None:
+            proc.terminate()
+            proc.join()
+        code = proc.exitcode
     except BaseException:  # interrupted here: the model's process goes too
         proc.terminate()
         proc.join()
         raise
     finally:
         receive.close()
+    proc.close()
     if message is None:
-        code = proc.exitcode
-        how = f"exit code {code}"
-        if code is not None and code < 0:
+        how = f"exit code {code}: its error, if it printed one, is in the log above"
+        if code < 0:
             sig = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
             how = f"signal {sig}" + (" (out of memory? see dmesg)" if sig == "SIGKILL" else "")
         raise ModelProcessDied(f"its process ended without a result ({how})")
@@ -438,12 +505,13 @@ def _save_per_user(out: Path, name, result, config):
 
 def _save_curve(out: Path, name, history, config):
     """out/curves/<model>.json: valid score per validated epoch and train seconds per epoch."""
+    folder = out / "curves"
     if not history or not history.get("valid_scores"):
+        (folder / f"{name}.json").unlink(missing_ok=True)  # an earlier run's curve is not this row's
         return
     curve = {"metric": str(config["valid_metric"]), "bigger": bool(config["valid_metric_bigger"]),
              "valid_scores": history["valid_scores"],
              "train_seconds": history.get("train_seconds", [])}
-    folder = out / "curves"
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(curve)))
 
@@ -603,6 +671,8 @@ def write_outputs(rows, dataset, out_dir) -> dict:
                 writer.writerow(["model", "epoch", "valid_metric", "valid_score", "train_s", "cum_train_s"])
                 for model, curve in curves.items():
                     seconds = curve.get("train_seconds") or []
+                    if len(seconds) < max(e for e, _ in curve["valid_scores"]) + 1:
+                        seconds = []  # resumed from a file without history: not every epoch's time is known
                     for epoch, score in curve["valid_scores"]:
                         spent = seconds[epoch] if epoch < len(seconds) else None
                         total = sum(seconds[:epoch + 1]) if epoch < len(seconds) else None

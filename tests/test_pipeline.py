@@ -312,6 +312,7 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     best = max(v for _, v in scores["valid_scores"])
     assert mamba[3].startswith(f"{best:.4f} (") and mamba[4] == f"{scores['valid_scores'][-1][1]:.4f}"
     assert mamba[7].endswith("s ago |")
+    assert "| SASRec | pending | - |" in cmp.progress_report(in_tmp / "cut", models=["GRU4Rec", "SASRec"])
     proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'cut'}"], in_tmp)
     assert proc.returncode == 0 and "| Mamba4Rec | in progress | 2 |" in proc.stdout
     proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'nothing'}"], in_tmp)
@@ -423,6 +424,16 @@ def test_compare_refuses_rows_made_from_other_data_files(in_tmp):
                     only=["Mamba4Rec"])
     assert not (in_tmp / "out" / "rows" / "Mamba4Rec.json").exists()  # refused before any training
 
+    # a model stopped mid-run (its -last.pth, no row yet) does not continue on other data either
+    inter.write_text("".join(lines))
+    cmp.compare(["Mamba4Rec"], "tiny", in_tmp / "solo", config_dict=cfg, progress=quiet, isolate=False)
+    assert (in_tmp / "solo" / "checkpoints" / "Mamba4Rec-tiny-last.pth.data.json").is_file()
+    (in_tmp / "solo" / "rows" / "Mamba4Rec.json").unlink()
+    inter.write_text("".join(lines[:-5]))
+    rows = cmp.compare(["Mamba4Rec"], "tiny", in_tmp / "solo", config_dict=cfg, progress=quiet, isolate=False,
+                       resume=True)
+    assert rows[0]["status"].startswith("failed: ValueError: --resume: ") and "trained on other data" in rows[0]["status"]
+
 
 def test_compare_trains_each_model_in_its_own_process(in_tmp):
     """Isolated (the default): a model whose process is killed is a failed row and the others go
@@ -450,6 +461,23 @@ def test_compare_trains_each_model_in_its_own_process(in_tmp):
     assert shared[1]["peak_rss_mib"] >= shared[0]["peak_rss_mib"] - 20  # the hog's memory is still there
     for key in ("test_ndcg@10", "test_hit@10", "valid_ndcg@10", "best_epoch", "params"):  # same training
         assert shared[1][key] == rows[2][key], key
+
+
+def test_compare_says_how_to_run_a_model_class_from_an_interactive_session(in_tmp, monkeypatch):
+    """A class typed into a notebook or `python -c` cannot be imported by a model's own process:
+    refused before any training, with the two ways out, instead of a child dying on import."""
+    import types
+
+    from recbole.model.sequential_recommender import GRU4Rec
+
+    from mamba4rec import compare as cmp
+
+    typed = type("TypedGRU4Rec", (GRU4Rec,), {"__module__": "__main__"})
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # no __file__: interactive
+    with pytest.raises(ValueError, match=r"TypedGRU4Rec is defined in an interactive session.*a module.*"
+                                         r"isolate=False"):
+        cmp.compare(["Mamba4Rec", typed], "tiny", in_tmp / "out", config_dict=_compare_cfg(in_tmp))
+    assert not (in_tmp / "out").exists()
 
 
 def test_a_model_process_ends_with_the_comparison(in_tmp):
