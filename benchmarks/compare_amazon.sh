@@ -18,7 +18,7 @@
 # at once. Then one pass per data set, with nothing left to train, writes the full tables.
 # Stop it with `kill <pid of this script>` (its lanes and their trainings go too).
 # Where each model stands (epochs, best valid so far, pace):
-#   python run_recbole.py --compare_status --compare_dir=OUT_DIR/beauty8/out
+#   python run_recbole.py --compare_status --compare_dir=OUT_DIR/beauty/out
 # One-thread processes lose less to a core taken by other work than a two-thread one does
 # (torch's threads wait for each other), and SASRec need not wait hours for the others.
 # The rows record their thread count: seconds per epoch are comparable only at equal threads
@@ -26,8 +26,6 @@
 #
 # OUT_DIR/dataset/<name>/      prepared atomic files
 # OUT_DIR/<name>/out/          compare.md, compare.csv, compare.png, rows/, checkpoints/
-# Beauty keeps the folder name beauty8/ of the session that started it (its first 8 epochs
-# were run with --epochs=8; the rows of that run were moved aside, and the models continue).
 main() {  # a function, so that bash has read all of it before running (edits are then safe)
 set -euo pipefail
 lanes=${LANES:-1}
@@ -38,14 +36,14 @@ out=${1:?usage: bash benchmarks/compare_amazon.sh OUT_DIR [overrides...]}
 shift
 python=${PYTHON:-python}
 shared=${SHARED_DATASETS:-../shared/datasets}
-sets=("amazon-beauty beauty8" "amazon-video-games video-games")
+sets=("amazon-beauty beauty" "amazon-video-games video-games")
 
 prepare amazon-beauty amazon-beauty/Beauty.txt
 prepare amazon-video-games amazon-video-games/Video_Games.txt
 if [ "$lanes" -ge 2 ]; then
     # the queue, in order; a lane claims job i by creating $claims/i (mkdir is atomic)
-    jobs_list=("amazon-beauty beauty8 Mamba4Rec" "amazon-beauty beauty8 SASRec"
-               "amazon-beauty beauty8 GRU4Rec" "amazon-video-games video-games SASRec"
+    jobs_list=("amazon-beauty beauty Mamba4Rec" "amazon-beauty beauty SASRec"
+               "amazon-beauty beauty GRU4Rec" "amazon-video-games video-games SASRec"
                "amazon-video-games video-games Mamba4Rec" "amazon-video-games video-games GRU4Rec")
     claims=$(mktemp -d)
     local pids=() n

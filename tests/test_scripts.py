@@ -55,7 +55,7 @@ def test_one_lane_runs_each_data_set_once_with_every_model(stub, tmp_path):
     calls = _calls(stub[1])
     assert [c[2].split()[0] for c in calls] == ["datasets/prepare.py"] * 2 + ["run_recbole.py"] * 2
     runs = [c for c in calls if "run_recbole.py" in c[2]]
-    assert ["-d amazon-beauty" in c[2] and "beauty8/out" in c[2] for c in runs] == [True, False]
+    assert ["-d amazon-beauty" in c[2] and "beauty/out" in c[2] for c in runs] == [True, False]
     assert all("--compare=GRU4Rec,SASRec" in c[2] and "--resume" in c[2] and c[2].endswith("--epochs=3")
                for c in runs)
     assert all("--compare_run" not in c[2] and c[1] == "unset" for c in runs)
@@ -76,8 +76,8 @@ def test_two_lanes_share_a_queue_of_jobs_one_thread_each_then_write_the_tables(s
     assert jobs[3] == ("amazon-video-games", "SASRec")
     # after both lanes: one pass per data set writes the whole table (and retries a failed model)
     assert runs[-2:] == final and [c[1] for c in final] == ["unset", "unset"]
-    assert (tmp_path / "out" / "beauty8" / "lane1.log").exists()
-    assert f"logs {tmp_path / 'out'}/{{beauty8,video-games}}/lane{{1..2}}.log" in proc.stdout
+    assert (tmp_path / "out" / "beauty" / "lane1.log").exists()
+    assert f"logs {tmp_path / 'out'}/{{beauty,video-games}}/lane{{1..2}}.log" in proc.stdout
 
 
 def test_each_lane_takes_the_next_free_job_while_the_others_train(stub, tmp_path):
