@@ -123,7 +123,7 @@ prepare)
         grep -qxF "$ignored" .gitignore || echo "warning: $ignored is not in .gitignore" >&2
     done
     du -sh "$whl" "$gpu"
-    echo "carry: [\".whl\", \".gpu\"]; command: bash benchmarks/gpu_session.sh compare 480  (or: kernels)"
+    echo "carry: [\".whl\", \".gpu\"]; command: bash benchmarks/gpu_session.sh compare 420, timeout_s 600  (or: kernels)"
     ;;
 kernels)
     need_out
@@ -192,14 +192,19 @@ compare)
         esac
         echo "${jobs_run[$i]}: exit status $status ($note)"
     done
-    for ds in "${sets[@]}"; do
-        done_all=1
+    table_pids=()
+    for ds in "${sets[@]}"; do  # every model of a data set finished: a pass that trains nothing
+        done_all=1              # writes its whole table (the passes run side by side)
         for m in "${models[@]}"; do finished "$ds" "$m" || done_all=0; done
-        if [ $done_all = 1 ]; then  # every model finished: one pass that trains nothing writes the whole table
-            timeout 300 "$py" run_recbole.py -d "$ds" --compare=GRU4Rec,SASRec --compare_dir="$state_root/$ds" \
+        if [ $done_all = 1 ]; then
+            { timeout 120 "$py" run_recbole.py -d "$ds" --compare=GRU4Rec,SASRec --compare_dir="$state_root/$ds" \
                 --data_path="$state_root/dataset/" --show_progress=False --resume "${overrides[@]}" \
-                > "$state_root/$ds/table.log" 2>&1 || echo "$ds: the table pass failed (see table.log in $ds.tar)"
+                > "$state_root/$ds/table.log" 2>&1 || echo "$ds: the table pass failed (see table.log in $ds.tar)"; } &
+            table_pids+=($!)
         fi
+    done
+    for p in "${table_pids[@]}"; do wait "$p"; done
+    for ds in "${sets[@]}"; do
         { echo "== $ds"; "$py" run_recbole.py -d "$ds" --compare=GRU4Rec,SASRec --compare_status \
             --compare_dir="$state_root/$ds" 2>&1; } >> "$OUT/status.txt"
         # back: rows, tables, curves and logs, and the checkpoints of the models not finished yet
