@@ -177,7 +177,7 @@ compare)
             OMP_NUM_THREADS=1 timeout --kill-after=30 "$seconds" "$py" run_recbole.py -d "$ds" \
                 --compare=GRU4Rec,SASRec --compare_run="$m" --compare_dir="$state_root/$ds" \
                 --data_path="$state_root/dataset/" --show_progress=False --resume "${overrides[@]}" \
-                > "$state_root/$ds/$m.log" 2>&1 &
+                >> "$state_root/$ds/$m.log" 2>&1 &  # appended: the log of every call so far
             pids+=($!) jobs_run+=("$ds $m")
         done
     done

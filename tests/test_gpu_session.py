@@ -7,11 +7,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.conftest import tiny_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
@@ -167,3 +171,27 @@ def test_a_missing_data_file_is_named(env, tmp_path):
     proc = _run(env, "compare", "60", "amazon-beauty")
     assert proc.returncode == 2 and "amazon-beauty.txt: run prepare here" in proc.stderr
     assert _calls(env) == []
+
+
+def test_a_best_checkpoint_without_its_optimizer_state_still_gives_the_same_test_result(in_tmp):
+    """What the script sends back of a best checkpoint (strip_optimizer, run as the script runs it)
+    is enough: a run resumed on it evaluates test on the same weights, with the same result."""
+    import mamba4rec.pipeline as pipeline
+
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch", epochs=2, stopping_step=10)
+    first = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg)
+    last = in_tmp / "saved" / "Mamba4Rec-tiny-last.pth"
+    best = Path(torch.load(last, weights_only=False)["saved_model_file"])
+    full_size = best.stat().st_size
+    stripped = in_tmp / "stripped.pth"
+    script = f"""source <(sed -n '/^strip_optimizer() {{/,/^}}/p' {SCRIPT}); py={sys.executable}
+                 strip_optimizer {best} {stripped}"""
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(stripped, weights_only=False)
+    assert "optimizer" not in state and "state_dict" in state
+    assert stripped.stat().st_size < full_size / 2  # Adam keeps two moments per weight
+    shutil.move(stripped, best)  # as the next call lays it out on a fresh machine
+    again = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, resume=str(last))  # nothing left to train
+    assert again.epochs_run == first.epochs_run == 2
+    assert again.test_result == first.test_result
