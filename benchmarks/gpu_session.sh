@@ -84,6 +84,11 @@ stage_state() {  # data set, bytes: into $stage, the checkpoints of its unfinish
     fi
 }
 
+compare_args() {  # data set: run_recbole.py's arguments for its comparison, into args
+    args=(run_recbole.py -d "$1" --compare=GRU4Rec,SASRec --compare_dir="$state_root/$1"
+          --data_path="$state_root/dataset/" --show_progress=False --resume "${overrides[@]}")
+}
+
 need_out() {
     if [ -z "${OUT:-}" ]; then echo "OUT is not set: run this through the device tool (or set OUT=dir)" >&2; exit 2; fi
     mkdir -p "$OUT"
@@ -174,9 +179,8 @@ compare)
     jobs_run=() pids=()
     for ds in "${sets[@]}"; do
         for m in "${models[@]}"; do
-            OMP_NUM_THREADS=1 timeout --kill-after=30 "$seconds" "$py" run_recbole.py -d "$ds" \
-                --compare=GRU4Rec,SASRec --compare_run="$m" --compare_dir="$state_root/$ds" \
-                --data_path="$state_root/dataset/" --show_progress=False --resume "${overrides[@]}" \
+            compare_args "$ds"
+            OMP_NUM_THREADS=1 timeout --kill-after=30 "$seconds" "$py" "${args[@]}" --compare_run="$m" \
                 >> "$state_root/$ds/$m.log" 2>&1 &  # appended: the log of every call so far
             pids+=($!) jobs_run+=("$ds $m")
         done
@@ -197,16 +201,16 @@ compare)
         done_all=1              # writes its whole table (the passes run side by side)
         for m in "${models[@]}"; do finished "$ds" "$m" || done_all=0; done
         if [ $done_all = 1 ]; then
-            { timeout 120 "$py" run_recbole.py -d "$ds" --compare=GRU4Rec,SASRec --compare_dir="$state_root/$ds" \
-                --data_path="$state_root/dataset/" --show_progress=False --resume "${overrides[@]}" \
-                > "$state_root/$ds/table.log" 2>&1 || echo "$ds: the table pass failed (see table.log in $ds.tar)"; } &
+            compare_args "$ds"
+            { timeout 120 "$py" "${args[@]}" > "$state_root/$ds/table.log" 2>&1 \
+                || echo "$ds: the table pass failed (see table.log in $ds.tar)"; } &
             table_pids+=($!)
         fi
     done
     for p in "${table_pids[@]}"; do wait "$p"; done
     for ds in "${sets[@]}"; do
-        { echo "== $ds"; "$py" run_recbole.py -d "$ds" --compare=GRU4Rec,SASRec --compare_status \
-            --compare_dir="$state_root/$ds" 2>&1; } >> "$OUT/status.txt"
+        compare_args "$ds"
+        { echo "== $ds"; "$py" "${args[@]}" --compare_status 2>&1; } >> "$OUT/status.txt"
         # back: rows, tables, curves and logs, and the checkpoints of the models not finished yet
         files=$(cd "$state_root" && ls -d "$ds"/*.log "$ds"/compare.* "$ds"/rows "$ds"/curves "$ds"/curves.csv \
             "$ds"/per_user 2>/dev/null || true)
