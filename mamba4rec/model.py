@@ -217,6 +217,13 @@ class Mamba4Rec(SequentialRecommender):
         return out
 
     def _forward_trimmed(self, item_seq, item_seq_len):
+        return self.gather_indexes(self.sequence_output(item_seq, item_seq_len), item_seq_len - 1)  # [B, H]
+
+    def sequence_output(self, item_seq, item_seq_len):
+        """Output at every position up to the batch's longest sequence.  [B, L] -> [B, L', H]
+
+        Position t's output is the forward output of the prefix ending at t (the model is
+        causal): train_mode=sequence (mamba4rec.sequence) reads it at every target at once."""
         L = int(item_seq_len.max())
         item_seq = item_seq[:, :L]                                  # drop the shared padding
         item_emb = self.item_embedding(item_seq)                    # [B, L, H]
@@ -226,7 +233,7 @@ class Mamba4Rec(SequentialRecommender):
         hidden = self.LayerNorm(self.dropout(item_emb))
         for layer in self.mamba_layers:
             hidden = layer(hidden)
-        return self.gather_indexes(hidden, item_seq_len - 1)        # [B, H]
+        return hidden
 
     # streaming: one interaction at a time, O(1) per step in the history length
 

@@ -24,6 +24,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_trainer, init_logger, init_seed
 
 from .model import Mamba4Rec, resolve_model_config
+from .sequence import SequenceTrainDataLoader, check_model, resolve_train_mode, sequence_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -147,6 +148,7 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
                                   config_dict=config_dict)
     if model_class is Mamba4Rec or issubclass(model_class, Mamba4Rec):
         resolve_model_config(config)  # ValueError naming key, value and range
+    resolve_train_mode(config)  # train_mode / sequence_stride: the same
     _resolve_data_path(config)
     return config
 
@@ -310,10 +312,17 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     data = create_dataset(config)
     log.info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
+    train_mode, stride = resolve_train_mode(config)
+    if train_mode == "sequence":  # one pass per window of each user's history (mamba4rec.sequence)
+        train_data = SequenceTrainDataLoader(config, train_data.dataset, train_data._sampler, stride)
+        log.info("train_mode=sequence: %d windows (stride %d) train %d targets in %d steps an epoch",
+                 len(train_data.windows), stride, train_data.n_targets, len(train_data))
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = build_model(config, train_data.dataset, model_class)
     log.info(net)
+    if train_mode == "sequence":
+        check_model(net, config)  # refuses a model whose outputs are not its prefixes' outputs
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
     if not _is_global_rank0(config):
         # RecBole lets every node's local rank 0 save; one copy, rank 0's, is the checkpoint
@@ -332,6 +341,8 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
             _save_last(last_path, trainer, net, train_data, epoch_idx - 1, history)
         current["epoch"] = epoch_idx
         t0 = time.perf_counter()
+        if train_mode == "sequence":
+            kwargs["loss_func"] = lambda interaction: sequence_loss(net, interaction)
         out = inner_train_epoch(train_data_, epoch_idx, *args, **kwargs)
         history["train_seconds"].append(time.perf_counter() - t0)
         return out

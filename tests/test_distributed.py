@@ -110,3 +110,12 @@ def test_two_nodes_without_a_shared_filesystem(tmp_path):
     assert "test      :" not in outs[1] and "ranks 1..1 finished" in outs[1]
     assert len(list((tmp_path / "node0" / "saved").glob("*.pth"))) == 2  # best + -last, rank 0 only
     assert not list((tmp_path / "node1").glob("saved/*.pth"))
+
+
+def test_two_cpu_processes_train_in_sequence_mode(in_tmp):
+    """Each rank takes its share of every step's targets; same number of steps on both ranks."""
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch", train_mode="sequence", epochs=2)
+    result = run_distributed("Mamba4Rec", "tiny", DistSpec(nproc=2, port=_free_port(), timeout_s=120),
+                             config_dict=cfg)
+    assert result["epochs_run"] == 2
+    assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())

@@ -1,0 +1,411 @@
+"""Sequence-level training: each user's training history runs through the model once.
+
+RecBole's protocol (``train_mode: prefix``) turns a user with training items x_0 .. x_{m-1}
+into m - 1 samples, one per target x_t, each holding the last MAX_ITEM_LIST_LENGTH (L) items
+before it, and runs the model over every one: O(sum over targets of min(t, L)) positions.
+For a causal model the output at position j of a sequence *is* the output of the prefix
+sample that ends at j, so ``train_mode: sequence`` runs the model once over a window of the
+sequence and takes the loss at every position against the next item.
+
+Windows (per user, L = MAX_ITEM_LIST_LENGTH, S = ``sequence_stride``, default L // 2):
+
+* the first window holds x_0 .. x_{L-1} (or the whole sequence when shorter) and trains the
+  targets x_1 .. x_L: each sees exactly the history the prefix protocol gives it;
+* each further window ends S targets later, holds the L items before its last target, and
+  trains only its targets not trained before: each of those has at least L - S + 1 items of
+  history (the prefix protocol gives L). ``sequence_stride: 1`` makes every window one target
+  long, so every target sees exactly its prefix sample's history: the exact setting.
+
+Every training target of the prefix protocol is trained exactly once per epoch.
+``train_batch_size`` counts targets, as it counts samples in prefix mode: the shuffled windows
+are cut into batches of exactly that many targets (a window may be split across two batches),
+so steps per epoch and targets per step equal the protocol's. Each step runs its windows in
+length buckets, each padded only to its longest window.
+
+Which models: any RecBole sequential model whose ``forward(item_seq, item_seq_len)`` ends by
+reading its per-position output through ``gather_indexes`` and is causal. The per-position
+output is had by letting ``gather_indexes`` return the whole output for the duration of a
+call (a model may instead define ``sequence_output(item_seq, item_seq_len)``, as Mamba4Rec
+does), and the model's own ``calculate_loss`` then computes the loss over the targets (CE over
+all items, or BPR with one sampled negative per target), unchanged. :func:`check_model` probes
+this before any training: a model whose outputs are not its prefixes' outputs is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+
+import numpy as np
+import torch
+from recbole.data.interaction import Interaction
+
+TRAIN_MODES = ("prefix", "sequence")
+#: batches of models without a ``length_buckets`` attribute of their own run in this many buckets
+DEFAULT_BUCKETS = 4
+# fields of a sequence batch that only this module reads: target -> (row, position, user, index)
+ROW, POS, USER, INDEX = "_seq_row", "_seq_pos", "_seq_user", "_seq_index"
+logger = logging.getLogger(__name__)
+
+
+def _get(config, key):
+    try:
+        return config[key]
+    except KeyError:
+        return None
+
+
+def resolve_train_mode(config) -> tuple[str, int | None]:
+    """(train_mode, stride) from a config, validated; stride is None in prefix mode.
+
+    Raises ValueError naming the key, the value and what is allowed. Called before any data work.
+    """
+    mode = _get(config, "train_mode")
+    mode = "prefix" if mode is None else mode
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"train_mode={mode!r} is invalid: it must be one of {', '.join(TRAIN_MODES)} "
+                         f"(prefix: RecBole's protocol, one sample per target; sequence: one pass per "
+                         f"window of a user's history). Set --train_mode=sequence or leave it out.")
+    stride = _get(config, "sequence_stride")
+    max_len = _get(config, "MAX_ITEM_LIST_LENGTH")
+    if stride is None:
+        return mode, (max(1, int(max_len) // 2) if mode == "sequence" else None)
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or not 1 <= stride <= max_len:
+        raise ValueError(f"sequence_stride={stride!r} is invalid: it must be an integer from 1 to "
+                         f"MAX_ITEM_LIST_LENGTH ({max_len}); 1 trains every target on exactly its prefix "
+                         f"sample's history, the default ({max(1, int(max_len) // 2)}) is L // 2.")
+    return mode, (int(stride) if mode == "sequence" else None)
+
+
+# ---- windows -------------------------------------------------------------------------------
+
+def user_sequences(dataset) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(user ids, training item sequences) rebuilt from RecBole's prefix samples.
+
+    RecBole's augmented training set holds, per user and in time order, one sample per target;
+    the sequence is the first sample's history item followed by every target. Checked on the
+    way: each sample's last history item must be the previous target."""
+    feat = dataset.inter_feat
+    uid = feat[dataset.uid_field].numpy()
+    target = feat[dataset.iid_field].numpy()
+    lists = feat[dataset.item_id_list_field].numpy()
+    lengths = feat[dataset.item_list_length_field].numpy()
+    if len(uid) == 0:
+        return np.zeros(0, dtype=np.int64), []
+    starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
+    ends = np.r_[starts[1:], len(uid)]
+    if len(np.unique(uid[starts])) != len(starts):
+        raise ValueError("train_mode=sequence: the training samples are not grouped by user, so the "
+                         "users' sequences cannot be rebuilt (RecBole sorts them by user and time)")
+    last_history = lists[np.arange(len(uid)), lengths - 1]
+    follows = np.r_[False, last_history[1:] == target[:-1]]
+    follows[starts] = True
+    if not follows.all() or (lengths[starts] != 1).any():
+        raise ValueError("train_mode=sequence: the training samples are not the prefixes of one "
+                         "sequence per user in time order (eval_args order must be TO, and the data "
+                         "set RecBole's own augmented one)")
+    seqs = [np.r_[lists[s, 0], target[s:e]].astype(np.int64) for s, e in zip(starts, ends)]
+    return uid[starts].astype(np.int64), seqs
+
+
+def window_spans(m: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of one training sequence of m items: (start, length, new targets).
+
+    A window holds items [start, start + length) and trains the targets at its last ``new``
+    positions (targets item[start + j + 1]); together they train targets 1 .. m-1 once each."""
+    if m < 2:
+        return []
+    first = min(max_len, m - 1)
+    spans = [(0, first, first)]
+    end = first  # index of the last target trained so far
+    while end < m - 1:
+        new_end = min(end + stride, m - 1)
+        spans.append((new_end - max_len, max_len, new_end - end))
+        end = new_end
+    return spans
+
+
+class Windows:
+    """Every window of every user as padded arrays (built once, read every epoch)."""
+
+    def __init__(self, users, seqs, max_len, stride):
+        spans = [(u, s, w, k) for u, seq in enumerate(seqs) for s, w, k in window_spans(len(seq), max_len, stride)]
+        n = len(spans)
+        self.user = np.zeros(n, dtype=np.int64)     # user id (RecBole's internal id)
+        self.first = np.zeros(n, dtype=np.int64)    # index in the user's sequence of the window's first target
+        self.length = np.zeros(n, dtype=np.int64)
+        self.new = np.zeros(n, dtype=np.int64)      # targets trained by this window: its last `new` positions
+        self.items = np.zeros((n, max_len), dtype=np.int64)
+        self.targets = np.zeros((n, max_len), dtype=np.int64)
+        for i, (u, s, w, k) in enumerate(spans):
+            seq = seqs[u]
+            self.user[i], self.first[i], self.length[i], self.new[i] = users[u], s + 1, w, k
+            self.items[i, :w] = seq[s:s + w]
+            self.targets[i, :w] = seq[s + 1:s + w + 1]
+        self.n_targets = int(self.new.sum())
+
+    def __len__(self):
+        return len(self.new)
+
+
+def plan_batches(windows: Windows, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Cut the windows, in ``order``, into batches of ``batch_size`` targets (the last may be
+    short). Each batch is an int64 array of (window, lo, hi) rows: the window's new-target
+    positions lo .. hi-1 counted from its first new target."""
+    new = windows.new[order]
+    ends = np.cumsum(new)
+    starts = ends - new
+    total = int(ends[-1]) if len(ends) else 0
+    batches = []
+    for b0 in range(0, total, batch_size):
+        b1 = min(b0 + batch_size, total)
+        i0 = int(np.searchsorted(ends, b0, side="right"))
+        i1 = int(np.searchsorted(starts, b1, side="left"))
+        lo = np.maximum(b0 - starts[i0:i1], 0)
+        hi = np.minimum(b1 - starts[i0:i1], new[i0:i1])
+        batches.append(np.stack([order[i0:i1], lo, hi], axis=1))
+    return batches
+
+
+class _EpochSampler:
+    """What RecBole's trainer calls on a distributed loader (set_epoch); the order itself comes
+    from the loader's seeded generator, identical on every rank."""
+
+    def set_epoch(self, epoch):
+        pass
+
+
+class SequenceTrainDataLoader:
+    """Training batches of windows (see the module docstring), iterable as RecBole's trainer
+    iterates its TrainDataLoader. The window order is drawn each epoch from ``generator``
+    (seeded with ``seed``; run()'s resumable checkpoint saves its state)."""
+
+    def __init__(self, config, dataset, sampler=None, stride=None):
+        self.config = config
+        self._dataset = dataset
+        self._sampler = sampler
+        self.shuffle = True
+        self.max_len = int(config["MAX_ITEM_LIST_LENGTH"])
+        self.stride = stride or resolve_train_mode(config)[1] or max(1, self.max_len // 2)
+        self.batch_size = int(config["train_batch_size"])
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config["seed"])
+        self.sampler = _EpochSampler()
+        self.world_size = 1 if config["single_spec"] else int(config["world_size"])
+        self.rank = 0 if config["single_spec"] else torch.distributed.get_rank()
+        neg = config["train_neg_sample_args"] or {}
+        self.negatives = neg.get("distribution", "none") != "none" and neg.get("sample_num", "none") != "none"
+        if self.negatives:
+            if neg.get("dynamic", False) or int(neg.get("sample_num", 1)) != 1 or sampler is None:
+                raise ValueError(f"train_mode=sequence takes one uniform or popularity negative per target "
+                                 f"(train_neg_sample_args sample_num 1, not dynamic), not {neg}")
+        users, seqs = user_sequences(dataset)
+        self.windows = Windows(users, seqs, self.max_len, self.stride)
+        self.n_targets = self.windows.n_targets
+        # per rank and step: batch_size // world_size targets, as RecBole's DistributedSampler
+        self.step = max(1, self.batch_size // self.world_size)
+        self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
+        self.item_seq_field = dataset.item_id_list_field
+        self.item_len_field = dataset.item_list_length_field
+        self.neg_item_field = config["NEG_PREFIX"] + self.iid_field
+        self.n_buckets = DEFAULT_BUCKETS
+
+    @property
+    def dataset(self):
+        return self._dataset
+
+    def __len__(self):
+        chunks = math.ceil(self.n_targets / self.step)
+        return math.ceil(chunks / self.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.windows), generator=self.generator).numpy()
+        chunks = plan_batches(self.windows, order, self.step)
+        steps = len(self)
+        for s in range(steps):
+            i = s * self.world_size + self.rank
+            # every rank takes as many steps (a distributed step waits for all); a rank short of
+            # a chunk in the last step repeats the epoch's first, as DistributedSampler pads
+            yield self.collate(chunks[i] if i < len(chunks) else chunks[0])
+
+    def collate(self, pieces: np.ndarray) -> Interaction:
+        w = self.windows
+        win, lo, hi = pieces[:, 0], pieces[:, 1], pieces[:, 2]
+        length = w.length[win]
+        width = int(length.max())
+        counts = hi - lo
+        row = np.repeat(np.arange(len(win)), counts)
+        # position of each target in its row: length - new + lo + (0 .. count-1)
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        pos = np.repeat(length - w.new[win] + lo, counts) + offsets
+        target = w.targets[win[row], pos]
+        data = {
+            self.item_seq_field: torch.from_numpy(w.items[win, :width].copy()),
+            self.item_len_field: torch.from_numpy(length.copy()),
+            self.iid_field: torch.from_numpy(target),
+            ROW: torch.from_numpy(row), POS: torch.from_numpy(pos),
+            USER: torch.from_numpy(w.user[win][row]), INDEX: torch.from_numpy(w.first[win][row] + pos),
+        }
+        if self.negatives:
+            neg = self._sampler.sample_by_user_ids(data[USER], data[self.iid_field], 1)
+            data[self.neg_item_field] = torch.as_tensor(neg, dtype=torch.long).reshape(-1)
+        return Interaction(data)
+
+
+# ---- the model side ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _patched(model, **attrs):
+    """Set instance attributes for the duration (restoring an instance attribute that was there)."""
+    saved = {k: model.__dict__[k] for k in attrs if k in model.__dict__}
+    try:
+        for k, v in attrs.items():
+            object.__setattr__(model, k, v)
+        yield
+    finally:
+        for k in attrs:
+            if k in saved:
+                object.__setattr__(model, k, saved[k])
+            else:
+                model.__dict__.pop(k, None)
+
+
+def sequence_output(model, item_seq, item_seq_len) -> torch.Tensor:
+    """The model's output at every position, [B, L', H] (L' = item_seq's width).
+
+    ``model.sequence_output`` when the model has one; otherwise its ``forward`` with
+    ``gather_indexes`` returning the whole output it was given."""
+    own = getattr(type(model), "sequence_output", None)
+    if own is not None:
+        return model.sequence_output(item_seq, item_seq_len)
+    with _patched(model, gather_indexes=lambda output, gather_index: output):
+        return type(model).forward(model, item_seq, item_seq_len)
+
+
+def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor:
+    """The model's output at each target of a sequence batch, [T, H], in the batch's target
+    order. The rows run in up to ``n_buckets`` length buckets, each cut at its longest row."""
+    item_seq = interaction[model.ITEM_SEQ]
+    item_len = interaction[model.ITEM_SEQ_LEN]
+    row, pos = interaction[ROW], interaction[POS]
+    n_buckets = max(1, min(int(getattr(model, "length_buckets", n_buckets)), item_seq.shape[0]))
+    if n_buckets == 1:
+        full = sequence_output(model, item_seq[:, :int(item_len.max())], item_len)
+        return full[row, pos]
+    order = torch.argsort(item_len)
+    parts = [idx for idx in torch.tensor_split(order, n_buckets) if len(idx)]
+    bucket = torch.empty_like(order)
+    local = torch.empty_like(order)  # a row's index inside its bucket
+    for b, idx in enumerate(parts):
+        bucket[idx] = b
+        local[idx] = torch.arange(len(idx), device=idx.device)
+    out = None
+    for b, idx in enumerate(parts):
+        sel = torch.nonzero(bucket[row] == b).reshape(-1)
+        if len(sel) == 0:
+            continue
+        full = sequence_output(model, item_seq[idx, :int(item_len[idx].max())], item_len[idx])
+        part = full[local[row[sel]], pos[sel]]
+        if out is None:
+            out = part.new_empty(len(row), part.shape[-1])
+        out[sel] = part
+    return out
+
+
+def sequence_loss(model, interaction):
+    """The model's own ``calculate_loss`` over every target of a sequence batch: its ``forward``
+    answers, for this call, with the outputs at the targets."""
+    outputs = target_output(model, interaction)
+    with _patched(model, forward=lambda item_seq, item_seq_len: outputs):
+        return model.calculate_loss(interaction)
+
+
+class NotSequenceTrainable(ValueError):
+    """The model cannot train with train_mode=sequence (not causal, or not read through gather_indexes)."""
+
+
+def _refuse(name, why):
+    return NotSequenceTrainable(
+        f"train_mode=sequence cannot train {name}: {why}. Sequence mode runs a model once over a "
+        f"window and reads its output at every position, which equals the prefix protocol only for "
+        f"a causal model whose forward(item_seq, item_seq_len) ends with gather_indexes (Mamba4Rec, "
+        f"SASRec, GRU4Rec, ...). Train {name} with train_mode=prefix (the default).")
+
+
+def check_model(model, config=None, n_rows=3, tol=1e-4) -> None:
+    """Refuse, before any training, a model for which sequence mode would not equal prefix mode.
+
+    The probe (eval mode, no gradient, its own random items, the model's RNG untouched): the
+    output at position t of a sequence, read through :func:`sequence_output`, must equal the
+    model's own forward on the prefix ending at t, for every t of a few sequences, and one
+    sequence batch must go through the model's calculate_loss."""
+    name = type(model).__name__
+    max_len = int(getattr(model, "max_seq_length", 0) or (config["MAX_ITEM_LIST_LENGTH"] if config else 0))
+    n_items = int(getattr(model, "n_items", 0))
+    if max_len < 2 or n_items < 3:
+        raise _refuse(name, "it is not a RecBole sequential model (no max_seq_length / n_items)")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(12345)
+    L = min(max_len, 16)
+    lengths = torch.tensor([L, max(2, L // 2 + 1), 2][:n_rows])
+    seq = torch.randint(1, n_items, (len(lengths), L), generator=gen)
+    seq[torch.arange(L)[None] >= lengths[:, None]] = 0
+    seq, lengths = seq.to(device), lengths.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                full = sequence_output(model, seq, lengths)
+            except Exception as exc:  # shapes that only work for one position per row
+                raise _refuse(name, f"its forward fails when gather_indexes returns every position "
+                                    f"({type(exc).__name__}: {exc})") from None
+            if full.dim() != 3 or tuple(full.shape[:2]) != tuple(seq.shape):
+                raise _refuse(name, f"its forward does not return its per-position output through "
+                                    f"gather_indexes (got shape {tuple(full.shape)} for items of shape "
+                                    f"{tuple(seq.shape)})")
+            width = seq.shape[1]
+            # every position, read as training reads it (length buckets, each cut at its longest row)
+            row = torch.cat([torch.full((n,), r) for r, n in enumerate(lengths.tolist())]).to(device)
+            pos = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(device)
+            got_all = target_output(model, Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: lengths,
+                                                        ROW: row, POS: pos}))
+            for t in range(L):
+                rows = torch.nonzero(lengths > t).reshape(-1)
+                prefix = seq[rows].clone()
+                prefix[:, t + 1:] = 0
+                ref = model.forward(prefix, torch.full_like(lengths[rows], t + 1))
+                got = got_all[pos == t]
+                if ref.shape != got.shape or not torch.allclose(got, ref, atol=tol, rtol=1e-3):
+                    gap = (got - ref).abs().max().item() if ref.shape == got.shape else float("nan")
+                    raise _refuse(name, f"its output at position {t} of a {width}-item sequence differs "
+                                        f"from its output on the prefix ending there (max gap {gap:.3g}): "
+                                        f"it reads later items (not causal)")
+            probe = _probe_batch(model, seq, lengths, config)
+            try:
+                loss = sequence_loss(model, probe)
+            except Exception as exc:
+                raise _refuse(name, f"its calculate_loss fails on a sequence batch "
+                                    f"({type(exc).__name__}: {exc})") from None
+            if not torch.isfinite(torch.as_tensor(loss)).all():
+                raise _refuse(name, "its loss on a probe batch is not finite")
+    finally:
+        model.train(was_training)
+
+
+def _probe_batch(model, seq, lengths, config):
+    rows, pos = [], []
+    for r, n in enumerate(lengths.tolist()):
+        for p in range(n - 1):
+            rows.append(r)
+            pos.append(p)
+    row = torch.tensor(rows, device=seq.device)
+    posi = torch.tensor(pos, device=seq.device)
+    data = {model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: lengths, model.POS_ITEM_ID: seq[row, posi + 1],
+            ROW: row, POS: posi, USER: torch.ones_like(row), INDEX: posi + 1}
+    neg = getattr(model, "NEG_ITEM_ID", None)
+    if neg is not None:
+        data[neg] = (seq[row, posi + 1] % (model.n_items - 1)) + 1
+    return Interaction(data)

@@ -1,0 +1,274 @@
+"""train_mode=sequence (mamba4rec/sequence.py): exact where the spec says, refused where it cannot be."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender import SASRec
+
+from mamba4rec import pipeline
+from mamba4rec import sequence as sq
+from tests.conftest import tiny_config_dict
+
+L = 6
+MODELS = ["Mamba4Rec", "SASRec", "GRU4Rec"]
+
+
+def write_data(root, n_users=14, n_items=25, seed=0):
+    """Users of 5 .. 5 + 2 * (n_users - 1) interactions: training sequences shorter and longer than L."""
+    rng = np.random.default_rng(seed)
+    folder = root / "seqdata"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for u in range(n_users):
+        n = 5 + 2 * u
+        start = int(rng.integers(1, n_items))
+        for t in range(n):
+            item = (start + t) % n_items + 1 if rng.random() < 0.7 else int(rng.integers(1, n_items + 1))
+            lines.append(f"u{u}\ti{item}\t{t}")
+    (folder / "seqdata.inter").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _setup(tmp, model, **overrides):
+    cfg = tiny_config_dict(tmp, data_path=str(write_data(tmp)), MAX_ITEM_LIST_LENGTH=L, dropout_prob=0.0,
+                           hidden_dropout_prob=0.0, attn_dropout_prob=0.0, scan_impl="torch",
+                           train_batch_size=16, **overrides)
+    config = pipeline.build_config(model, "seqdata", config_dict=cfg)
+    from recbole.utils import init_seed
+
+    init_seed(config["seed"], config["reproducibility"])
+    train, _, _ = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"], config["reproducibility"])
+    net = pipeline.build_model(config, train.dataset)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the near-uniform scores of a fresh init, so gaps would show
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return config, train, net
+
+
+def _prefix_keys(dataset):
+    """(user, target index in the user's training sequence) of every RecBole prefix sample."""
+    uid = dataset.inter_feat[dataset.uid_field].numpy()
+    index = np.zeros(len(uid), dtype=np.int64)
+    for i in range(1, len(uid)):
+        index[i] = index[i - 1] + 1 if uid[i] == uid[i - 1] else 0
+    return uid, index + 1
+
+
+def prefix_losses(net, dataset):
+    """{(user, target index): CE} in prefix mode: the model's forward on every prefix sample."""
+    feat = dataset.inter_feat
+    out = net.forward(feat[net.ITEM_SEQ], feat[net.ITEM_SEQ_LEN])
+    ce = F.cross_entropy(out @ net.item_embedding.weight.T, feat[net.POS_ITEM_ID], reduction="none")
+    uid, index = _prefix_keys(dataset)
+    return {(int(u), int(t)): c for u, t, c in zip(uid, index, ce)}
+
+
+def sequence_losses(net, loader):
+    """{(user, target index): CE} in sequence mode, over one epoch of the loader's batches."""
+    losses = {}
+    for batch in loader:
+        out = sq.target_output(net, batch)
+        ce = F.cross_entropy(out @ net.item_embedding.weight.T, batch[net.POS_ITEM_ID], reduction="none")
+        for u, t, c in zip(batch[sq.USER].tolist(), batch[sq.INDEX].tolist(), ce):
+            assert (u, t) not in losses, "a target trained twice in one epoch"
+            losses[(u, t)] = c
+    return losses
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_target_loss_equals_the_prefix_protocol_where_exact(in_tmp, model):
+    config, train, net = _setup(in_tmp, model)
+    net.eval()
+    with torch.no_grad():
+        ref = prefix_losses(net, train.dataset)
+        default = sequence_losses(net, sq.SequenceTrainDataLoader(config, train.dataset))
+        exact = sequence_losses(net, sq.SequenceTrainDataLoader(config, train.dataset, stride=1))
+    assert set(default) == set(exact) == set(ref)  # every prefix-protocol target, once
+    within = [k for k in ref if k[1] <= L]  # the first window: the prefix's own history
+    beyond = [k for k in ref if k[1] > L]
+    assert within and beyond
+    for k in within:
+        assert torch.allclose(default[k], ref[k], atol=1e-5, rtol=1e-5), (k, default[k], ref[k])
+    for k in ref:
+        assert torch.allclose(exact[k], ref[k], atol=1e-5, rtol=1e-5), (k, exact[k], ref[k])
+    # past L the default windows see less history (>= L - stride + 1 items), so losses differ
+    assert any(not torch.allclose(default[k], ref[k], atol=1e-4) for k in beyond)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_summed_gradient_over_users_equals_the_prefix_protocol(in_tmp, model):
+    config, train, net = _setup(in_tmp, model)
+    net.eval()  # dropout off (it is 0 too); gradients still flow
+    users = {2, 5, 11}
+
+    def grads(losses):
+        net.zero_grad()
+        sum(v for (u, _), v in losses.items() if u in users).backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    g_prefix = grads(prefix_losses(net, train.dataset))
+    g_seq = grads(sequence_losses(net, sq.SequenceTrainDataLoader(config, train.dataset, stride=1)))
+    assert set(g_prefix) == set(g_seq)
+    for name, g in g_prefix.items():
+        assert torch.allclose(g_seq[name], g, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("loss_type", ["CE", "BPR"])
+def test_the_models_own_loss_is_taken_over_every_target(in_tmp, loss_type):
+    config, train, net = _setup(in_tmp, "SASRec", loss_type=loss_type)
+    loader = sq.SequenceTrainDataLoader(config, train.dataset, train._sampler)
+    batch = next(iter(loader))
+    out = sq.target_output(net, batch)
+    pos = net.item_embedding(batch[net.POS_ITEM_ID])
+    if loss_type == "BPR":
+        neg_items = batch[net.NEG_ITEM_ID]
+        assert neg_items.shape == batch[net.POS_ITEM_ID].shape and (neg_items != batch[net.POS_ITEM_ID]).all()
+        neg = net.item_embedding(neg_items)
+        expected = -torch.log(1e-10 + torch.sigmoid((out * pos).sum(-1) - (out * neg).sum(-1))).mean()
+    else:
+        expected = F.cross_entropy(out @ net.item_embedding.weight.T, batch[net.POS_ITEM_ID])
+    assert torch.allclose(sq.sequence_loss(net, batch), expected, atol=1e-6)
+    assert "forward" not in net.__dict__ and "gather_indexes" not in net.__dict__  # nothing left patched
+
+
+def test_batches_hold_train_batch_size_targets_and_match_the_protocols_steps(in_tmp):
+    config, train, net = _setup(in_tmp, "Mamba4Rec")
+    loader = sq.SequenceTrainDataLoader(config, train.dataset)
+    sizes = [len(b[net.POS_ITEM_ID]) for b in loader]
+    assert loader.n_targets == len(train.dataset) == sum(sizes)
+    assert len(sizes) == len(loader) == len(train) == math.ceil(len(train.dataset) / 16)
+    assert all(s == 16 for s in sizes[:-1]) and 0 < sizes[-1] <= 16
+    # a batch is no wider than its longest window
+    for b in loader:
+        assert b[net.ITEM_SEQ].shape[1] == int(b[net.ITEM_SEQ_LEN].max()) <= L
+
+
+def test_window_spans_train_each_target_once_with_at_least_l_minus_stride_plus_one_history():
+    for m in range(1, 40):
+        for stride in range(1, L + 1):
+            seen = []
+            for start, length, new in sq.window_spans(m, L, stride):
+                assert 1 <= new <= length <= L and start >= 0 and start + length <= m - 1
+                for j in range(length - new, length):
+                    target = start + j + 1
+                    history = target - start
+                    assert history == min(target, L) or history >= L - stride + 1
+                    if stride == 1:
+                        assert history == min(target, L)  # the exact setting
+                    seen.append(target)
+            assert seen == list(range(1, m)), (m, stride)
+
+
+def test_shuffle_is_seeded_and_resumes_from_the_generator_state(in_tmp):
+    config, train, _ = _setup(in_tmp, "Mamba4Rec")
+
+    def epoch(loader):
+        return [b["item_id"].tolist() for b in loader]
+
+    a, b = sq.SequenceTrainDataLoader(config, train.dataset), sq.SequenceTrainDataLoader(config, train.dataset)
+    first = epoch(a)
+    assert first == epoch(b)
+    state = a.generator.get_state()
+    second = epoch(a)
+    assert second != first  # a new order each epoch
+    c = sq.SequenceTrainDataLoader(config, train.dataset)
+    c.generator.set_state(state)
+    assert epoch(c) == second
+
+
+class BidirectionalSASRec(SASRec):
+    """SASRec attending to later items too: not causal."""
+
+    def get_attention_mask(self, item_seq, bidirectional=False):
+        return super().get_attention_mask(item_seq, bidirectional=True)
+
+
+@pytest.mark.parametrize("model,match", [("BERT4Rec", "BERT4Rec"), ("NARM", "NARM"),
+                                         (BidirectionalSASRec, "not causal")])
+def test_a_non_causal_model_is_refused_before_training(in_tmp, monkeypatch, model, match):
+    def no_training(*a, **k):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr("recbole.trainer.Trainer.fit", no_training)
+    cfg = tiny_config_dict(in_tmp, train_mode="sequence")
+    if isinstance(model, type):  # a class of the user's own: RecBole has no settings file for it
+        import recbole
+        import yaml
+
+        props = Path(recbole.__file__).parent / "properties" / "model" / "SASRec.yaml"
+        cfg = {**yaml.safe_load(props.read_text()), **cfg}
+    with pytest.raises(sq.NotSequenceTrainable, match=f"train_mode=sequence cannot train.*{match}.*train_mode=prefix"):
+        pipeline.run(model, "tiny", config_dict=cfg)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"train_mode": "windows"}, "train_mode='windows' is invalid.*prefix, sequence"),
+    ({"train_mode": "sequence", "sequence_stride": 0}, "sequence_stride=0 is invalid.*from 1 to"),
+    ({"train_mode": "sequence", "sequence_stride": 11}, "sequence_stride=11 is invalid"),
+    ({"train_mode": "sequence", "sequence_stride": "half"}, "sequence_stride='half' is invalid"),
+])
+def test_bad_train_mode_or_stride_fails_before_any_data_work(in_tmp, monkeypatch, override, match):
+    monkeypatch.setattr(pipeline, "create_dataset", lambda *a, **k: pytest.fail("data work started"))
+    with pytest.raises(ValueError, match=match):
+        pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, **override))
+
+
+def test_cli_bad_train_mode_exits_2(in_tmp, capsys):
+    import run_recbole
+
+    assert run_recbole.main(["--dataset=tiny", "--train_mode=window", f"--data_path={in_tmp}"]) == 2
+    assert "train_mode='window' is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["Mamba4Rec", "SASRec"])
+def test_sequence_mode_trains_and_resumes_exactly(in_tmp, model):
+    def cfg(sub, epochs):
+        return tiny_config_dict(in_tmp, scan_impl="torch", epochs=epochs, checkpoint_dir=str(in_tmp / sub),
+                                stopping_step=10, train_mode="sequence", sequence_stride=3)
+
+    full = pipeline.run(model, "tiny", config_dict=cfg("full", 3))
+    pipeline.run(model, "tiny", config_dict=cfg("cut", 1))
+    resumed = pipeline.run(model, "tiny", config_dict=cfg("cut", 3),
+                           resume=str(in_tmp / "cut" / f"{model}-tiny-last.pth"))
+    assert resumed.epochs_run == full.epochs_run == 3
+    assert resumed.test_result == full.test_result and resumed.best_valid_result == full.best_valid_result
+    a = torch.load(in_tmp / "full" / f"{model}-tiny-last.pth", weights_only=False)["state_dict"]
+    b = torch.load(in_tmp / "cut" / f"{model}-tiny-last.pth", weights_only=False)["state_dict"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert all(0.0 <= v <= 1.0 for v in full.test_result.values())
+
+
+def test_sequence_mode_amp_bf16_on_cpu_stays_finite(in_tmp):
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(
+        in_tmp, scan_impl="torch", enable_amp=True, epochs=1, train_mode="sequence"))
+    assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
+
+
+def test_distributed_ranks_split_every_step_and_take_the_same_number_of_steps(in_tmp):
+    config, train, net = _setup(in_tmp, "GRU4Rec")
+    seen, steps = [], []
+    for rank in range(3):
+        loader = sq.SequenceTrainDataLoader(config, train.dataset)
+        loader.world_size, loader.rank, loader.step = 3, rank, 16 // 3
+        batches = list(loader)
+        steps.append(len(batches))
+        assert len(batches) == len(loader) and all(len(b["item_id"]) <= 5 for b in batches)
+        seen += [(u, t) for b in batches for u, t in zip(b[sq.USER].tolist(), b[sq.INDEX].tolist())]
+    assert len(set(steps)) == 1
+    everything = set(sequence_losses_keys(config, train))
+    assert set(seen) == everything  # every target on some rank; repeats only as the last step's padding
+    assert len(seen) - len(everything) < 3 * 5
+
+
+def sequence_losses_keys(config, train):
+    return [(u, t) for b in sq.SequenceTrainDataLoader(config, train.dataset)
+            for u, t in zip(b[sq.USER].tolist(), b[sq.INDEX].tolist())]
