@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""CPU training-epoch time and peak memory: Mamba4Rec vs SASRec vs GRU4Rec, side by side.
+"""CPU training-epoch time and peak memory: Mamba4Rec vs SASRec vs GRU4Rec, side by side, in
+both train modes (prefix: RecBole's protocol; sequence: one pass per window, mamba4rec/sequence.py).
 
 Each (model, max length) runs in its own child process (clean peak RSS), on the same data,
 split, batch size and seed, through mamba4rec.pipeline (the models' RecBole defaults + the
@@ -13,6 +14,7 @@ s/epoch is the timed batches' mean times the batches in an epoch.
     python benchmarks/bench_epoch_cpu.py --scan-impl numba,torch --models Mamba4Rec,SASRec   # both CPU scans
     python benchmarks/bench_epoch_cpu.py --scan-impl numba --fast-dropout on,off              # both dropouts
     python benchmarks/bench_epoch_cpu.py --dataset amazon-beauty --data-path /work/runs/dataset/ --lengths 50
+    python benchmarks/bench_epoch_cpu.py --dataset ml-1m --data-path DIR --lengths 200 --prefix-max-batches 3
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ def child(args) -> None:
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_trainer, init_seed
 
-    from mamba4rec import pipeline
+    from mamba4rec import pipeline, sequence
 
-    cfg = {"MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": args.batch_size,
+    cfg = {"train_mode": args.train_mode, "MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": args.batch_size,
            "show_progress": False, "state": "ERROR", "checkpoint_dir": args.tmp}
     if args.scan_impl:
         cfg["scan_impl"] = args.scan_impl
@@ -55,7 +57,12 @@ def child(args) -> None:
     config = pipeline.build_config(args.model, args.dataset, config_dict=cfg)
     init_seed(config["seed"], config["reproducibility"])
     train, _, _ = data_preparation(config, create_dataset(config))
+    if args.train_mode == "sequence":
+        train = sequence.SequenceTrainDataLoader(config, train.dataset, train._sampler)
     model = pipeline.build_model(config, train.dataset)
+    loss_of = (lambda inter: sequence.sequence_loss(model, inter)) if args.train_mode == "sequence" \
+        else model.calculate_loss
+    max_batches = args.prefix_max_batches if args.train_mode == "prefix" and args.prefix_max_batches else args.max_batches
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     n_batches = len(train)
     rss_before = _rss_mib()
@@ -67,24 +74,24 @@ def child(args) -> None:
         interaction = interaction.to(config["device"])
         if warm:
             trainer.optimizer.zero_grad()
-            model.calculate_loss(interaction).backward()
+            loss_of(interaction).backward()
             trainer.optimizer.step()
             warm = False
             t0 = time.perf_counter()
             continue
         trainer.optimizer.zero_grad()
-        loss = model.calculate_loss(interaction)
+        loss = loss_of(interaction)
         loss.backward()
         trainer.optimizer.step()
         done += 1
-        if args.max_batches and done >= args.max_batches:
+        if max_batches and done >= max_batches:
             break
     seconds = time.perf_counter() - t0
     if not torch.isfinite(loss):
         raise SystemExit(f"{args.model}: non-finite loss {loss.item()}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
-        "model": args.model + (f"[{args.scan_impl}]" if args.scan_impl else ""), "max_len": args.max_len, "batches_timed": done, "batches_per_epoch": n_batches,
+        "model": args.model + (f"[{args.scan_impl}]" if args.scan_impl else ""), "max_len": args.max_len, "train_mode": args.train_mode, "batches_timed": done, "batches_per_epoch": n_batches,
         "epoch_seconds": seconds / done * n_batches, "seconds_per_batch": seconds / done,
         "peak_rss_mib": peak, "rss_before_train_mib": rss_before, "train_rss_growth_mib": peak - rss_before,
         "params": sum(p.numel() for p in model.parameters()), "final_loss": float(loss),
@@ -99,6 +106,9 @@ def main() -> None:
     p.add_argument("--lengths", default="50,200")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--max-batches", type=int, default=0, help="time only this many batches (0 = a full epoch)")
+    p.add_argument("--prefix-max-batches", type=int, default=0,
+                   help="prefix mode only: time this many batches and scale (default: --max-batches)")
+    p.add_argument("--train-modes", default="prefix,sequence", help="prefix, sequence or both (side by side)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--scan-impl", default=None,
                    help="Mamba4Rec scan path(s), comma-separated: each gets its own row (default: the config's, auto)")
@@ -110,6 +120,7 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--train-mode", default="prefix", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default="/tmp/mamba4rec-bench", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -124,14 +135,16 @@ def main() -> None:
     rows = []
     for L in [int(x) for x in args.lengths.split(",")]:
         drops = args.fast_dropout.split(",")
-        runs = [(m, impl, drop) for m in args.models.split(",")
+        runs = [(m, impl, drop, mode) for m in args.models.split(",")
+                for mode in args.train_modes.split(",")
                 for impl in ((args.scan_impl or "").split(",") if m == "Mamba4Rec" else [""])
                 for drop in (drops if m == "Mamba4Rec" else ["on"])]
-        for model, impl, drop in runs:
+        for model, impl, drop, mode in runs:
             env = dict(os.environ, MAMBA4REC_FAST_DROPOUT="0" if drop == "off" else "1")
             cmd = [sys.executable, __file__, "--child", "--model", model, "--max-len", str(L),
                    "--dataset", args.dataset, "--batch-size", str(args.batch_size),
-                   "--max-batches", str(args.max_batches), "--threads", str(args.threads)]
+                   "--max-batches", str(args.max_batches), "--threads", str(args.threads),
+                   "--train-mode", mode, "--prefix-max-batches", str(args.prefix_max_batches)]
             if impl:
                 cmd += ["--scan-impl", impl]
             if args.data_path:
@@ -139,23 +152,30 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                   cwd=args.tmp if os.path.isdir(args.tmp) else None)
             if proc.returncode != 0:
-                print(f"{model} L={L}: FAILED\n{proc.stderr[-1500:]}", file=sys.stderr)
+                print(f"{model} L={L} {mode}: FAILED\n{proc.stderr[-1500:]}", file=sys.stderr)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             if model == "Mamba4Rec" and len(drops) > 1:
                 row["model"] += "+torch-dropout" if drop == "off" else "+fast-dropout"
             rows.append(row)
-            print(f"  {row['model']:16s} L={L:4d}  {row['epoch_seconds']:8.1f} s/epoch  "
+            print(f"  {row['model']:16s} L={L:4d} {mode:8s} {row['epoch_seconds']:8.1f} s/epoch  "
                   f"{row['seconds_per_batch']:6.2f} s/batch  peak RSS {row['peak_rss_mib']:7.0f} MiB", flush=True)
     print()
-    print("| model | L | s/epoch | s/batch | peak RSS MiB | train RSS growth MiB | epoch time / SASRec | memory growth / SASRec |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | L | mode | s/epoch | batches timed / epoch | s/batch | peak RSS MiB | train RSS growth MiB "
+          "| prefix / sequence epoch | epoch / SASRec's (same mode) | memory growth / SASRec's |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        base = next((r for r in rows if r["model"] == "SASRec" and r["max_len"] == row["max_len"]), None)
+        def find(model, mode):
+            return next((r for r in rows if r["model"] == model and r["max_len"] == row["max_len"]
+                         and r["train_mode"] == mode), None)
+        base = find("SASRec", row["train_mode"])
+        prefix = find(row["model"], "prefix")
         t_ratio = f"{row['epoch_seconds'] / base['epoch_seconds']:.2f}" if base else "-"
         m_ratio = f"{row['train_rss_growth_mib'] / max(base['train_rss_growth_mib'], 1):.2f}" if base else "-"
-        print(f"| {row['model']} | {row['max_len']} | {row['epoch_seconds']:.1f} | {row['seconds_per_batch']:.2f} | "
-              f"{row['peak_rss_mib']:.0f} | {row['train_rss_growth_mib']:.0f} | {t_ratio} | {m_ratio} |")
+        speedup = f"{prefix['epoch_seconds'] / row['epoch_seconds']:.1f}x" if prefix and row["train_mode"] == "sequence" else "-"
+        print(f"| {row['model']} | {row['max_len']} | {row['train_mode']} | {row['epoch_seconds']:.1f} | "
+              f"{row['batches_timed']} / {row['batches_per_epoch']} | {row['seconds_per_batch']:.3f} | "
+              f"{row['peak_rss_mib']:.0f} | {row['train_rss_growth_mib']:.0f} | {speedup} | {t_ratio} | {m_ratio} |")
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["model"])

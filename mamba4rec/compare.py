@@ -107,8 +107,40 @@ def _row(model, result=None, error=None, peak=None, seconds=None, status=None, e
         "peak_cuda_mib": None if peak is None or peak.cuda_peak_mib is None else round(peak.cuda_peak_mib),
         "wall_s": None if seconds is None else round(seconds, 1),
         "threads": None if result is None else (threads or _threads()),
+        "machine": None if result is None else machine(),
+        "git_commit": None if result is None else git_commit(),
     })
     return row
+
+
+def machine() -> str:
+    """The hardware and stack a row was trained on, in one line."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cpus{gpu}, {platform.system()}, python {platform.python_version()}, torch {torch.__version__}"
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with "+changes" when its tracked files differ from it), or None outside git."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--"], timeout=10).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def _threads() -> int:

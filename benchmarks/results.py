@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""The converged comparison on the paper's data sets, trained to early stopping and kept in git.
+
+    python benchmarks/results.py run OUT [--lanes 2] [--only DATASET/MODE/MODEL ...]
+    python benchmarks/results.py status OUT
+    python benchmarks/results.py export OUT      # OUT's finished rows -> results/
+    python benchmarks/results.py tables          # results/ -> docs/RESULTS.md's tables
+
+``run`` works through :data:`JOBS` in order, ``--lanes`` at a time (default 2: one-thread
+processes on a 2-core machine), each job one ``run_recbole.py --compare ... --compare_run=MODEL
+--resume`` process: a stopped job continues exactly from its last epoch when ``run`` is started
+again. It prepares the data sets from ../shared/datasets into OUT/dataset first. Each finished
+job is exported at once: ``results/<dataset>/<train_mode>/<model>.json`` (metrics, epochs, how it
+stopped, speed, memory, machine, commit, data checksums, the settings that differ from the
+configs), ``results/<dataset>/per_user.npz`` (per-user test values, for the paired intervals),
+``results/<dataset>/curves.csv`` and ``curves.png`` (valid NDCG@10 per epoch). Files already in
+results/ are kept: OUT holds only what this machine trained, results/ everything ever finished.
+
+OUT layout: OUT/<folder>/out (prefix mode: the three models share one comparison),
+OUT/<folder>/sequence (sequence mode), OUT/<folder>/sequence-2layers (Mamba4Rec, num_layers=2),
+each with rows/, per_user/, curves/, checkpoints/ and one log per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results"
+RESULTS_DOC = REPO / "docs" / "RESULTS.md"
+BEGIN, END = "<!-- results:begin (benchmarks/results.py tables) -->", "<!-- results:end -->"
+METRICS = ("hit@10", "ndcg@10", "mrr@10")
+
+#: data set -> (OUT folder, file under ../shared/datasets, prepare.py k-core flags)
+DATASETS = {
+    "amazon-beauty": ("beauty", "amazon-beauty/Beauty.txt", []),
+    "amazon-video-games": ("video-games", "amazon-video-games/Video_Games.txt", []),
+    "ml-1m": ("ml-1m", "ml-1m/ml-1m.txt", ["--kcore-item", "5"]),
+}
+#: published figures shown beside ours: Mamba4Rec's paper (Liu et al. 2024, ML-1M) and RecBole SASRec
+#: as RecBLR (Liu et al. 2024, Table 1) reports it
+REFERENCES = {
+    "ml-1m": [("Mamba4Rec, paper", {"hit@10": 0.3121, "ndcg@10": 0.1822, "mrr@10": 0.1425}),
+              ("SASRec, RecBLR Table 1", {"hit@10": 0.2993, "ndcg@10": 0.1692, "mrr@10": 0.1294})],
+    "amazon-beauty": [("SASRec, RecBLR Table 1", {"hit@10": 0.0829, "ndcg@10": 0.0409, "mrr@10": 0.0281})],
+}
+TIM4REC_ML1M_HIT = 0.3253  # the best published Mamba4Rec HR@10 on ML-1M (TiM4Rec, 2 layers)
+
+
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    mode: str   # prefix | sequence
+    name: str   # Mamba4Rec, Mamba4Rec-2layers, SASRec, GRU4Rec: the results file's name
+
+    @property
+    def model(self) -> str:
+        return "Mamba4Rec" if self.name.startswith("Mamba4Rec") else self.name
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.mode}/{self.name}"
+
+    def compare_dir(self, out: Path) -> Path:
+        folder = DATASETS[self.dataset][0]
+        if self.mode == "prefix":
+            return out / folder / "out"
+        return out / folder / ("sequence-2layers" if self.name == "Mamba4Rec-2layers" else "sequence")
+
+    def command(self, out: Path) -> list[str]:
+        cmd = ["run_recbole.py", "-d", self.dataset, f"--compare_dir={self.compare_dir(out)}",
+               f"--data_path={out}/dataset/", "--show_progress=False", "--resume"]
+        if self.name == "Mamba4Rec-2layers":  # its own comparison: num_layers is GRU4Rec's key too
+            cmd += ["--compare=SASRec", "--num_layers=2", "--compare_run=Mamba4Rec"]
+        else:
+            cmd += ["--compare=GRU4Rec,SASRec", f"--compare_run={self.model}"]
+        if self.mode == "sequence":
+            cmd.append("--train_mode=sequence")
+        return cmd
+
+    def row_path(self, out: Path) -> Path:
+        return self.compare_dir(out) / "rows" / f"{self.model}.json"
+
+
+_SEQ = ("Mamba4Rec", "SASRec", "GRU4Rec", "Mamba4Rec-2layers")
+_PRE = ("Mamba4Rec", "SASRec", "GRU4Rec")
+#: in order: whole Amazon tables first (sequence mode is cheap), then prefix Beauty, ML-1M, prefix Video Games
+JOBS = ([Job("amazon-beauty", "sequence", n) for n in _SEQ]
+        + [Job("amazon-video-games", "sequence", n) for n in _SEQ]
+        + [Job("amazon-beauty", "prefix", n) for n in _PRE]
+        + [Job("ml-1m", "sequence", n) for n in _SEQ]
+        + [Job("amazon-video-games", "prefix", n) for n in _PRE])
+
+
+def finished(job: Job, out: Path) -> dict | None:
+    """The job's saved compare row (with its settings and data) when it finished, else None."""
+    path = job.row_path(out)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if str(saved["row"].get("status", "")).startswith("ok") else None
+
+
+# ---- run -----------------------------------------------------------------------------------
+
+def prepare(out: Path, shared: Path, python: str, datasets) -> None:
+    for name in datasets:
+        folder, src, flags = DATASETS[name]
+        if (out / "dataset" / name / f"{name}.inter").is_file():
+            continue
+        if not (shared / src).is_file():
+            raise SystemExit(f"{name}: no {shared / src}; give --shared, the folder holding SOURCES.md's files")
+        subprocess.run([python, "datasets/prepare.py", "--format", "seq-text", "--input", str(shared / src),
+                        "--dataset", name, "--output-dir", str(out / "dataset"), *flags], cwd=REPO, check=True)
+
+
+def run_queue(out: Path, jobs, lanes: int, python: str, log=print) -> int:
+    """Train ``jobs`` ``lanes`` at a time; export each data set as its jobs finish. Returns the
+    number of jobs that failed. SIGTERM / SIGINT stop the running trainings (they resume)."""
+    pending = [j for j in jobs if finished(j, out) is None]
+    for j in jobs:
+        if j not in pending:
+            log(f"{j.key}: finished earlier")
+    lock = threading.Lock()
+    procs: dict[Job, subprocess.Popen] = {}
+    failures = []
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+        with lock:
+            for p in procs.values():
+                p.terminate()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+    def lane(n):
+        while not stopping.is_set():
+            with lock:
+                if not pending:
+                    return
+                job = pending.pop(0)
+            logfile = job.compare_dir(out).parent / f"{job.mode}-{job.name}.log"
+            logfile.parent.mkdir(parents=True, exist_ok=True)
+            log(f"lane {n}: {job.key} ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, log {logfile})")
+            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+            with open(logfile, "a") as fh:
+                with lock:
+                    if stopping.is_set():
+                        return
+                    procs[job] = subprocess.Popen([python, *job.command(out)], cwd=REPO, env=env,
+                                                  stdout=fh, stderr=subprocess.STDOUT)
+                rc = procs[job].wait()
+            with lock:
+                procs.pop(job, None)
+            if stopping.is_set():
+                return
+            if rc == 0 and finished(job, out) is not None:
+                log(f"lane {n}: {job.key} finished")
+                with lock:
+                    export(out, [job], log=log)
+            else:
+                failures.append(job)
+                log(f"lane {n}: {job.key} ended with status {rc} without a finished row (see {logfile})")
+
+    threads = [threading.Thread(target=lane, args=(n + 1,)) for n in range(lanes)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.5)
+    return len(failures)
+
+
+def status(out: Path) -> str:
+    import torch
+
+    lines = []
+    for job in JOBS:
+        saved = finished(job, out)
+        if saved:
+            r = saved["row"]
+            lines.append(f"{job.key}: finished, {r['epochs_run']} epochs (best {r['best_epoch']}), "
+                         f"test ndcg@10 {r['test_ndcg@10']}")
+            continue
+        last = job.compare_dir(out) / "checkpoints" / f"{job.model}-{job.dataset}-last.pth"
+        if last.is_file():
+            state = torch.load(last, map_location="cpu", weights_only=False)  # our own file
+            scores = [s for _, s in state.get("history", {}).get("valid_scores", [])]
+            secs = state.get("history", {}).get("train_seconds", [])
+            best = max(scores) if scores else float("nan")
+            lines.append(f"{job.key}: in progress, {state['epoch'] + 1} epochs, best valid {best:.4f} at epoch "
+                         f"{scores.index(best) if scores else '-'}, {sum(secs) / max(len(secs), 1):.0f} s/epoch")
+        else:
+            lines.append(f"{job.key}: not started")
+    in_results = sorted(str(p.relative_to(RESULTS)) for p in RESULTS.glob("*/*/*.json"))
+    lines.append(f"in results/: {', '.join(in_results) or 'nothing yet'}")
+    return "\n".join(lines)
+
+
+# ---- export --------------------------------------------------------------------------------
+
+_NOT_OVERRIDES = ("--data_path=", "--show_progress=")
+
+
+def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
+    r = saved["row"]
+    settings = saved["settings"]
+    seconds = (curve or {}).get("train_seconds") or []
+    return {
+        "dataset": job.dataset, "train_mode": job.mode, "model": job.name,
+        "valid_result": {k: r.get(f"valid_{k}") for k in METRICS},
+        "test_result": {k: r.get(f"test_{k}") for k in METRICS},
+        "best_epoch": r.get("best_epoch"), "epochs_run": r.get("epochs_run"), "stopped_by": r.get("stopped_by"),
+        "train_s_per_epoch": r.get("train_s_per_epoch"), "eval_s": r.get("eval_s"),
+        "train_hours_to_stop": round(sum(seconds) / 3600, 3) if seconds else None,
+        "peak_rss_mib": r.get("peak_rss_mib"), "peak_cuda_mib": r.get("peak_cuda_mib"),
+        "params": r.get("params"), "threads": r.get("threads"), "machine": r.get("machine"),
+        "git_commit": r.get("git_commit"), "data_sha256": saved.get("data"),
+        "config_overrides": sorted(a for a in settings.get("cmd_args", []) if not a.startswith(_NOT_OVERRIDES))
+        + [f"--{k}={v}" for k, v in sorted(settings.get("config_dict", {}).items())],
+        "command": "python " + " ".join(job.command(Path("OUT"))),
+    }
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def export(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str]:
+    """Write results/ files for every finished job of ``jobs`` in ``out``; keep what is there for others."""
+    import numpy as np
+
+    written = []
+    for dataset in dict.fromkeys(j.dataset for j in (jobs or JOBS)):
+        done = [(j, s) for j in (jobs or JOBS) if j.dataset == dataset and (s := finished(j, out))]
+        if not done:
+            continue
+        folder = results / dataset
+        per_user_path = folder / "per_user.npz"
+        per_user = {}
+        if per_user_path.is_file():
+            with np.load(per_user_path) as data:
+                per_user = {k: data[k] for k in data.files}
+        curves = _read_curves(folder / "curves.csv")
+        for job, saved in done:
+            cdir = job.compare_dir(out)
+            curve_file = cdir / "curves" / f"{job.model}.json"
+            curve = json.loads(curve_file.read_text()) if curve_file.is_file() else None
+            record = result_record(job, saved, curve)
+            path = folder / job.mode / f"{job.name}.json"
+            _atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
+            written.append(str(path))
+            npz = cdir / "per_user" / f"{job.model}.npz"
+            if npz.is_file():
+                with np.load(npz) as data:
+                    for metric in data.files:
+                        per_user[f"{job.mode}/{job.name}/{metric}"] = data[metric].astype(np.float32)
+            if curve:
+                curves = [c for c in curves if (c["train_mode"], c["model"]) != (job.mode, job.name)]
+                hours = np.cumsum(curve.get("train_seconds") or []) / 3600
+                for epoch, score in curve["valid_scores"]:
+                    curves.append({"train_mode": job.mode, "model": job.name, "epoch": int(epoch),
+                                   "valid_ndcg@10": float(score),
+                                   "train_hours": round(float(hours[epoch]), 4) if epoch < len(hours) else ""})
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **per_user)
+        _atomic_write(per_user_path, buf.getvalue())
+        _write_curves(folder, dataset, curves)
+        log(f"{dataset}: exported {', '.join(f'{j.mode}/{j.name}' for j, _ in done)} to {folder}")
+    return written
+
+
+def _read_curves(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{**r, "epoch": int(r["epoch"]), "valid_ndcg@10": float(r["valid_ndcg@10"])} for r in csv.DictReader(fh)]
+
+
+def _write_curves(folder: Path, dataset: str, curves: list[dict]) -> None:
+    curves = sorted(curves, key=lambda c: (c["train_mode"], c["model"], c["epoch"]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["train_mode", "model", "epoch", "valid_ndcg@10", "train_hours"],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(curves)
+    _atomic_write(folder / "curves.csv", buf.getvalue().encode())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (mode, model) in dict.fromkeys((c["train_mode"], c["model"]) for c in curves):
+        pts = [(c["epoch"], c["valid_ndcg@10"]) for c in curves if (c["train_mode"], c["model"]) == (mode, model)]
+        ax.plot(*zip(*pts), linestyle="-" if mode == "sequence" else "--", label=f"{model} ({mode})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("valid NDCG@10")
+    ax.set_title(f"{dataset}: validation NDCG@10 per epoch (solid: sequence mode, dashed: prefix)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write(folder / "curves.png", buf.getvalue())
+
+
+# ---- tables --------------------------------------------------------------------------------
+
+def load_results(results: Path = RESULTS) -> dict:
+    """{dataset: {mode: {model: record}}} from results/."""
+    found = {}
+    for path in sorted(results.glob("*/*/*.json")):
+        record = json.loads(path.read_text())
+        found.setdefault(record["dataset"], {}).setdefault(record["train_mode"], {})[record["model"]] = record
+    return found
+
+
+def _load_per_user(results: Path, dataset: str) -> dict:
+    import numpy as np
+
+    path = results / dataset / "per_user.npz"
+    if not path.is_file():
+        return {}
+    with np.load(path) as data:
+        return {k: data[k].astype(np.float64) for k in data.files}
+
+
+def _f(v, digits=4):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def tables(results: Path = RESULTS) -> str:
+    """The markdown tables of every data set and train mode in results/, with the goal checks."""
+    from mamba4rec.significance import paired_difference
+
+    found = load_results(results)
+    out = []
+    for dataset in [d for d in DATASETS if d in found] + [d for d in found if d not in DATASETS]:
+        per_user = _load_per_user(results, dataset)
+        for mode in ("sequence", "prefix"):
+            recs = found[dataset].get(mode)
+            if not recs:
+                continue
+            expected = [j.name for j in JOBS if j.dataset == dataset and j.mode == mode]
+            out += [f"### {dataset}, train_mode={mode}", ""]
+            out.append("| model | test HR@10 | test NDCG@10 | test MRR@10 | valid NDCG@10 | best epoch / run | "
+                       "stopped by | s/epoch | x SASRec | peak MiB | x SASRec | train h to stop | threads |")
+            out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            base = recs.get("SASRec")
+            for name in [n for n in expected if n in recs] + [n for n in recs if n not in expected]:
+                r = recs[name]
+                t, v = r["test_result"], r["valid_result"]
+                spe = r.get("train_s_per_epoch")
+                mem = r.get("peak_rss_mib")
+                t_ratio = _f(spe / base["train_s_per_epoch"], 2) if base and spe and base.get("train_s_per_epoch") else "-"
+                m_ratio = _f(mem / base["peak_rss_mib"], 2) if base and mem and base.get("peak_rss_mib") else "-"
+                out.append(f"| {name} | {_f(t['hit@10'])} | {_f(t['ndcg@10'])} | {_f(t['mrr@10'])} | "
+                           f"{_f(v['ndcg@10'])} | {r['best_epoch']} / {r['epochs_run']} | {r['stopped_by'] or '-'} | "
+                           f"{_f(spe, 1)} | {t_ratio} | {mem if mem is not None else '-'} | {m_ratio} | "
+                           f"{_f(r.get('train_hours_to_stop'), 2)} | {r.get('threads') or '-'} |")
+            for label, figures in REFERENCES.get(dataset, []) if mode == "sequence" else []:
+                out.append(f"| *{label}* | {figures['hit@10']:.4f} | {figures['ndcg@10']:.4f} | "
+                           f"{figures['mrr@10']:.4f} | | | | | | | | | |")
+            missing = [n for n in expected if n not in recs]
+            if missing:
+                out += ["", f"Not finished yet: {', '.join(missing)}."]
+            out += [""] + _goal_lines(dataset, mode, recs, per_user, paired_difference) + [""]
+            machines = sorted({r.get("machine") or "?" for r in recs.values()})
+            out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
+                    f"(each with its command and commit); curves: `results/{dataset}/curves.csv`, "
+                    f"`results/{dataset}/curves.png`.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
+    candidates = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n in recs]
+    if not candidates:
+        return []
+    best = max(candidates, key=lambda n: recs[n]["valid_result"]["ndcg@10"] or -1)
+    lines = [f"Mamba4Rec, the better of 1 and 2 layers by valid NDCG@10: **{best}**. "
+             f"Paired over the same test users (difference, 95% interval):", ""]
+    for other in ("SASRec", "GRU4Rec"):
+        if other not in recs:
+            continue
+        for metric in METRICS:
+            a = per_user.get(f"{mode}/{best}/{metric}")
+            b = per_user.get(f"{mode}/{other}/{metric}")
+            if a is None or b is None or a.shape != b.shape:
+                lines.append(f"- {metric}: {best} - {other}: no per-user values")
+                continue
+            diff, lo, hi = paired_difference(a, b)
+            verdict = ("met: ahead beyond the noise" if lo > 0 else
+                       "**NOT MET**: behind beyond the noise" if hi < 0 else
+                       "**NOT MET**: within the noise (not significant)")
+            lines.append(f"- {metric}: {best} - {other} = {diff:+.4f} [{lo:+.4f}, {hi:+.4f}]: {verdict}")
+    if dataset == "ml-1m":
+        for label, figures in REFERENCES["ml-1m"][:1]:
+            for metric, target in figures.items():
+                mine = recs[best]["test_result"][metric]
+                lines.append(f"- {metric} >= {label} {target:.4f}: {'met' if mine >= target else '**NOT MET**'} "
+                             f"({mine:.4f})")
+        if "Mamba4Rec-2layers" in recs:
+            mine = recs["Mamba4Rec-2layers"]["test_result"]["hit@10"]
+            lines.append(f"- 2 layers, hit@10 >= TiM4Rec's {TIM4REC_ML1M_HIT}: "
+                         f"{'met' if mine >= TIM4REC_ML1M_HIT else '**NOT MET**'} ({mine:.4f})")
+    return lines
+
+
+def write_tables(doc: Path = RESULTS_DOC, results: Path = RESULTS) -> None:
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = tables(results) if results.is_dir() and any(results.glob("*/*/*.json")) else "No finished run yet.\n"
+    _atomic_write(doc, (head + BEGIN + "\n\n" + body + "\n" + END + tail).encode())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train the queue (resumes)")
+    r.add_argument("out", type=Path)
+    r.add_argument("--lanes", type=int, default=2)
+    r.add_argument("--only", nargs="*", default=None, metavar="DATASET/MODE/MODEL")
+    r.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
+    r.add_argument("--python", default=sys.executable)
+    for name in ("status", "export"):
+        s = sub.add_parser(name)
+        s.add_argument("out", type=Path)
+    sub.add_parser("tables", help="rewrite docs/RESULTS.md's tables from results/")
+    args = p.parse_args(argv)
+    if args.cmd == "tables":
+        write_tables()
+        print(f"wrote the tables of {RESULTS_DOC}")
+        return 0
+    out = args.out.resolve()
+    if args.cmd == "status":
+        print(status(out))
+        return 0
+    if args.cmd == "export":
+        export(out)
+        return 0
+    jobs = JOBS
+    if args.only is not None:
+        known = {j.key: j for j in JOBS}
+        bad = [k for k in args.only if k not in known]
+        if bad:
+            print(f"error: unknown job(s) {', '.join(bad)}; known: {', '.join(known)}", file=sys.stderr)
+            return 2
+        jobs = [known[k] for k in args.only]
+    if args.lanes < 1:
+        print(f"error: --lanes={args.lanes}: it must be >= 1", file=sys.stderr)
+        return 2
+    prepare(out, args.shared, args.python, dict.fromkeys(j.dataset for j in jobs))
+    failed = run_queue(out, jobs, args.lanes, args.python, log=lambda m: print(m, flush=True))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

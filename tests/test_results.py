@@ -1,0 +1,153 @@
+"""benchmarks/results.py: the queue of result runs, the export to results/ and the tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_DATA, tiny_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("results_script", REPO / "benchmarks" / "results.py")
+results = importlib.util.module_from_spec(_spec)
+sys.modules["results_script"] = results
+_spec.loader.exec_module(results)
+
+
+@pytest.fixture
+def tiny_jobs(monkeypatch):
+    monkeypatch.setitem(results.DATASETS, "tiny", ("tiny", "tiny/tiny.inter", []))
+    jobs = [results.Job("tiny", "sequence", n) for n in ("Mamba4Rec", "SASRec", "GRU4Rec", "Mamba4Rec-2layers")]
+    monkeypatch.setattr(results, "JOBS", jobs)
+    return jobs
+
+
+def _train(job, out):
+    """What a job's command does, in this process: its comparison with --compare_run=<model>."""
+    from mamba4rec.compare import compare
+
+    cmd = job.command(out)
+    cmd_args = [a for a in cmd if a.startswith("--") and "=" in a and a.split("=")[0] not in
+                ("--compare_dir", "--compare", "--compare_run", "--data_path")]
+    models = ["Mamba4Rec"] + next(a for a in cmd if a.startswith("--compare=")).split("=", 1)[1].split(",")
+    cfg = tiny_config_dict(out, scan_impl="torch", epochs=2, data_path=str(TINY_DATA))
+    cfg.pop("checkpoint_dir")
+    compare(models, "tiny", job.compare_dir(out), config_dict=cfg, cmd_args=cmd_args, only=[job.model],
+            isolate=False, progress=lambda m: None)
+
+
+def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_run():
+    beauty = {j.name: j for j in results.JOBS if j.dataset == "amazon-beauty" and j.mode == "prefix"}
+    cmd = beauty["SASRec"].command(Path("/o"))
+    # the same comparison as benchmarks/compare_amazon.sh's: the runs it started resume under these
+    assert cmd == ["run_recbole.py", "-d", "amazon-beauty", "--compare_dir=/o/beauty/out", "--data_path=/o/dataset/",
+                   "--show_progress=False", "--resume", "--compare=GRU4Rec,SASRec", "--compare_run=SASRec"]
+    two = next(j for j in results.JOBS if j.name == "Mamba4Rec-2layers" and j.dataset == "ml-1m")
+    assert "--num_layers=2" in two.command(Path("/o")) and "--train_mode=sequence" in two.command(Path("/o"))
+    assert two.compare_dir(Path("/o")) != next(j for j in results.JOBS if j.key == "ml-1m/sequence/SASRec").compare_dir(Path("/o"))
+    # whole Amazon tables first, ML-1M after them
+    order = [j.dataset for j in results.JOBS]
+    assert order.index("ml-1m") > max(i for i, d in enumerate(order[:8]) if d.startswith("amazon"))
+
+
+def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results(in_tmp, tiny_jobs):
+    out = in_tmp / "runs"
+    for job in tiny_jobs[:3]:
+        _train(job, out)
+    store = in_tmp / "results"
+    # a row finished on another machine earlier: results/ keeps it though OUT has no trace of it
+    earlier = store / "tiny" / "prefix" / "SASRec.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(json.dumps({"dataset": "tiny", "train_mode": "prefix", "model": "SASRec",
+                                   "valid_result": {"ndcg@10": 0.1}, "test_result": dict.fromkeys(results.METRICS, 0.1),
+                                   "best_epoch": 3, "epochs_run": 14, "stopped_by": "early stopping"}))
+    written = results.export(out, results=store, log=lambda m: None)
+    assert sorted(Path(p).name for p in written) == ["GRU4Rec.json", "Mamba4Rec.json", "SASRec.json"]
+    rec = json.loads((store / "tiny" / "sequence" / "Mamba4Rec.json").read_text())
+    assert set(rec["test_result"]) == set(results.METRICS) and rec["epochs_run"] == 2
+    assert "--train_mode=sequence" in rec["config_overrides"] and rec["data_sha256"]
+    assert rec["machine"] and rec["params"] > 0 and rec["train_hours_to_stop"] > 0
+    with np.load(store / "tiny" / "per_user.npz") as data:
+        assert set(data.files) == {f"sequence/{m}/{k}" for m in ("Mamba4Rec", "SASRec", "GRU4Rec")
+                                   for k in results.METRICS}
+        assert abs(float(data["sequence/Mamba4Rec/ndcg@10"].mean()) - rec["test_result"]["ndcg@10"]) < 1e-4
+    curves = (store / "tiny" / "curves.csv").read_text().splitlines()
+    assert curves[0] == "train_mode,model,epoch,valid_ndcg@10,train_hours" and len(curves) == 1 + 3 * 2
+    assert (store / "tiny" / "curves.png").stat().st_size > 1000
+    assert earlier.is_file()
+
+    text = results.tables(store)
+    assert "### tiny, train_mode=sequence" in text and "### tiny, train_mode=prefix" in text
+    assert "Not finished yet: Mamba4Rec-2layers." in text
+    assert "better of 1 and 2 layers by valid NDCG@10: **Mamba4Rec**" in text
+    for metric in results.METRICS:  # paired, with its interval and verdict, per baseline
+        assert f"- {metric}: Mamba4Rec - SASRec = " in text and f"- {metric}: Mamba4Rec - GRU4Rec = " in text
+    # exporting again changes nothing (the same rows)
+    before = (store / "tiny" / "curves.csv").read_text()
+    results.export(out, results=store, log=lambda m: None)
+    assert (store / "tiny" / "curves.csv").read_text() == before
+
+
+def test_tables_fill_the_marked_block_of_the_doc(tmp_path):
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"# Results\n\nintro\n\n{results.BEGIN}\nold\n{results.END}\n\nafter\n")
+    store = tmp_path / "results"
+    rec = {"dataset": "ml-1m", "train_mode": "sequence", "valid_result": dict.fromkeys(results.METRICS, 0.2),
+           "test_result": {"hit@10": 0.33, "ndcg@10": 0.19, "mrr@10": 0.15}, "best_epoch": 40, "epochs_run": 51,
+           "stopped_by": "early stopping", "train_s_per_epoch": 100.0, "peak_rss_mib": 900}
+    for name in ("Mamba4Rec", "Mamba4Rec-2layers"):
+        p = store / "ml-1m" / "sequence" / f"{name}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({**rec, "model": name}))
+    results.write_tables(doc, store)
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nintro\n\n") and text.endswith(f"{results.END}\n\nafter\n")
+    assert "old" not in text and "| *Mamba4Rec, paper* | 0.3121 | 0.1822 | 0.1425 |" in text
+    assert "hit@10 >= Mamba4Rec, paper 0.3121: met (0.3300)" in text
+    assert "2 layers, hit@10 >= TiM4Rec's 0.3253: met (0.3300)" in text
+    assert "Not finished yet: SASRec, GRU4Rec." in text
+    bare = tmp_path / "bare.md"
+    bare.write_text("no block here\n")
+    with pytest.raises(SystemExit, match="no .* block"):
+        results.write_tables(bare, store)
+
+
+def test_run_queue_skips_finished_jobs_runs_the_rest_in_lanes_and_reports_failures(tmp_path, tiny_jobs, monkeypatch):
+    out = tmp_path / "runs"
+    fake = tmp_path / "fake_python"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        args = dict(a.split("=", 1) for a in sys.argv[2:] if a.startswith("--") and "=" in a)
+        model = args["--compare_run"]
+        if model == "GRU4Rec":
+            sys.exit(3)  # a job that fails
+        rows = os.path.join(args["--compare_dir"], "rows")
+        os.makedirs(rows, exist_ok=True)
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+        with open(os.path.join(rows, model + ".json"), "w") as fh:
+            json.dump({{"row": {{"model": model, "status": "ok", "epochs_run": 1}}, "settings": {{}}, "data": {{}}}}, fh)
+        """))
+    fake.chmod(0o755)
+    exported = []
+    monkeypatch.setattr(results, "export", lambda out_, jobs, log=None: exported.extend(j.key for j in jobs))
+    lines = []
+    failed = results.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append)
+    assert failed == 1
+    assert sorted(exported) == sorted(j.key for j in tiny_jobs if j.name != "GRU4Rec")
+    assert any("tiny/sequence/GRU4Rec ended with status 3" in m for m in lines)
+    lines.clear()
+    assert results.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append) == 1  # only GRU4Rec runs again
+    assert sum("finished earlier" in m for m in lines) == 3
+
+
+def test_cli_refuses_unknown_jobs_and_bad_lanes(capsys):
+    assert results.main(["run", "/tmp/x", "--only", "ml-1m/sequence/BERT4Rec"]) == 2
+    assert "unknown job(s) ml-1m/sequence/BERT4Rec" in capsys.readouterr().err
+    assert results.main(["run", "/tmp/x", "--lanes", "0"]) == 2
