@@ -66,7 +66,12 @@ class Job:
 
     @property
     def model(self) -> str:
-        return "Mamba4Rec" if self.name.startswith("Mamba4Rec") else self.name
+        return self.name.split("-", 1)[0]
+
+    @property
+    def variant(self) -> str | None:
+        """"2layers" (Mamba4Rec, num_layers=2), "seed2021" (the run-to-run noise), or None."""
+        return self.name.split("-", 1)[1] if "-" in self.name else None
 
     @property
     def key(self) -> str:
@@ -74,15 +79,15 @@ class Job:
 
     def compare_dir(self, out: Path) -> Path:
         folder = DATASETS[self.dataset][0]
-        if self.mode == "prefix":
-            return out / folder / "out"
-        return out / folder / ("sequence-2layers" if self.name == "Mamba4Rec-2layers" else "sequence")
+        if self.variant:
+            return out / folder / f"{self.mode}-{self.variant}"
+        return out / folder / ("out" if self.mode == "prefix" else "sequence")
 
     def command(self, out: Path) -> list[str]:
         cmd = ["run_recbole.py", "-d", self.dataset, f"--compare_dir={self.compare_dir(out)}",
                f"--data_path={out}/dataset/", "--show_progress=False", "--resume"]
-        if self.name == "Mamba4Rec-2layers":  # its own comparison: num_layers is GRU4Rec's key too
-            cmd += ["--compare=SASRec", "--num_layers=2", "--compare_run=Mamba4Rec"]
+        if self.variant:  # a comparison of its own: num_layers is GRU4Rec's key too
+            cmd += ["--compare=SASRec", *VARIANTS[self.variant], f"--compare_run={self.model}"]
         else:
             cmd += ["--compare=GRU4Rec,SASRec", f"--compare_run={self.model}"]
         if self.mode == "sequence":
@@ -93,10 +98,15 @@ class Job:
         return self.compare_dir(out) / "rows" / f"{self.model}.json"
 
 
+#: the settings of a variant job on top of the configs
+VARIANTS = {"2layers": ["--num_layers=2"],
+            # the same training under another seed, for 25 epochs: the run-to-run noise of a curve
+            "seed2021": ["--seed=2021", "--epochs=25", "--stopping_step=100"]}
 _SEQ = ("Mamba4Rec", "SASRec", "GRU4Rec", "Mamba4Rec-2layers")
 _PRE = ("Mamba4Rec", "SASRec", "GRU4Rec")
 #: in order: whole Amazon tables first (sequence mode is cheap), then prefix Beauty, ML-1M, prefix Video Games
 JOBS = ([Job("amazon-beauty", "sequence", n) for n in _SEQ]
+        + [Job("amazon-beauty", "sequence", n) for n in ("Mamba4Rec-seed2021", "SASRec-seed2021")]
         + [Job("amazon-video-games", "sequence", n) for n in _SEQ]
         + [Job("amazon-beauty", "prefix", n) for n in _PRE]
         + [Job("ml-1m", "sequence", n) for n in _SEQ]
@@ -362,7 +372,8 @@ def tables(results: Path = RESULTS) -> str:
             recs = found[dataset].get(mode)
             if not recs:
                 continue
-            expected = [j.name for j in JOBS if j.dataset == dataset and j.mode == mode]
+            expected = [j.name for j in JOBS if j.dataset == dataset and j.mode == mode and not _noise(j.name)]
+            recs = {n: r for n, r in recs.items() if not _noise(n)}
             out += [f"### {dataset}, train_mode={mode}", ""]
             out.append("| model | test HR@10 | test NDCG@10 | test MRR@10 | valid NDCG@10 | best epoch / run | "
                        "stopped by | s/epoch | x SASRec | peak MiB | x SASRec | train h to stop | threads |")
@@ -390,7 +401,46 @@ def tables(results: Path = RESULTS) -> str:
             out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
                     f"(each with its command and commit); curves: `results/{dataset}/curves.csv`, "
                     f"`results/{dataset}/curves.png`.", ""]
+        out += curve_lines(results, dataset)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _noise(name: str) -> bool:
+    return "-seed" in name
+
+
+def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upto=25) -> list[str]:
+    """Prefix vs sequence mode at equal epochs (same seed), beside the run-to-run noise of one
+    mode (sequence mode, seeds 2020 and 2021): mean and largest absolute gap in valid NDCG@10."""
+    curves = _read_curves(results / dataset / "curves.csv")
+    if not curves:
+        return []
+    by = {}
+    for c in curves:
+        by.setdefault((c["train_mode"], c["model"]), {})[c["epoch"]] = c["valid_ndcg@10"]
+    lines, table = [], {}
+    for m in models:
+        pre, seq, other = by.get(("prefix", m)), by.get(("sequence", m)), by.get(("sequence", f"{m}-seed2021"))
+        if not pre or not seq:
+            continue
+        def gap(a, b):
+            epochs = [e for e in sorted(set(a) & set(b)) if e < upto]
+            d = [abs(a[e] - b[e]) for e in epochs]
+            return (f"mean {sum(d) / len(d):.4f}, largest {max(d):.4f} over epochs 0-{epochs[-1]}" if d else "-")
+        noise = gap(seq, other) if other else "not measured yet"
+        lines.append(f"- {m}: |sequence - prefix| {gap(seq, pre)}; run-to-run noise |seed 2020 - seed 2021| "
+                     f"(sequence mode) {noise}")
+        table[m] = (pre, seq, other or {})
+    if not lines:
+        return []
+    out = [f"### {dataset}: learning curves, prefix vs sequence mode (seed 2020)", "",
+           "Valid NDCG@10 at equal epochs (chart: `results/%s/curves.png`):" % dataset, ""] + lines + [""]
+    head = "| epoch | " + " | ".join(f"{m} prefix | {m} sequence | {m} sequence, seed 2021" for m in table) + " |"
+    out += [head, "|" + "---|" * (1 + 3 * len(table))]
+    last = max(max(max(c) for c in t if c) for t in table.values())
+    for e in range(min(upto, last + 1)):
+        out.append(f"| {e} | " + " | ".join(" | ".join(_f(c.get(e)) for c in t) for t in table.values()) + " |")
+    return out + [""]
 
 
 def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:

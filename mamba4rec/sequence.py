@@ -249,7 +249,7 @@ class SequenceTrainDataLoader:
             USER: torch.from_numpy(w.user[win][row]), INDEX: torch.from_numpy(w.first[win][row] + pos),
         }
         if self.negatives:
-            neg = self._sampler.sample_by_user_ids(data[USER], data[self.iid_field], 1)
+            neg = self._sampler.sample_by_user_ids(data[USER].numpy(), data[self.iid_field].numpy(), 1)
             data[self.neg_item_field] = torch.as_tensor(neg, dtype=torch.long).reshape(-1)
         return Interaction(data)
 

@@ -151,3 +151,18 @@ def test_cli_refuses_unknown_jobs_and_bad_lanes(capsys):
     assert results.main(["run", "/tmp/x", "--only", "ml-1m/sequence/BERT4Rec"]) == 2
     assert "unknown job(s) ml-1m/sequence/BERT4Rec" in capsys.readouterr().err
     assert results.main(["run", "/tmp/x", "--lanes", "0"]) == 2
+
+
+def test_curve_lines_compare_the_modes_beside_the_seed_noise(tmp_path):
+    folder = tmp_path / "amazon-beauty"
+    folder.mkdir()
+    rows = ["train_mode,model,epoch,valid_ndcg@10,train_hours"]
+    for e in range(3):
+        rows += [f"prefix,Mamba4Rec,{e},{0.01 * e:.4f},", f"sequence,Mamba4Rec,{e},{0.01 * e + 0.002:.4f},",
+                 f"sequence,Mamba4Rec-seed2021,{e},{0.01 * e + 0.001:.4f},"]
+    (folder / "curves.csv").write_text("\n".join(rows) + "\n")
+    text = "\n".join(results.curve_lines(tmp_path, "amazon-beauty"))
+    assert "- Mamba4Rec: |sequence - prefix| mean 0.0020, largest 0.0020 over epochs 0-2" in text
+    assert "|seed 2020 - seed 2021| (sequence mode) mean 0.0010" in text
+    assert "| 2 | 0.0200 | 0.0220 | 0.0210 |" in text
+    assert "SASRec" not in text  # no curves of it: no line
