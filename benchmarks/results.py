@@ -24,6 +24,7 @@ each with rows/, per_user/, curves/, checkpoints/ and one log per job.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -523,9 +524,29 @@ def main(argv=None) -> int:
     if args.lanes < 1:
         print(f"error: --lanes={args.lanes}: it must be >= 1", file=sys.stderr)
         return 2
-    prepare(out, args.shared, args.python, dict.fromkeys(j.dataset for j in jobs))
-    failed = run_queue(out, jobs, args.lanes, args.python, log=lambda m: print(m, flush=True))
+    with queue_lock(out):
+        prepare(out, args.shared, args.python, dict.fromkeys(j.dataset for j in jobs))
+        failed = run_queue(out, jobs, args.lanes, args.python, log=lambda m: print(m, flush=True))
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def queue_lock(out: Path):
+    """One ``run`` per OUT at a time: two would train the same job into the same checkpoint."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".results.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise SystemExit(f"{out} is being trained by another 'results.py run' ({fh.read().strip() or 'pid ?'}); "
+                             f"stop it first (kill PID: its trainings stop too and resume later)") from None
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        yield
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -166,3 +167,12 @@ def test_curve_lines_compare_the_modes_beside_the_seed_noise(tmp_path):
     assert "|seed 2020 - seed 2021| (sequence mode) mean 0.0010" in text
     assert "| 2 | 0.0200 | 0.0220 | 0.0210 |" in text
     assert "SASRec" not in text  # no curves of it: no line
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_one_holds_it(tmp_path):
+    with results.queue_lock(tmp_path):
+        with pytest.raises(SystemExit, match=f"being trained by another 'results.py run' \\(pid {os.getpid()}\\)"):
+            with results.queue_lock(tmp_path):
+                pass
+    with results.queue_lock(tmp_path):  # released: free again
+        pass
