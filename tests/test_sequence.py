@@ -272,3 +272,15 @@ def test_distributed_ranks_split_every_step_and_take_the_same_number_of_steps(in
 def sequence_losses_keys(config, train):
     return [(u, t) for b in sq.SequenceTrainDataLoader(config, train.dataset)
             for u, t in zip(b[sq.USER].tolist(), b[sq.INDEX].tolist())]
+
+
+def test_sequence_mode_exports_the_best_weights_for_serving(in_tmp):
+    from mamba4rec.serving import load_checkpoint
+
+    export = in_tmp / "serving.pt"
+    result = pipeline.run("Mamba4Rec", "tiny", export_path=str(export), config_dict=tiny_config_dict(
+        in_tmp, scan_impl="torch", epochs=2, train_mode="sequence"))
+    payload = load_checkpoint(export)
+    best = torch.load(result.saved_model_file, weights_only=False)["state_dict"]  # this run's own file
+    assert best.keys() == payload["state_dict"].keys()
+    assert all(torch.equal(v.cpu(), payload["state_dict"][k]) for k, v in best.items())
