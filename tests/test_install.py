@@ -1,6 +1,7 @@
 """A regular install works from anywhere: build a wheel from the checkout, install it into a fresh
 venv, and from a folder outside the checkout (which is not importable there) train one epoch on
-the tiny data through pipeline.run and through a plain RecBole Config(model=Mamba4Rec, ...).
+the tiny data through pipeline.run and through a plain RecBole Config(model=Mamba4Rec, ...), and
+run a one-trial search over the shipped search space.
 
 No download: the wheel is built with the running interpreter's setuptools (--no-build-isolation)
 and installed with --no-deps --no-index by the fresh venv's own pip; only then does a .pth file
@@ -71,6 +72,15 @@ trainer.fit(train, valid, saved=True, show_progress=False)
 report["plain"] = {"test": dict(trainer.evaluate(test, load_best_model=True, show_progress=False)),
                    "protocol": protocol(config), "hidden_size": config["hidden_size"]}
 
+from mamba4rec import hyper  # a one-trial search over the shipped space, from the install
+space = mamba4rec.defaults.search_space_file("Mamba4Rec")
+import yaml
+with open("tiny.yaml", "w") as fh:
+    yaml.safe_dump(small, fh)
+found = hyper.search("Mamba4Rec", "tiny", space, config_files=["tiny.yaml"], max_evals=1, isolate=False,
+                     output_file="hyper.md", progress=lambda line: None)
+report["hyper"] = {"space": str(space), "status": [r["status"] for r in found.rows]}
+
 ml = pipeline.build_config("Mamba4Rec", "ml-100k")  # the paper's settings of a shipped data set
 report["ml-100k"] = {"protocol": protocol(ml), "MAX_ITEM_LIST_LENGTH": ml["MAX_ITEM_LIST_LENGTH"],
                      "dropout_prob": ml["dropout_prob"], "data_path": ml["data_path"]}
@@ -131,7 +141,7 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
     report = json.loads((work / "report.json").read_text())
 
     # the installed copy ran, not the checkout, and the checkout was not importable
-    for key in ("mamba4rec", "kernels", "config_dir"):
+    for key in ("mamba4rec", "kernels", "config_dir"):  # (and the search space below)
         assert Path(report[key]).resolve().is_relative_to(purelib.resolve()), (key, report[key])
     assert not any(Path(p).resolve().is_relative_to(REPO) for p in report["sys_path"] if p), report["sys_path"]
     assert [Path(f).relative_to(report["config_dir"]).as_posix() for f in report["config_files"]] == [
@@ -145,6 +155,8 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
         assert all(0.0 <= v <= 1.0 for v in report[how]["test"].values()), how
     assert report["run"]["epochs"] == 1 and set(report["run"]["valid"]) == metrics
     assert report["plain"]["hidden_size"] == 16
+    assert Path(report["hyper"]["space"]).resolve().is_relative_to(purelib.resolve())
+    assert report["hyper"]["status"] == ["ok"]
     ml = report["ml-100k"]
     assert ml["protocol"] == expected and (ml["MAX_ITEM_LIST_LENGTH"], ml["dropout_prob"]) == (50, 0.2)
     assert Path(ml["data_path"], "ml-100k.inter").is_file()
