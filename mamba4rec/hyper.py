@@ -53,10 +53,11 @@ class Param:
     args: tuple  # choice: the values; uniform/loguniform: (low, high); quniform: (low, high, q)
     line: int = 0
     text: str = ""
+    source: str = "params file"
 
     @property
     def where(self) -> str:
-        return f"line {self.line} ({self.text!r})" if self.line else f"parameter {self.name!r}"
+        return f"{self.source}, line {self.line} ({self.text!r})" if self.line else f"parameter {self.name!r}"
 
     @property
     def integral(self) -> bool:
@@ -149,7 +150,7 @@ def parse_space(text: str, source: str = "params file") -> list[Param]:
         else:
             args = _numbers(name, kind, rest, where, 3 if kind == "quniform" else 2)
         seen[name] = n
-        params.append(Param(name, kind, args, n, line))
+        params.append(Param(name, kind, args, n, line, source))
     if not params:
         raise SpaceError(f"{source} has no parameters (only blank or # lines): write one 'name type range' line "
                          f"per parameter, e.g. learning_rate loguniform -8,0")
@@ -316,7 +317,7 @@ def _level(state) -> int:
     return getattr(logging, str(state or "INFO").upper(), logging.INFO)
 
 
-def _draws(space, algo, trials, seed):
+def _draws(space, trials, seed):
     """The exhaustive search's parameter dicts, in grid order (a random subset when cut short)."""
     grid = [dict(zip([p.name for p in space], combo)) for combo in itertools.product(*(p.args for p in space))]
     if trials < len(grid):
@@ -331,8 +332,8 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
 
     Every trial is ``pipeline.run(model, dataset, config_files, config_dict=params, cmd_args)``
     (through mamba4rec.compare's trainer, in a process of its own when ``isolate``). Input is
-    checked before any trial (SpaceError). The table goes to ``output_file`` after every trial
-    (RecBole's log to the same name with .log); ``early_stop`` > 0 ends the search after that
+    checked before any trial (SpaceError; an existing output file is refused, not overwritten).
+    The table goes to ``output_file`` after every trial (RecBole's log to the same name with .log); ``early_stop`` > 0 ends the search after that
     many trials without a better valid score. A failed trial is a row; the search goes on."""
     from . import compare
     from .pipeline import _check_cmd_args, resolve_model
@@ -350,12 +351,16 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
         _import_hyperopt()
     if isolate:
         compare._spawnable(model)
-    base = check_space(space, model, dataset, config_files, cmd_args)
     name = resolve_model(model)[1]
-    result = Search(name, dataset, algo, planned, space, base["valid_metric"].lower(), bool(base["valid_metric_bigger"]))
     out = Path(output_file or f"saved/hyper-{name}-{dataset}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log") if out.suffix != ".log" else out.with_name(out.name + ".log")
+    for path in (out, log):
+        if path.exists():  # an earlier search's table (hours of trials) is not overwritten
+            raise SpaceError(f"{path} already exists (an earlier search's): give another output file "
+                             f"(--output_file=...) or remove {out} and {log}")
+    base = check_space(space, model, dataset, config_files, cmd_args)
+    result = Search(name, dataset, algo, planned, space, base["valid_metric"].lower(), bool(base["valid_metric_bigger"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
     result.output_file, result.log_file = str(out), str(log)
     fixed = " ".join([*(f"--config_files={f}" for f in config_files or []), *cmd_args])
     train = functools.partial(_logged_train, str(log), _level(base["state"]))
@@ -401,7 +406,7 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     try:
         if algo == "exhaustive":
             since_best = 0
-            for params in _draws(space, algo, planned, base["seed"]):
+            for params in _draws(space, planned, base["seed"]):
                 before = result.best
                 trial(params)
                 since_best = 0 if result.best is not before else since_best + 1
@@ -491,19 +496,17 @@ def parse_args(argv=None):
                              "model of a comparison gets the same number of trials)")
     parser.add_argument("--tool", default="Hyperopt", choices=["Hyperopt"],
                         help="RecBole's flag; hyperopt is the only tool here (RecBole's Ray path imports ray)")
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        parser.error(f"unrecognized arguments {' '.join(bad)}: overrides take the form --key=value")
-    return args, rest
+    return parser.parse_known_args(argv)  # the rest: --key=value overrides, checked by the pipeline
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     from .defaults import search_space_file
+    from .pipeline import _check_cmd_args
 
     config_files = args.config_files.strip().split() if args.config_files else None
     try:
+        overrides = _check_cmd_args(overrides)  # a stray word: "override 'x' is not of the form --key=value"
         space = args.params_file or search_space_file(args.model)
         if space is None:
             raise SpaceError(f"no search space is shipped for {args.model!r} (configs/hyper/ has Mamba4Rec, SASRec "

@@ -108,16 +108,16 @@ def test_the_plan_of_each_search():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(SpaceError, match="max_evals must be an integer >= 1"):
             hyper.plan(grid, max_evals=bad)
-    draws = hyper._draws(grid, "exhaustive", 4, seed=3)
+    draws = hyper._draws(grid, 4, seed=3)
     assert len(draws) == 4 and len({tuple(d.items()) for d in draws}) == 4
-    assert draws == hyper._draws(grid, "exhaustive", 4, seed=3)  # the seed decides the subset
+    assert draws == hyper._draws(grid, 4, seed=3)  # the seed decides the subset
 
 
 # --------------------------------------------------------------------------- checks before any trial
 
 
 @pytest.mark.parametrize("text,cmd,why", [
-    ("learing_rate choice [0.001]\n", [], "line 1 .*unknown key 'learing_rate': Mamba4Rec on tiny has no such "
+    ("learing_rate choice [0.001]\n", [], "space.hyper, line 1 .*unknown key 'learing_rate': Mamba4Rec on tiny has no such "
                                            "config key \\(did you mean learning_rate"),
     ("dropout_prob choice [0.2,1.5]\n", [], "line 1 .*dropout_prob=1.5 is refused: .*must be a number in \\[0, 1\\)"),
     ("hidden_size quniform 0,32,16\n", [], "line 1 .*hidden_size=0 is refused: .*integer >= 1"),
@@ -146,6 +146,8 @@ def test_cli_bad_input_exits_2_with_the_line(tiny, capsys):
         assert code == 2 and why in capsys.readouterr().err
     assert hyper.main(["-m", "Caser", "-d", "tiny", f"--config_files={tiny[0]}"]) == 2
     assert "no search space is shipped for 'Caser'" in capsys.readouterr().err
+    assert hyper.main(["-d", "tiny", f"--config_files={tiny[0]}", "stray"]) == 2
+    assert "override 'stray' is not of the form --key=value" in capsys.readouterr().err
     assert not Path("out.md").exists()
     with pytest.raises(SystemExit) as exit_:
         hyper.main(["--tool=Ray"])
@@ -188,6 +190,9 @@ def test_exhaustive_search_trains_every_combination_and_writes_the_table(tiny):
     assert f"best: trial {best['trial']}" in table
     assert f"as overrides: --dropout_prob={best['params']['dropout_prob']} --hidden_size=8" in table
     assert "--epochs=2" in table
+    with pytest.raises(SpaceError, match="out/table.md already exists .*--output_file"):  # not overwritten
+        hyper.search("Mamba4Rec", "tiny", space, config_files=tiny, isolate=False, output_file="out/table.md")
+    assert Path("out/table.md").read_text() == table
     log = Path("out/table.log").read_text()  # RecBole's log went there, at the config's state
     assert log.count("trial: {") == 2 and log.count("best valid") == 2
 
