@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import fnmatch
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ from tests.conftest import TINY_DATA, tiny_config_dict
 REPO = Path(__file__).resolve().parents[1]
 OVERALL = yaml.safe_load((REPO / "configs" / "overall.yaml").read_text())
 PROTOCOL = ("eval_args", "metrics", "topk", "valid_metric", "repeatable")
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """A plain Config reads --key=value from sys.argv: keep pytest's own flags out of it."""
+    monkeypatch.setattr(sys, "argv", ["pytest"])
 
 
 def recbole_eval_args(eval_args):
