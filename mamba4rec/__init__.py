@@ -2,7 +2,9 @@
 
 ``from mamba4rec import Mamba4Rec`` gives a RecBole SequentialRecommender. Importing the
 package applies the RecBole compatibility shims (mamba4rec/compat.py) and checks that the
-``kernels`` package found is this project's.
+``kernels`` package found is this project's. ``config_files(model, dataset)`` and
+``config_dict(model, dataset)`` give the paper's settings as shipped (mamba4rec/defaults.py);
+``Config(model=Mamba4Rec, dataset=...)`` reads them by itself.
 """
 
 from ._version import __version__
@@ -27,6 +29,11 @@ from . import compat  # noqa: E402
 
 compat.install()
 
+from . import defaults  # noqa: E402
+
+defaults.install()  # RecBole's Config reads Mamba4Rec's packaged configs as its defaults
+
+from .defaults import config_dict, config_files  # noqa: E402
 from .model import MODEL_DEFAULTS, Mamba4Rec, resolve_model_config  # noqa: E402
 
-__all__ = ["Mamba4Rec", "MODEL_DEFAULTS", "resolve_model_config", "__version__"]
+__all__ = ["Mamba4Rec", "MODEL_DEFAULTS", "resolve_model_config", "config_files", "config_dict", "__version__"]

@@ -424,14 +424,14 @@ class ModelFailed(RuntimeError):
     """Training failed in the model's own process; the message is the child's error."""
 
 
-def _child(conn, threads, *args):
+def _child(conn, threads, train, *args):
     """Entry of a model's own process: train, send (result, peak, threads) or the error back."""
     _exit_with_parent()
     try:
         import torch
 
         torch.set_num_threads(threads)  # the comparison's count, however it was set there
-        result, peak, threads = _train(*args)
+        result, peak, threads = train(*args)
         conn.send(("ok", (result, {"peak_mib": peak.peak_mib, "cuda_peak_mib": peak.cuda_peak_mib}, threads)))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         conn.send(("error", (type(exc).__name__, str(exc), traceback.format_exc())))
@@ -468,16 +468,18 @@ def _spawnable(model):
                          f"compare(..., isolate=False) to train in this process.")
 
 
-def _train_isolated(model, dataset, config_files, run_dict, cmd_args, resume_from):
-    """_train in a fresh process of its own (see compare(isolate=True))."""
+def _train_isolated(model, dataset, config_files, run_dict, cmd_args, resume_from, train=None):
+    """``train`` (default _train, same arguments and result) in a fresh process of its own (see
+    compare(isolate=True)); the process imports it by name: a module-level function, or a
+    functools.partial of one (mamba4rec.hyper's trials)."""
     import multiprocessing
     import signal
     from types import SimpleNamespace
 
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, _threads(), model, dataset, config_files, run_dict, cmd_args,
-                                            resume_from),
+    proc = ctx.Process(target=_child, args=(send, _threads(), train or _train, model, dataset, config_files,
+                                            run_dict, cmd_args, resume_from),
                        name=f"mamba4rec-compare-{resolve_model(model)[1]}")
     proc.start()
     send.close()

@@ -132,6 +132,15 @@ class Mamba4Rec(SequentialRecommender):
     r"""Item embedding -> dropout -> LayerNorm -> num_layers x MambaLayer -> the output at the
     last item -> scores against the (tied) item embedding."""
 
+    @classmethod
+    def default_config_files(cls, dataset):
+        """The packaged configs RecBole's Config reads as this model's internal defaults (below
+        every file, dict and command-line key of the user's): the paper's protocol and settings,
+        so ``Config(model=Mamba4Rec, dataset=...)`` needs no files (mamba4rec/defaults.py)."""
+        from .defaults import MODEL, config_files
+
+        return config_files(MODEL, dataset)
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
 

@@ -23,11 +23,11 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_trainer, init_logger, init_seed
 
+from .defaults import CONFIG_DIR, check_protocol  # noqa: F401  (CONFIG_DIR: where the configs are read)
+from .defaults import config_files as _packaged_config_files
 from .model import Mamba4Rec, resolve_model_config
 from .sequence import SequenceTrainDataLoader, check_model, resolve_train_mode, sequence_loss
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
 BUNDLED_DATA = Path(recbole.__file__).resolve().parent / "dataset_example"
 OUR_MODELS = {"Mamba4Rec": Mamba4Rec}
 _RECBOLE_MODEL_PACKAGES = ("general_recommender", "sequential_recommender",
@@ -74,16 +74,10 @@ def resolve_model(model) -> tuple[type, str]:
 
 
 def default_config_files(model_name: str, dataset: str) -> list[str]:
-    """configs/overall.yaml, configs/model/<model>.yaml, configs/dataset/<dataset>.yaml and
-    configs/model/<model>/<dataset>.yaml (the model's settings for that data set), those that exist.
-
-    Per-(model, data set) settings live in their own file so that one model's tuning (say
-    Mamba4Rec's dropout_prob) never leaks into a baseline with a key of the same name.
-    """
-    candidates = [CONFIG_DIR / "overall.yaml", CONFIG_DIR / "model" / f"{model_name}.yaml",
-                  CONFIG_DIR / "dataset" / f"{dataset}.yaml",
-                  CONFIG_DIR / "model" / model_name / f"{dataset}.yaml"]
-    return [str(p) for p in candidates if p.is_file()]
+    """The packaged configs/overall.yaml, model/<model>.yaml, dataset/<dataset>.yaml and
+    model/<model>/<dataset>.yaml, those that exist (mamba4rec.defaults.config_files); raises
+    FileNotFoundError when the install lacks configs/ rather than dropping them."""
+    return _packaged_config_files(model_name, dataset)
 
 
 @contextlib.contextmanager
@@ -146,6 +140,7 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
             config_dict["train_neg_sample_args"] = {"distribution": "uniform", "sample_num": 1}
             config = config_class(model=model_class, dataset=dataset, config_file_list=files or None,
                                   config_dict=config_dict)
+    check_protocol(config.external_config_dict)  # a partial eval_args would fall back to RecBole's split
     if model_class is Mamba4Rec or issubclass(model_class, Mamba4Rec):
         resolve_model_config(config)  # ValueError naming key, value and range
     resolve_train_mode(config)  # train_mode / sequence_stride: the same
