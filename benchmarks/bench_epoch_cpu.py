@@ -131,7 +131,8 @@ def main() -> None:
     print(f"# {platform.platform()} | python {platform.python_version()} | torch {torch.__version__} | "
           f"threads {args.threads} | cpus {os.cpu_count()} | {platform.processor() or platform.machine()}")
     print(f"# dataset {args.dataset}, batch {args.batch_size}, "
-          f"{'first %d batches, scaled to an epoch' % args.max_batches if args.max_batches else 'full epoch'}")
+          f"{'first %d batches, scaled to an epoch' % args.max_batches if args.max_batches else 'full epoch'}"
+          f"{'; prefix mode: first %d batches, scaled' % args.prefix_max_batches if args.prefix_max_batches else ''}")
     rows = []
     for L in [int(x) for x in args.lengths.split(",")]:
         drops = args.fast_dropout.split(",")
