@@ -7,7 +7,7 @@ Shapes (mamba_ssm's ``selective_scan_fn`` contract, see kernels/reference.py)::
     D, delta_bias : (D,)
     out           : (B D L) in u's dtype      last_state : (B D N) float32
 
-Tiers (STYLE.md habit 1): ``_selective_scan_fwd_kernel`` / ``_selective_scan_bwd_kernel``
+Tiers: ``_selective_scan_fwd_kernel`` / ``_selective_scan_bwd_kernel``
 (private, ``@triton.jit``), the launchers ``_selective_scan_fwd`` / ``_selective_scan_bwd``
 (allocate, pick blocks, build grids), ``SelectiveScanFn`` (autograd) and the public
 ``selective_scan_fn``.
