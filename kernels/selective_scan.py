@@ -327,7 +327,7 @@ def _blocks(batch: int, groups: int, dim_per_group: int, N: int, device) -> tupl
     """(BLOCK_D, BLOCK_N, num_warps). N is padded to a power of 2 (masked); BLOCK_D fills
     the tile budget, then shrinks on CUDA until the grid covers the GPU twice, because
     small-batch long-sequence shapes (batch 64) would otherwise leave SMs idle for the whole
-    sequential walk over L. A heuristic: not yet swept on a GPU (benchmarks/bench_scan.py does it)."""
+    sequential walk over L. A heuristic, not yet measured on a GPU."""
     block_n = triton.next_power_of_2(N)
     block_d = min(triton.next_power_of_2(dim_per_group), max(1, _MAX_TILE // block_n))
     if device.type == "cuda":
