@@ -46,7 +46,7 @@ def _train(job, out):
 def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_run():
     beauty = {j.name: j for j in results.JOBS if j.dataset == "amazon-beauty" and j.mode == "prefix"}
     cmd = beauty["SASRec"].command(Path("/o"))
-    # the same comparison as benchmarks/compare_amazon.sh's: the runs it started resume under these
+    # the arguments the prefix Beauty runs were started with: their rows and checkpoints resume under these
     assert cmd == ["run_recbole.py", "-d", "amazon-beauty", "--compare_dir=/o/beauty/out", "--data_path=/o/dataset/",
                    "--show_progress=False", "--resume", "--compare=GRU4Rec,SASRec", "--compare_run=SASRec"]
     two = next(j for j in results.JOBS if j.name == "Mamba4Rec-2layers" and j.dataset == "ml-1m")
