@@ -105,11 +105,15 @@ VARIANTS = {"2layers": ["--num_layers=2"],
             "seed2021": ["--seed=2021", "--epochs=25", "--stopping_step=100"]}
 _SEQ = ("Mamba4Rec", "SASRec", "GRU4Rec", "Mamba4Rec-2layers")
 _PRE = ("Mamba4Rec", "SASRec", "GRU4Rec")
-#: in order: whole Amazon tables first (sequence mode is cheap), then prefix Beauty, ML-1M, prefix Video Games
-JOBS = ([Job("amazon-beauty", "sequence", n) for n in _SEQ]
+#: in order: Beauty (both modes: prefix SASRec, the longest run, starts as soon as a lane is
+#: free), then Video Games in sequence mode, ML-1M, and Video Games in prefix mode
+JOBS = ([Job("amazon-beauty", "sequence", n) for n in ("Mamba4Rec", "SASRec")]
+        + [Job("amazon-beauty", "prefix", "SASRec")]
+        + [Job("amazon-beauty", "sequence", n) for n in ("GRU4Rec", "Mamba4Rec-2layers")]
+        + [Job("amazon-beauty", "prefix", "Mamba4Rec")]
         + [Job("amazon-beauty", "sequence", n) for n in ("Mamba4Rec-seed2021", "SASRec-seed2021")]
+        + [Job("amazon-beauty", "prefix", "GRU4Rec")]
         + [Job("amazon-video-games", "sequence", n) for n in _SEQ]
-        + [Job("amazon-beauty", "prefix", n) for n in _PRE]
         + [Job("ml-1m", "sequence", n) for n in _SEQ]
         + [Job("amazon-video-games", "prefix", n) for n in _PRE])
 
