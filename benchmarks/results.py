@@ -141,62 +141,76 @@ def prepare(out: Path, shared: Path, python: str, datasets) -> None:
 
 
 def run_queue(out: Path, jobs, lanes: int, python: str, log=print) -> int:
-    """Train ``jobs`` ``lanes`` at a time; export each data set as its jobs finish. Returns the
-    number of jobs that failed. SIGTERM / SIGINT stop the running trainings (they resume)."""
-    pending = [j for j in jobs if finished(j, out) is None]
-    for j in jobs:
-        if j not in pending:
-            log(f"{j.key}: finished earlier")
+    """Train ``jobs`` ``lanes`` at a time; export each job as it finishes. Returns the number of
+    jobs that failed, or -signal when SIGTERM / SIGINT stopped it (the running trainings are
+    stopped too, and resume on the next run). Jobs finished earlier are exported again first,
+    so a row whose export a stop or an error cut short still reaches results/."""
+    done_before = [j for j in jobs if finished(j, out) is not None]
+    pending = [j for j in jobs if j not in done_before]
+    for j in done_before:
+        log(f"{j.key}: finished earlier")
+    if done_before:
+        export(out, done_before, log=log)
     lock = threading.Lock()
     procs: dict[Job, subprocess.Popen] = {}
     failures = []
-    stopping = threading.Event()
+    stopped = []
 
     def stop(signum, frame):
-        stopping.set()
+        stopped.append(signum)
         with lock:
             for p in procs.values():
                 p.terminate()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def one(n, job):
+        logfile = job.compare_dir(out).parent / f"{job.mode}-{job.name}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        log(f"lane {n}: {job.key} ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, log {logfile})")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+        with open(logfile, "a") as fh:
+            with lock:
+                if stopped:
+                    return
+                procs[job] = subprocess.Popen([python, *job.command(out)], cwd=REPO, env=env,
+                                              stdout=fh, stderr=subprocess.STDOUT)
+            try:
+                rc = procs[job].wait()
+            finally:
+                with lock:
+                    procs.pop(job, None)
+        if rc == 0 and finished(job, out) is not None:
+            log(f"lane {n}: {job.key} finished")
+            with lock:
+                export(out, [job], log=log)
+        elif not stopped:
+            failures.append(job)
+            log(f"lane {n}: {job.key} ended with status {rc} without a finished row (see {logfile})")
 
     def lane(n):
-        while not stopping.is_set():
+        while not stopped:
             with lock:
                 if not pending:
                     return
                 job = pending.pop(0)
-            logfile = job.compare_dir(out).parent / f"{job.mode}-{job.name}.log"
-            logfile.parent.mkdir(parents=True, exist_ok=True)
-            log(f"lane {n}: {job.key} ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, log {logfile})")
-            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
-            with open(logfile, "a") as fh:
-                with lock:
-                    if stopping.is_set():
-                        return
-                    procs[job] = subprocess.Popen([python, *job.command(out)], cwd=REPO, env=env,
-                                                  stdout=fh, stderr=subprocess.STDOUT)
-                rc = procs[job].wait()
-            with lock:
-                procs.pop(job, None)
-            if stopping.is_set():
-                return
-            if rc == 0 and finished(job, out) is not None:
-                log(f"lane {n}: {job.key} finished")
-                with lock:
-                    export(out, [job], log=log)
-            else:
+            try:
+                one(n, job)
+            except Exception as exc:  # noqa: BLE001 - one job's error must not end the lane
                 failures.append(job)
-                log(f"lane {n}: {job.key} ended with status {rc} without a finished row (see {logfile})")
+                log(f"lane {n}: {job.key} failed: {type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=lane, args=(n + 1,)) for n in range(lanes)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
+    try:
+        threads = [threading.Thread(target=lane, args=(n + 1,)) for n in range(lanes)]
         for t in threads:
-            t.join(0.5)
-    return len(failures)
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return -stopped[0] if stopped else len(failures)
 
 
 def status(out: Path) -> str:
@@ -213,11 +227,11 @@ def status(out: Path) -> str:
         last = job.compare_dir(out) / "checkpoints" / f"{job.model}-{job.dataset}-last.pth"
         if last.is_file():
             state = torch.load(last, map_location="cpu", weights_only=False)  # our own file
-            scores = [s for _, s in state.get("history", {}).get("valid_scores", [])]
             secs = state.get("history", {}).get("train_seconds", [])
-            best = max(scores) if scores else float("nan")
-            lines.append(f"{job.key}: in progress, {state['epoch'] + 1} epochs, best valid {best:.4f} at epoch "
-                         f"{scores.index(best) if scores else '-'}, {sum(secs) / max(len(secs), 1):.0f} s/epoch")
+            pairs = state.get("history", {}).get("valid_scores", [])
+            best = max(pairs, key=lambda es: es[1]) if pairs else ("-", float("nan"))
+            lines.append(f"{job.key}: in progress, {state['epoch'] + 1} epochs, best valid {best[1]:.4f} at epoch "
+                         f"{best[0]}, {sum(secs) / max(len(secs), 1):.0f} s/epoch")
         else:
             lines.append(f"{job.key}: not started")
     in_results = sorted(str(p.relative_to(RESULTS)) for p in RESULTS.glob("*/*/*.json"))
@@ -240,7 +254,7 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
         "test_result": {k: r.get(f"test_{k}") for k in METRICS},
         "best_epoch": r.get("best_epoch"), "epochs_run": r.get("epochs_run"), "stopped_by": r.get("stopped_by"),
         "train_s_per_epoch": r.get("train_s_per_epoch"), "eval_s": r.get("eval_s"),
-        "train_hours_to_stop": round(sum(seconds) / 3600, 3) if seconds else None,
+        "train_s_to_stop": round(sum(seconds), 1) if seconds else None,
         "peak_rss_mib": r.get("peak_rss_mib"), "peak_cuda_mib": r.get("peak_cuda_mib"),
         "params": r.get("params"), "threads": r.get("threads"), "machine": r.get("machine"),
         "git_commit": r.get("git_commit"), "data_sha256": saved.get("data"),
@@ -253,8 +267,14 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str]:
@@ -262,42 +282,70 @@ def export(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str
     import numpy as np
 
     written = []
-    for dataset in dict.fromkeys(j.dataset for j in (jobs or JOBS)):
-        done = [(j, s) for j in (jobs or JOBS) if j.dataset == dataset and (s := finished(j, out))]
-        if not done:
-            continue
-        folder = results / dataset
-        per_user_path = folder / "per_user.npz"
-        per_user = {}
-        if per_user_path.is_file():
-            with np.load(per_user_path) as data:
-                per_user = {k: data[k] for k in data.files}
-        curves = _read_curves(folder / "curves.csv")
-        for job, saved in done:
-            cdir = job.compare_dir(out)
-            curve_file = cdir / "curves" / f"{job.model}.json"
-            curve = json.loads(curve_file.read_text()) if curve_file.is_file() else None
-            record = result_record(job, saved, curve)
-            path = folder / job.mode / f"{job.name}.json"
-            _atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
-            written.append(str(path))
-            npz = cdir / "per_user" / f"{job.model}.npz"
-            if npz.is_file():
-                with np.load(npz) as data:
-                    for metric in data.files:
-                        per_user[f"{job.mode}/{job.name}/{metric}"] = data[metric].astype(np.float32)
-            if curve:
-                curves = [c for c in curves if (c["train_mode"], c["model"]) != (job.mode, job.name)]
-                hours = np.cumsum(curve.get("train_seconds") or []) / 3600
-                for epoch, score in curve["valid_scores"]:
-                    curves.append({"train_mode": job.mode, "model": job.name, "epoch": int(epoch),
-                                   "valid_ndcg@10": float(score),
-                                   "train_hours": round(float(hours[epoch]), 4) if epoch < len(hours) else ""})
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **per_user)
-        _atomic_write(per_user_path, buf.getvalue())
-        _write_curves(folder, dataset, curves)
-        log(f"{dataset}: exported {', '.join(f'{j.mode}/{j.name}' for j, _ in done)} to {folder}")
+    jobs = JOBS if jobs is None else jobs
+    with results_lock(results):
+        for dataset in dict.fromkeys(j.dataset for j in jobs):
+            written += _export_dataset(out, dataset, [j for j in jobs if j.dataset == dataset], results, log)
+    return written
+
+
+@contextlib.contextmanager
+def results_lock(results: Path):
+    """One writer of results/ at a time (an export of a run beside a 'results.py export')."""
+    import fcntl
+
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _export_dataset(out: Path, dataset: str, jobs, results: Path, log) -> list[str]:
+    """The results/ files of ``dataset`` for its finished ``jobs``: each job's record, its per-user
+    values and its curve replace whatever results/ held for it (a job trained again leaves nothing
+    of its earlier run beside the new row); other jobs' entries stay."""
+    import numpy as np
+
+    done = [(j, s) for j in jobs if (s := finished(j, out))]
+    if not done:
+        return []
+    written = []
+    folder = results / dataset
+    per_user_path = folder / "per_user.npz"
+    per_user = {}
+    if per_user_path.is_file():
+        with np.load(per_user_path) as data:
+            per_user = {k: data[k] for k in data.files}
+    curves = _read_curves(folder / "curves.csv")
+    for job, saved in done:
+        cdir = job.compare_dir(out)
+        curve_file = cdir / "curves" / f"{job.model}.json"
+        curve = json.loads(curve_file.read_text()) if curve_file.is_file() else None
+        record = result_record(job, saved, curve)
+        path = folder / job.mode / f"{job.name}.json"
+        _atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
+        written.append(str(path))
+        prefix = f"{job.mode}/{job.name}/"
+        per_user = {k: v for k, v in per_user.items() if not k.startswith(prefix)}
+        npz = cdir / "per_user" / f"{job.model}.npz"
+        if npz.is_file():  # compare removes a stale one when a run has no per-user values of its own
+            with np.load(npz) as data:
+                for metric in data.files:
+                    per_user[prefix + metric] = data[metric].astype(np.float32)
+        curves = [c for c in curves if (c["train_mode"], c["model"]) != (job.mode, job.name)]
+        if curve:
+            seconds = curve.get("train_seconds") or []
+            hours = np.cumsum(seconds) / 3600
+            aligned = len(seconds) == len(curve["valid_scores"])  # a resume from a file without history: not
+            for epoch, score in curve["valid_scores"]:
+                curves.append({"train_mode": job.mode, "model": job.name, "epoch": int(epoch),
+                               "valid_ndcg@10": float(score),
+                               "train_hours": round(float(hours[epoch]), 4) if aligned and epoch < len(hours) else ""})
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **per_user)
+    _atomic_write(per_user_path, buf.getvalue())
+    _write_curves(folder, dataset, curves)
+    log(f"{dataset}: exported {', '.join(f'{j.mode}/{j.name}' for j, _ in done)} to {folder}")
     return written
 
 
@@ -361,6 +409,10 @@ def _load_per_user(results: Path, dataset: str) -> dict:
         return {k: data[k].astype(np.float64) for k in data.files}
 
 
+def _hours(seconds):
+    return None if seconds is None else seconds / 3600
+
+
 def _f(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -394,7 +446,7 @@ def tables(results: Path = RESULTS) -> str:
                 out.append(f"| {name} | {_f(t['hit@10'])} | {_f(t['ndcg@10'])} | {_f(t['mrr@10'])} | "
                            f"{_f(v['ndcg@10'])} | {r['best_epoch']} / {r['epochs_run']} | {r['stopped_by'] or '-'} | "
                            f"{_f(spe, 1)} | {t_ratio} | {mem if mem is not None else '-'} | {m_ratio} | "
-                           f"{_f(r.get('train_hours_to_stop'), 2)} | {r.get('threads') or '-'} |")
+                           f"{_f(_hours(r.get('train_s_to_stop')), 2)} | {r.get('threads') or '-'} |")
             for label, figures in REFERENCES.get(dataset, []) if mode == "sequence" else []:
                 out.append(f"| *{label}* | {figures['hit@10']:.4f} | {figures['ndcg@10']:.4f} | "
                            f"{figures['mrr@10']:.4f} | | | | | | | | | |")
@@ -461,7 +513,11 @@ def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
         for metric in METRICS:
             a = per_user.get(f"{mode}/{best}/{metric}")
             b = per_user.get(f"{mode}/{other}/{metric}")
-            if a is None or b is None or a.shape != b.shape:
+            data_a, data_b = recs[best].get("data_sha256"), recs[other].get("data_sha256")
+            if data_a and data_b and data_a != data_b:
+                lines.append(f"- {metric}: {best} - {other}: not paired (trained on different data files)")
+                continue
+            if a is None or b is None or a.shape != b.shape or len(a) < 2:
                 lines.append(f"- {metric}: {best} - {other}: no per-user values")
                 continue
             diff, lo, hi = paired_difference(a, b)
@@ -472,11 +528,12 @@ def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
     if dataset == "ml-1m":
         for label, figures in REFERENCES["ml-1m"][:1]:
             for metric, target in figures.items():
-                mine = recs[best]["test_result"][metric]
-                lines.append(f"- {metric} >= {label} {target:.4f}: {'met' if mine >= target else '**NOT MET**'} "
-                             f"({mine:.4f})")
+                mine = recs[best]["test_result"].get(metric)
+                if mine is not None:
+                    lines.append(f"- {metric} >= {label} {target:.4f}: "
+                                 f"{'met' if mine >= target else '**NOT MET**'} ({mine:.4f})")
         if "Mamba4Rec-2layers" in recs:
-            mine = recs["Mamba4Rec-2layers"]["test_result"]["hit@10"]
+            mine = recs["Mamba4Rec-2layers"]["test_result"].get("hit@10") or 0.0
             lines.append(f"- 2 layers, hit@10 >= TiM4Rec's {TIM4REC_ML1M_HIT}: "
                          f"{'met' if mine >= TIM4REC_ML1M_HIT else '**NOT MET**'} ({mine:.4f})")
     return lines
@@ -531,7 +588,7 @@ def main(argv=None) -> int:
     with queue_lock(out):
         prepare(out, args.shared, args.python, dict.fromkeys(j.dataset for j in jobs))
         failed = run_queue(out, jobs, args.lanes, args.python, log=lambda m: print(m, flush=True))
-    return 1 if failed else 0
+    return 128 - failed if failed < 0 else (1 if failed else 0)
 
 
 @contextlib.contextmanager

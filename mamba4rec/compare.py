@@ -525,9 +525,10 @@ def _save_per_user(out: Path, name, result, config):
 
     places = config["metric_decimal_place"] if "metric_decimal_place" in config else 4
     arrays = consistent(result.extra.get("per_user_test") or {}, result.test_result, places)
-    if not arrays:
-        return
     folder = out / "per_user"
+    if not arrays:
+        (folder / f"{name}.npz").unlink(missing_ok=True)  # an earlier run's values are not this row's
+        return
     folder.mkdir(parents=True, exist_ok=True)
 
     def write(p):

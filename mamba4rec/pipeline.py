@@ -234,7 +234,9 @@ def _save_last(path, trainer, net, train_data, epoch_idx, history) -> None:
         "saved_model_file": trainer.saved_model_file,
         "history": {"valid_scores": list(history["valid_scores"]), "train_seconds": list(history["train_seconds"])},
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "loader": train_data.generator.get_state()},
+                "loader": train_data.generator.get_state(),
+                # dropout on a GPU draws from CUDA's generators, which init_seed reseeds on a resume
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
     compat._trainer_save(state, path)  # temporary file + rename: a kill leaves the previous one
 
@@ -272,6 +274,8 @@ def _resume(path, trainer, net, train_data, log) -> dict:
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     train_data.generator.set_state(state["rng"]["loader"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     log.info("resumed from %s after epoch %d", path, state["epoch"])
     history = state.get("history") or {}
     return {"valid_scores": [tuple(v) for v in history.get("valid_scores", [])],

@@ -9,8 +9,8 @@ sequence and takes the loss at every position against the next item.
 
 Windows (per user, L = MAX_ITEM_LIST_LENGTH, S = ``sequence_stride``, default L // 2):
 
-* the first window holds x_0 .. x_{L-1} (or the whole sequence when shorter) and trains the
-  targets x_1 .. x_L: each sees exactly the history the prefix protocol gives it;
+* the first window holds x_0 .. x_{L-1} (x_0 .. x_{m-2} when shorter) and trains the targets
+  x_1 .. x_L: each sees exactly the history the prefix protocol gives it;
 * each further window ends S targets later, holds the L items before its last target, and
   trains only its targets not trained before: each of those has at least L - S + 1 items of
   history (the prefix protocol gives L). ``sequence_stride: 1`` makes every window one target
@@ -201,6 +201,9 @@ class SequenceTrainDataLoader:
             if neg.get("dynamic", False) or int(neg.get("sample_num", 1)) != 1 or sampler is None:
                 raise ValueError(f"train_mode=sequence takes one uniform or popularity negative per target "
                                  f"(train_neg_sample_args sample_num 1, not dynamic), not {neg}")
+        if config["transform"]:
+            raise _refuse(config["model"], f"its batches need RecBole's transform {config['transform']!r}, "
+                                           f"which sequence mode does not apply to its windows")
         users, seqs = user_sequences(dataset)
         self.windows = Windows(users, seqs, self.max_len, self.stride)
         self.n_targets = self.windows.n_targets
@@ -273,7 +276,8 @@ def _patched(model, **attrs):
 
 
 def sequence_output(model, item_seq, item_seq_len) -> torch.Tensor:
-    """The model's output at every position, [B, L', H] (L' = item_seq's width).
+    """The model's output at every position, [B, L', H] (L' <= item_seq's width: Mamba4Rec
+    trims it to the longest sequence).
 
     ``model.sequence_output`` when the model has one; otherwise its ``forward`` with
     ``gather_indexes`` returning the whole output it was given."""
@@ -294,7 +298,7 @@ def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor
     if n_buckets == 1:
         full = sequence_output(model, item_seq[:, :int(item_len.max())], item_len)
         return full[row, pos]
-    order = torch.argsort(item_len)
+    order = torch.argsort(item_len, stable=True)
     parts = [idx for idx in torch.tensor_split(order, n_buckets) if len(idx)]
     bucket = torch.empty_like(order)
     local = torch.empty_like(order)  # a row's index inside its bucket
@@ -316,9 +320,22 @@ def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor
 
 def sequence_loss(model, interaction):
     """The model's own ``calculate_loss`` over every target of a sequence batch: its ``forward``
-    answers, for this call, with the outputs at the targets."""
+    answers, for this call, with the outputs at the targets, once, for the batch's own items (a
+    loss that runs forward again, say on a second dropout view, would get the same outputs, so it
+    is refused)."""
     outputs = target_output(model, interaction)
-    with _patched(model, forward=lambda item_seq, item_seq_len: outputs):
+    calls = []
+
+    def forward(item_seq, item_seq_len):
+        calls.append(1)
+        if len(calls) > 1 or item_seq is not interaction[model.ITEM_SEQ]:
+            raise NotSequenceTrainable(
+                f"train_mode=sequence cannot train {type(model).__name__}: its calculate_loss runs forward "
+                f"{'more than once' if len(calls) > 1 else 'on items other than the batch'}, which sequence "
+                f"mode cannot answer. Train it with train_mode=prefix (the default).")
+        return outputs
+
+    with _patched(model, forward=forward):
         return model.calculate_loss(interaction)
 
 
@@ -346,6 +363,20 @@ def check_model(model, config=None, n_rows=3, tol=1e-4) -> None:
     n_items = int(getattr(model, "n_items", 0))
     if max_len < 2 or n_items < 3:
         raise _refuse(name, "it is not a RecBole sequential model (no max_seq_length / n_items)")
+    _probe(model, config, name, max_len, n_items, n_rows, tol)
+    # a path that is dead at the fresh init (a zero-initialised gate or projection) shows only
+    # away from it: the same probe on a copy with perturbed weights
+    import copy
+
+    shaken = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(54321)
+    with torch.no_grad():
+        for p in shaken.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 0.1)
+    _probe(shaken, config, name, max_len, n_items, n_rows, tol)
+
+
+def _probe(model, config, name, max_len, n_items, n_rows, tol):
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(12345)
     L = min(max_len, 16)
@@ -378,7 +409,8 @@ def check_model(model, config=None, n_rows=3, tol=1e-4) -> None:
                 prefix[:, t + 1:] = 0
                 ref = model.forward(prefix, torch.full_like(lengths[rows], t + 1))
                 got = got_all[pos == t]
-                if ref.shape != got.shape or not torch.allclose(got, ref, atol=tol, rtol=1e-3):
+                scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+                if ref.shape != got.shape or not torch.allclose(got, ref, atol=tol * scale, rtol=1e-3):
                     gap = (got - ref).abs().max().item() if ref.shape == got.shape else float("nan")
                     raise _refuse(name, f"its output at position {t} of a {width}-item sequence differs "
                                         f"from its output on the prefix ending there (max gap {gap:.3g}): "
@@ -389,7 +421,8 @@ def check_model(model, config=None, n_rows=3, tol=1e-4) -> None:
             except Exception as exc:
                 raise _refuse(name, f"its calculate_loss fails on a sequence batch "
                                     f"({type(exc).__name__}: {exc})") from None
-            if not torch.isfinite(torch.as_tensor(loss)).all():
+            parts = loss if isinstance(loss, tuple) else (loss,)
+            if not all(torch.isfinite(torch.as_tensor(x)).all() for x in parts):
                 raise _refuse(name, "its loss on a probe batch is not finite")
     finally:
         model.train(was_training)

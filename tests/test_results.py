@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -52,9 +53,12 @@ def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_ru
     two = next(j for j in results.JOBS if j.name == "Mamba4Rec-2layers" and j.dataset == "ml-1m")
     assert "--num_layers=2" in two.command(Path("/o")) and "--train_mode=sequence" in two.command(Path("/o"))
     assert two.compare_dir(Path("/o")) != next(j for j in results.JOBS if j.key == "ml-1m/sequence/SASRec").compare_dir(Path("/o"))
-    # whole Amazon tables first, ML-1M after them
-    order = [j.dataset for j in results.JOBS]
-    assert order.index("ml-1m") > max(i for i, d in enumerate(order[:8]) if d.startswith("amazon"))
+    # Beauty's jobs first (both modes), then Video Games in sequence mode, then ML-1M
+    order = [(j.dataset, j.mode) for j in results.JOBS]
+    beauty = [i for i, (d, _) in enumerate(order) if d == "amazon-beauty"]
+    assert beauty == list(range(len(beauty))) and len(beauty) == 9
+    assert order.index(("amazon-video-games", "sequence")) < order.index(("ml-1m", "sequence"))
+    assert results.JOBS.index(results.Job("amazon-beauty", "prefix", "SASRec")) == 2  # the longest run starts early
 
 
 def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results(in_tmp, tiny_jobs):
@@ -73,7 +77,7 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     rec = json.loads((store / "tiny" / "sequence" / "Mamba4Rec.json").read_text())
     assert set(rec["test_result"]) == set(results.METRICS) and rec["epochs_run"] == 2
     assert "--train_mode=sequence" in rec["config_overrides"] and rec["data_sha256"]
-    assert rec["machine"] and rec["params"] > 0 and rec["train_hours_to_stop"] > 0
+    assert rec["machine"] and rec["params"] > 0 and rec["train_s_to_stop"] > 0
     with np.load(store / "tiny" / "per_user.npz") as data:
         assert set(data.files) == {f"sequence/{m}/{k}" for m in ("Mamba4Rec", "SASRec", "GRU4Rec")
                                    for k in results.METRICS}
@@ -90,9 +94,17 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     for metric in results.METRICS:  # paired, with its interval and verdict, per baseline
         assert f"- {metric}: Mamba4Rec - SASRec = " in text and f"- {metric}: Mamba4Rec - GRU4Rec = " in text
     # exporting again changes nothing (the same rows)
-    before = (store / "tiny" / "curves.csv").read_text()
+    before = {p: p.read_bytes() for p in (store / "tiny").rglob("*") if p.is_file() and p.suffix != ".png"}
     results.export(out, results=store, log=lambda m: None)
-    assert (store / "tiny" / "curves.csv").read_text() == before
+    assert {p: p.read_bytes() for p in before} == before
+    # a job trained again without per-user values or a curve leaves nothing of its earlier run
+    (out / "tiny" / "sequence" / "per_user" / "SASRec.npz").unlink()
+    (out / "tiny" / "sequence" / "curves" / "SASRec.json").unlink()
+    results.export(out, results=store, log=lambda m: None)
+    with np.load(store / "tiny" / "per_user.npz") as data:
+        assert not [k for k in data.files if k.startswith("sequence/SASRec/")] and "sequence/GRU4Rec/hit@10" in data.files
+    assert ",SASRec," not in (store / "tiny" / "curves.csv").read_text()
+    assert "SASRec: no per-user values" in results.tables(store)
 
 
 def test_tables_fill_the_marked_block_of_the_doc(tmp_path):
@@ -139,13 +151,18 @@ def test_run_queue_skips_finished_jobs_runs_the_rest_in_lanes_and_reports_failur
     exported = []
     monkeypatch.setattr(results, "export", lambda out_, jobs, log=None: exported.extend(j.key for j in jobs))
     lines = []
+    handler = signal.getsignal(signal.SIGTERM)
     failed = results.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append)
     assert failed == 1
+    assert signal.getsignal(signal.SIGTERM) is handler  # the queue's stop handler is gone with it
     assert sorted(exported) == sorted(j.key for j in tiny_jobs if j.name != "GRU4Rec")
     assert any("tiny/sequence/GRU4Rec ended with status 3" in m for m in lines)
     lines.clear()
+    exported.clear()
     assert results.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append) == 1  # only GRU4Rec runs again
     assert sum("finished earlier" in m for m in lines) == 3
+    # the jobs finished before are exported again (an export cut short by a stop reaches results/)
+    assert sorted(exported) == sorted(j.key for j in tiny_jobs if j.name != "GRU4Rec")
 
 
 def test_cli_refuses_unknown_jobs_and_bad_lanes(capsys):

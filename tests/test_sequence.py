@@ -284,3 +284,68 @@ def test_sequence_mode_exports_the_best_weights_for_serving(in_tmp):
     best = torch.load(result.saved_model_file, weights_only=False)["state_dict"]  # this run's own file
     assert best.keys() == payload["state_dict"].keys()
     assert all(torch.equal(v.cpu(), payload["state_dict"][k]) for k, v in best.items())
+
+
+class TwoViewSASRec(SASRec):
+    """A causal model whose loss runs forward twice (a second view, as contrastive losses do)."""
+
+    def calculate_loss(self, interaction):
+        first = super().calculate_loss(interaction)
+        return first + 0.0 * self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]).sum()
+
+
+class DeadGateSASRec(SASRec):
+    """Non-causal only through a path that is zero at the fresh init: the perturbed probe sees it."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.mix = torch.nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        torch.nn.init.zeros_(self.mix.weight)
+
+    def forward(self, item_seq, item_seq_len):
+        out = super().forward(item_seq, item_seq_len)
+        extra = self.mix(self.item_embedding(item_seq).mean(dim=1))  # every item, later ones too
+        return out + (extra[:, None] if out.dim() == 3 else extra)
+
+
+@pytest.mark.parametrize("model,match", [(TwoViewSASRec, "runs forward more than once"),
+                                         (DeadGateSASRec, "not causal")])
+def test_models_that_only_look_causal_are_refused(in_tmp, model, match):
+    import recbole
+    import yaml
+
+    props = Path(recbole.__file__).parent / "properties" / "model" / "SASRec.yaml"
+    cfg = {**yaml.safe_load(props.read_text()), **tiny_config_dict(in_tmp)}
+    config = pipeline.build_config(model, "tiny", config_dict=cfg)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    net = model(config, train.dataset)
+    with pytest.raises(sq.NotSequenceTrainable, match=match):
+        sq.check_model(net, config)
+    assert "forward" not in net.__dict__ and "gather_indexes" not in net.__dict__
+
+
+def test_patched_attributes_are_restored_after_an_error_and_keep_an_instance_forward(in_tmp):
+    config, train, net = _setup(in_tmp, "SASRec")
+    batch = next(iter(sq.SequenceTrainDataLoader(config, train.dataset)))
+    own = net.forward  # an instance attribute, as RecBole's set_reduce_hook leaves one under DDP
+    net.forward = own
+    broken = dict(batch.interaction)
+    del broken[net.POS_ITEM_ID]
+    from recbole.data.interaction import Interaction
+
+    with pytest.raises(KeyError):
+        sq.sequence_loss(net, Interaction(broken))
+    assert net.__dict__["forward"] is own and "gather_indexes" not in net.__dict__
+    sq.sequence_loss(net, batch).backward()
+    assert net.__dict__["forward"] is own
+
+
+@pytest.mark.parametrize("overrides", [{"position_embedding": True}, {"length_buckets": 1}])
+def test_mamba4rec_variants_pass_the_probe_and_stay_exact(in_tmp, overrides):
+    config, train, net = _setup(in_tmp, "Mamba4Rec", **overrides)
+    sq.check_model(net, config)
+    net.eval()
+    with torch.no_grad():
+        ref = prefix_losses(net, train.dataset)
+        exact = sequence_losses(net, sq.SequenceTrainDataLoader(config, train.dataset, stride=1))
+    assert all(torch.allclose(exact[k], ref[k], atol=1e-5, rtol=1e-5) for k in ref)
