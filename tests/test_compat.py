@@ -27,7 +27,7 @@ def test_numpy2_warns_about_quick_start_only_and_pandas3_passes():
 def test_config_builds_without_the_aliases_numpy2_removed(in_tmp, monkeypatch):
     """numpy 2 has no np.float_, np.complex_, np.unicode_: RecBole's own compatibility_settings
     fails on every Config; with the fix the Config builds and np.float (used by RecBole's
-    metrics) is float64. numpy 1 is made to look like numpy 2 here; a real numpy 2 run: README
+    metrics) is float64. numpy 1 is made to look like numpy 2 here; a real numpy 2 run: docs/ENV.md
     ("numpy 2, pandas 3, Python 3.12")."""
     import numpy as np
     from recbole.config import Config
