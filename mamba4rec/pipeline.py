@@ -282,6 +282,53 @@ def _resume(path, trainer, net, train_data, log) -> dict:
             "train_seconds": list(history.get("train_seconds", []))}
 
 
+class _RunTrainer:
+    """What run() adds to RecBole's trainer (mixed into the model's own trainer class by
+    :func:`run_trainer`): the resumable ``-last.pth`` after every validated epoch, the per-epoch
+    history (validation score, training seconds), sequence mode's loss, and one saving rank."""
+
+    rank0 = True
+    history: dict
+    epoch = -1  # the last epoch started
+
+    def track(self, train_data, last_path, train_mode):
+        """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
+        if not hasattr(self, "history"):
+            self.history = {"valid_scores": [], "train_seconds": []}  # (epoch, score); s per epoch
+        self.train_data, self.last_path, self.train_mode = train_data, last_path, train_mode
+        self.first_epoch = self.start_epoch
+        self.epoch = self.start_epoch - 1
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.last_path and epoch_idx > self.first_epoch:  # the previous epoch is trained and validated
+            _save_last(self.last_path, self, self.model, self.train_data, epoch_idx - 1, self.history)
+        self.epoch = epoch_idx
+        if self.train_mode == "sequence" and loss_func is None:
+            model = self.model
+
+            def loss_func(interaction):
+                return sequence_loss(model, interaction)
+        t0 = time.perf_counter()
+        out = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        self.history["train_seconds"].append(time.perf_counter() - t0)
+        return out
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
+        self.history["valid_scores"].append((self.epoch, float(score)))
+        return score, result
+
+    def _save_checkpoint(self, *args, **kwargs):
+        if self.rank0:  # RecBole lets every node's local rank 0 save; one copy, rank 0's, is the checkpoint
+            return super()._save_checkpoint(*args, **kwargs)
+        return None
+
+
+def run_trainer(trainer_class: type) -> type:
+    """``trainer_class`` (RecBole's trainer for the model) with run()'s additions (:class:`_RunTrainer`)."""
+    return type(f"Run{trainer_class.__name__}", (_RunTrainer, trainer_class), {})
+
+
 def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=None, cmd_args=None,
         saved=True, config=None, config_class=Config, resume=None, export_path=None) -> RunResult:
     """Train ``model`` on ``dataset`` and evaluate the best checkpoint on the test split.
@@ -322,43 +369,15 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     log.info(net)
     if train_mode == "sequence":
         check_model(net, config)  # refuses a model whose outputs are not its prefixes' outputs
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
-    if not _is_global_rank0(config):
-        # RecBole lets every node's local rank 0 save; one copy, rank 0's, is the checkpoint
-        trainer._save_checkpoint = lambda *args, **kwargs: None
-
-    history = {"valid_scores": [], "train_seconds": []}  # (epoch, score) per validation; s per epoch
+    trainer = run_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, net)
+    trainer.rank0 = _is_global_rank0(config)
     if resume:
-        history = _resume(resume, trainer, net, train_data, log)
-    write_last = saved and _is_global_rank0(config)
-    first_epoch = trainer.start_epoch
-    current = {"epoch": first_epoch - 1}
-    inner_train_epoch = trainer._train_epoch
-
-    def timed_train_epoch(train_data_, epoch_idx, *args, **kwargs):
-        if write_last and epoch_idx > first_epoch:  # the previous epoch is trained and validated
-            _save_last(last_path, trainer, net, train_data, epoch_idx - 1, history)
-        current["epoch"] = epoch_idx
-        t0 = time.perf_counter()
-        if train_mode == "sequence":
-            kwargs["loss_func"] = lambda interaction: sequence_loss(net, interaction)
-        out = inner_train_epoch(train_data_, epoch_idx, *args, **kwargs)
-        history["train_seconds"].append(time.perf_counter() - t0)
-        return out
-
-    trainer._train_epoch = timed_train_epoch
-    inner_valid_epoch = trainer._valid_epoch
-
-    def recorded_valid_epoch(*args, **kwargs):
-        score, result = inner_valid_epoch(*args, **kwargs)
-        history["valid_scores"].append((current["epoch"], float(score)))
-        return score, result
-
-    trainer._valid_epoch = recorded_valid_epoch
+        trainer.history = _resume(resume, trainer, net, train_data, log)
+    trainer.track(train_data, last_path if saved and trainer.rank0 else None, train_mode)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-    if write_last and current["epoch"] >= first_epoch:
-        _save_last(last_path, trainer, net, train_data, current["epoch"], history)
+    if trainer.last_path and trainer.epoch >= trainer.first_epoch:
+        _save_last(last_path, trainer, net, train_data, trainer.epoch, trainer.history)
     private_copy = _share_best_checkpoint(trainer) if saved and not config["single_spec"] else None
     t0 = time.perf_counter()
     from .significance import recording
@@ -378,8 +397,8 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     # the learning curve: (epoch, valid score) per validation, train seconds per epoch (all epochs,
     # those before a resume included)
     extra = {"per_user_test": per_user,
-             "history": {"valid_scores": [[int(e), float(v)] for e, v in history["valid_scores"]],
-                         "train_seconds": [float(t) for t in history["train_seconds"]]}}
+             "history": {"valid_scores": [[int(e), float(v)] for e, v in trainer.history["valid_scores"]],
+                         "train_seconds": [float(t) for t in trainer.history["train_seconds"]]}}
     if export_path is not None and config["local_rank"] == 0:
         from .serving import export_checkpoint
 
@@ -392,9 +411,9 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
         best_valid_result=dict(best_valid_result),
         test_result=dict(test_result),
         params=sum(p.numel() for p in net.parameters() if p.requires_grad),
-        epochs_run=current["epoch"] + 1,
-        best_epoch=_best_epoch(history["valid_scores"], config["valid_metric_bigger"], best_valid_score),
-        train_seconds_per_epoch=sum(history["train_seconds"]) / max(len(history["train_seconds"]), 1),
+        epochs_run=trainer.epoch + 1,
+        best_epoch=_best_epoch(trainer.history["valid_scores"], config["valid_metric_bigger"], best_valid_score),
+        train_seconds_per_epoch=sum(trainer.history["train_seconds"]) / max(len(trainer.history["train_seconds"]), 1),
         eval_seconds=eval_seconds,
         saved_model_file=trainer.saved_model_file if saved else None,
         extra=extra,
