@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -33,13 +32,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child(args) -> None:
     sys.path.insert(0, str(REPO))
+    from mamba4rec.memory import PeakMemory
+
+    with PeakMemory() as mem:  # the whole process: data loading, model, training
+        _child(args, mem)
+
+
+def _child(args, mem) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
@@ -47,6 +48,7 @@ def child(args) -> None:
     from recbole.utils import get_trainer, init_seed
 
     from mamba4rec import pipeline, sequence
+    from mamba4rec.memory import rss_mib
 
     cfg = {"train_mode": args.train_mode, "MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": args.batch_size,
            "show_progress": False, "state": "ERROR", "checkpoint_dir": args.tmp}
@@ -65,7 +67,7 @@ def child(args) -> None:
     max_batches = args.prefix_max_batches if args.train_mode == "prefix" and args.prefix_max_batches else args.max_batches
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     n_batches = len(train)
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     model.train()
     t0 = time.perf_counter()
     done = 0
@@ -89,7 +91,7 @@ def child(args) -> None:
     seconds = time.perf_counter() - t0
     if not torch.isfinite(loss):
         raise SystemExit(f"{args.model}: non-finite loss {loss.item()}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = max(mem.peak_mib, rss_mib())
     print(json.dumps({
         "model": args.model + (f"[{args.scan_impl}]" if args.scan_impl else ""), "max_len": args.max_len, "train_mode": args.train_mode, "batches_timed": done, "batches_per_epoch": n_batches,
         "epoch_seconds": seconds / done * n_batches, "seconds_per_batch": seconds / done,

@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import torch_scan  # noqa: E402
 from kernels.reference import selective_scan_ref  # noqa: E402
+from mamba4rec.memory import PeakMemory  # noqa: E402
 
 DEFAULT_SHAPES = "2048x128x32x50,2048x128x32x200,64x64x16x50"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -43,38 +43,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-class PeakRSS:
-    """Peak resident-set growth (bytes) over a with-block, sampled every ~1 ms."""
-
-    def __init__(self):
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:  # not Linux: no sampling, report 0
-            return 0
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.delta = self.peak - self.base
 
 
 def make_inputs(batch, dim, N, L, dtype, seed=0):
@@ -101,14 +69,14 @@ def run_once(fn, xs):
 
 def bench(fn, xs, repeats):
     fwd, bwd = [], []
-    with PeakRSS() as mem:  # from before the warm-up: later calls reuse what it allocated
+    with PeakMemory(interval=0.001) as mem:  # from before the warm-up: later calls reuse what it allocated
         run_once(fn, xs)    # warm-up (allocator, OpenMP pool), not timed
         for _ in range(repeats):
             f, b = run_once(fn, xs)
             fwd.append(f)
             bwd.append(b)
     tot = [f + b for f, b in zip(fwd, bwd)]
-    return statistics.median(fwd), statistics.median(bwd), statistics.median(tot), mem.delta
+    return statistics.median(fwd), statistics.median(bwd), statistics.median(tot), mem.growth_mib * 2**20
 
 
 def main(argv=None):

@@ -35,56 +35,11 @@ import time
 import traceback
 from pathlib import Path
 
+from .memory import PeakMemory
 from .pipeline import build_config, last_checkpoint_path, resolve_model, run
 
 METRIC_KEYS = ("hit@10", "ndcg@10", "mrr@10")
 logger = logging.getLogger(__name__)
-
-
-class PeakMemory:
-    """Peak resident memory (MiB) of this process while the block runs, sampled every 50 ms;
-    plus the CUDA peak when a GPU is in use."""
-
-    def __init__(self, interval=0.05):
-        self.interval, self.peak_mib, self.cuda_peak_mib = interval, 0.0, None
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss_mib() -> float:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except OSError:  # not Linux: the process-wide maximum is the best we have
-            try:
-                import resource
-            except ImportError:  # Windows: no figure rather than a wrong one
-                return 0.0
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, self.rss_mib())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        self._stop.set()
-        self._thread.join()
-        self.peak_mib = max(self.peak_mib, self.rss_mib())
-        if torch.cuda.is_available():
-            self.cuda_peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        return False
 
 
 def _row(model, result=None, error=None, peak=None, seconds=None, status=None, epoch_limit=None, threads=None):
