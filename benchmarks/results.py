@@ -453,7 +453,8 @@ def tables(results: Path = RESULTS) -> str:
             missing = [n for n in expected if n not in recs]
             if missing:
                 out += ["", f"Not finished yet: {', '.join(missing)}."]
-            out += [""] + _goal_lines(dataset, mode, recs, per_user, paired_difference) + [""]
+            goal = _goal_lines(dataset, mode, recs, per_user, paired_difference)
+            out += [""] + (goal + [""] if goal else [])
             machines = sorted({r.get("machine") or "?" for r in recs.values()})
             out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
                     f"(each with its command and commit); curves: `results/{dataset}/curves.csv`, "

@@ -42,7 +42,8 @@ METRIC_KEYS = ("hit@10", "ndcg@10", "mrr@10")
 logger = logging.getLogger(__name__)
 
 
-def _row(model, result=None, error=None, peak=None, seconds=None, status=None, epoch_limit=None, threads=None):
+def _row(model, result=None, error=None, peak=None, seconds=None, status=None, epoch_limit=None, threads=None,
+         commit=None):
     row = {"model": model, "status": status or ("ok" if error is None else f"failed: {error}")}
     for split in ("valid", "test"):
         values = {} if result is None else (result.best_valid_result if split == "valid" else result.test_result)
@@ -63,7 +64,7 @@ def _row(model, result=None, error=None, peak=None, seconds=None, status=None, e
         "wall_s": None if seconds is None else round(seconds, 1),
         "threads": None if result is None else (threads or _threads()),
         "machine": None if result is None else machine(),
-        "git_commit": None if result is None else git_commit(),
+        "git_commit": None if result is None else (commit or git_commit()),
     })
     return row
 
@@ -214,6 +215,7 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
     out = Path(out_dir)
     rows_dir = out / "rows"
     settings = _settings(dataset, config_files, config_dict, cmd_args)
+    commit = git_commit()  # the code this process runs (it may change on disk while a model trains)
     running = names if only is None else [n for n in names if n in only]
     others = [n for n in names if n not in running]
     run_dict = dict(config_dict or {})
@@ -259,7 +261,7 @@ def compare(models, dataset, out_dir, config_files=None, config_dict=None, cmd_a
             train = _train_isolated if isolate else _train
             result, peak, threads = train(classes[name], dataset, config_files, run_dict, cmd_args, resume_from)
             rows[name] = _row(name, result, peak=peak, seconds=time.perf_counter() - t0,
-                              epoch_limit=config["epochs"], threads=threads)
+                              epoch_limit=config["epochs"], threads=threads, commit=commit)
             row_data[name] = model_data
             _save_per_user(out, name, result, config)
             _save_curve(out, name, result.extra.get("history"), config)
