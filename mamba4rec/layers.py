@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kernels import get_scan_fn, resolve_scan_impl, update_state
 
-from .fast_dropout import FastDropout
+from kernels.fast_dropout import FastDropout
 
 logger = logging.getLogger(__name__)
 

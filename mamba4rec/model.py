@@ -22,7 +22,7 @@ from recbole.model.loss import BPRLoss
 
 from kernels import SCAN_IMPLS
 
-from .fast_dropout import FastDropout
+from kernels.fast_dropout import FastDropout
 from .layers import DT_INITS, MambaLayer
 from .numpy_step import STEP_IMPLS, NumpyStep, step_path
 
@@ -362,7 +362,7 @@ class Mamba4Rec(SequentialRecommender):
         if path == "numba":
             fn = steps.get("numba")
             if fn is None:
-                from .numba_step import NumbaStep  # imports numba: only when this path is taken
+                from kernels.numba_step import NumbaStep  # imports numba: only when this path is taken
 
                 steps["numba"] = fn = NumbaStep(prepared)
         pos = state.steps.numpy() if self.position_embedding is not None else None

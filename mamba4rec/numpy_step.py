@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import numba_step
+from kernels import numba_step
 
 #: Without numba, "auto" uses numpy up to this many users per step; beyond it torch's threaded
 #: kernels win. Measured on 2 CPU cores (one layer, hidden 64, history 200): numpy 0.26 vs torch

@@ -1,4 +1,4 @@
-"""mamba4rec.fast_dropout: nn.Dropout's semantics (rate, scale, gradient, eval identity) from
+"""kernels.fast_dropout: nn.Dropout's semantics (rate, scale, gradient, eval identity) from
 torch's random bits and a compiled mask, repeatable under torch.manual_seed."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba4rec import fast_dropout
-from mamba4rec.fast_dropout import FastDropout
+from kernels import fast_dropout
+from kernels.fast_dropout import FastDropout
 
 pytest.importorskip("numba", reason="the compiled dropout needs numba (the fast extra)")
 

@@ -181,7 +181,8 @@ def test_cpu_and_torch_steps_agree_in_place():
 
 
 def test_step_path_auto_picks_by_batch_mode_dtype_and_install(monkeypatch):
-    from mamba4rec import numba_step, numpy_step
+    from kernels import numba_step
+    from mamba4rec import numpy_step
     from mamba4rec.numpy_step import step_path
 
     model = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl="torch").eval()
@@ -216,7 +217,8 @@ def test_step_path_auto_picks_by_batch_mode_dtype_and_install(monkeypatch):
 
 
 def test_model_step_calls_the_path_step_path_names(monkeypatch):
-    from mamba4rec import numba_step, numpy_step
+    from kernels import numba_step
+    from mamba4rec import numpy_step
 
     calls = []
     for cls, name in ((numpy_step.NumpyStep, "numpy"), (numba_step.NumbaStep, "numba")):

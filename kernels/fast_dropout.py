@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import numba_scan as _numba_scan
+from . import numba_scan as _numba_scan
 
 #: Below this many elements F.dropout is quick enough and the kernel call not worth it.
 MIN_ELEMENTS = 1 << 16
