@@ -105,7 +105,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
-    from mamba4rec.numpy_step import STEP_IMPLS
+    from mamba4rec.streaming import STEP_IMPLS
 
     impls = [x.strip() for x in args.step_impl.split(",") if x.strip()]
     bad = [x for x in impls if x not in STEP_IMPLS]

@@ -12,7 +12,6 @@ dropout, LayerNorm eps 1e-12, normal(0, 0.02) init, tied output embedding, CE lo
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,8 @@ from kernels import SCAN_IMPLS
 
 from kernels.fast_dropout import FastDropout
 from .layers import DT_INITS, MambaLayer
-from .numpy_step import STEP_IMPLS, NumpyStep, step_path
+from .numpy_step import NumpyStep
+from .streaming import STEP_IMPLS, StreamState, step_path
 
 #: Every model key with its default: the single source; configs/model/Mamba4Rec.yaml mirrors it
 #: (tests/test_model.py checks that they agree).
@@ -88,46 +88,6 @@ def _drop_cpu_steps(module, incompatible_keys):
     module._cpu_steps.clear()
 
 
-@dataclass
-class StreamState:
-    """What Mamba4Rec keeps per user to fold in one interaction at a time (model.init_state,
-    model.prefill, model.step). Its size does not depend on how many interactions it has seen.
-
-    conv:  per layer [B, d_inner, d_conv - 1] in the model's dtype: the last conv inputs (the
-           x half of in_proj's output), oldest first, zeros before the first interaction;
-    ssm:   per layer [B, d_inner, d_state] float32: the selective SSM's state;
-    steps: [B] long, interactions seen so far per row (the next position: used by the position
-           embedding, and to refuse going past max_seq_length with one).
-
-    Row b of every tensor is one user's state: ``select`` / ``cat`` move users in and out of a
-    batch. ``model.step`` updates the tensors in place; ``clone`` keeps a copy to branch from.
-    """
-
-    conv: list
-    ssm: list
-    steps: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.steps.shape[0]
-
-    def clone(self) -> "StreamState":
-        return StreamState([c.clone() for c in self.conv], [s.clone() for s in self.ssm], self.steps.clone())
-
-    def select(self, rows) -> "StreamState":
-        """The users at ``rows`` (an index, a list or a LongTensor) as a new batch (copies)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.steps.device).reshape(-1)
-        return StreamState([c[rows] for c in self.conv], [s[rows] for s in self.ssm], self.steps[rows])
-
-    @staticmethod
-    def cat(states) -> "StreamState":
-        """One batch holding the rows of ``states`` in order (all from the same model)."""
-        states = list(states)
-        return StreamState([torch.cat(t) for t in zip(*(s.conv for s in states))],
-                           [torch.cat(t) for t in zip(*(s.ssm for s in states))],
-                           torch.cat([s.steps for s in states]))
-
-
 class Mamba4Rec(SequentialRecommender):
     r"""Item embedding -> dropout -> LayerNorm -> num_layers x MambaLayer -> the output at the
     last item -> scores against the (tied) item embedding."""
@@ -159,7 +119,7 @@ class Mamba4Rec(SequentialRecommender):
         self.use_position_embedding = params["position_embedding"]
         self.length_buckets = params["length_buckets"]
         #: step() path: "auto" (small float32 CPU batches in eval mode: numba when installed, else
-        #: numpy; torch otherwise), "numba", "numpy" or "torch". See numpy_step.step_path.
+        #: numpy; torch otherwise), "numba", "numpy" or "torch". See streaming.step_path.
         self.step_impl = "auto"
         self._cpu_steps = {}  # "numpy"/"numba" step objects (see _step_cpu)
         # load_state_dict(assign=True) swaps Parameter objects, which a NumpyStep's freshness

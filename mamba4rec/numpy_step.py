@@ -18,16 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels import numba_step
-
 #: Without numba, "auto" uses numpy up to this many users per step; beyond it torch's threaded
 #: kernels win. Measured on 2 CPU cores (one layer, hidden 64, history 200): numpy 0.26 vs torch
 #: 0.53 ms at batch 1, even at batch 8 (0.51 vs 0.51 ms), torch ahead from 16
 #: (benchmarks/bench_streaming.py --step-impl numpy,torch --batches 1,4,8,16).
 NUMPY_STEP_MAX_BATCH = 4
-#: model.step_impl values. "numba" and "numpy" are CPU float32 eval-mode paths; "auto" picks
-#: numba (when installed), else numpy, for small batches and torch otherwise (see step_path).
-STEP_IMPLS = ("auto", "numba", "numpy", "torch")
 #: Without a position embedding the first ops of a step depend on the item alone: LayerNorm of
 #: its embedding, then the first layer's in_proj. Both are tabulated per item when the table
 #: stays under this size (the in_proj table is 4x the embedding table; ml-1m: 3.5 MiB).
@@ -136,32 +131,3 @@ class NumpyStep:
             inner = inner * (0.5 + 0.5 * erf(inner * 0.7071067811865476))   # exact GELU
             hidden = _layer_norm(_mm(inner, p["w2"]) + p["b2"] + h1, p["ln_ffn"])
         return hidden
-
-
-def step_path(model, batch: int, state) -> str:
-    """Which path model.step takes for this call: "numba", "numpy" or "torch".
-
-    "auto" leaves an explicit scan_impl of "triton" or "ref" to the torch step, which follows
-    the scan path (the Triton state update, or the plain reference); train mode is always torch
-    (dropout draws). This runs on every step: attribute checks only (is_cpu, not .device)."""
-    impl = model.step_impl
-    if impl == "torch" or model.training:
-        return "torch"
-    if impl == "auto" and model.scan_impl not in ("auto", "numba", "torch"):
-        return "torch"
-    weight = model.item_embedding.weight
-    f32 = torch.float32
-    usable = (weight.is_cpu and weight.dtype == f32
-              and all(t.is_cpu and t.dtype == f32 for t in state.conv) and all(t.is_cpu and t.dtype == f32 for t in state.ssm))
-    if impl in ("numpy", "numba"):
-        if not usable:
-            raise ValueError(f"step_impl={impl!r} needs a float32 model and state on the CPU; use 'auto' or 'torch'")
-        if impl == "numba" and not numba_step.available():
-            raise ImportError("step_impl='numba' needs numba, which is not installed: "
-                              "pip install \"mamba4rec[fast]\" (or use step_impl='auto', 'numpy' or 'torch')")
-        return impl
-    if not usable:
-        return "torch"
-    if numba_step.available() and batch <= numba_step.NUMBA_STEP_MAX_BATCH:
-        return "numba"
-    return "numpy" if batch <= NUMPY_STEP_MAX_BATCH else "torch"

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ._version import __version__
-from .model import MODEL_DEFAULTS, Mamba4Rec, StreamState, resolve_model_config
+from .model import MODEL_DEFAULTS, Mamba4Rec, resolve_model_config
+from .streaming import StreamState
 
 FORMAT = "mamba4rec-serving"
 FORMAT_VERSION = 1

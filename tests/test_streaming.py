@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mamba4rec.model import StreamState
+from mamba4rec.streaming import StreamState
 from tests.test_model import make_model
 
 
@@ -183,7 +183,7 @@ def test_cpu_and_torch_steps_agree_in_place():
 def test_step_path_auto_picks_by_batch_mode_dtype_and_install(monkeypatch):
     from kernels import numba_step
     from mamba4rec import numpy_step
-    from mamba4rec.numpy_step import step_path
+    from mamba4rec.streaming import step_path
 
     model = make_model(n_items=50, max_len=40, hidden_size=32, d_state=8, scan_impl="torch").eval()
     st = lambda b: model.init_state(b)  # noqa: E731
