@@ -245,8 +245,8 @@ class SequenceTrainDataLoader:
         pos = np.repeat(length - w.new[win] + lo, counts) + offsets
         target = w.targets[win[row], pos]
         data = {
-            self.item_seq_field: torch.from_numpy(w.items[win, :width].copy()),
-            self.item_len_field: torch.from_numpy(length.copy()),
+            self.item_seq_field: torch.from_numpy(w.items[win, :width]),
+            self.item_len_field: torch.from_numpy(length),
             self.iid_field: torch.from_numpy(target),
             ROW: torch.from_numpy(row), POS: torch.from_numpy(pos),
             USER: torch.from_numpy(w.user[win][row]), INDEX: torch.from_numpy(w.first[win][row] + pos),
