@@ -57,6 +57,10 @@ def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_ru
     order = [(j.dataset, j.mode) for j in results.JOBS]
     beauty = [i for i, (d, _) in enumerate(order) if d == "amazon-beauty"]
     assert beauty == list(range(len(beauty))) and len(beauty) == 9
+    # the seed-2021 run and the prefix run of Mamba4Rec (its learning curves) before the long 2-layer run
+    names = [(j.mode, j.name) for j in results.JOBS]
+    assert names.index(("sequence", "Mamba4Rec-seed2021")) < names.index(("sequence", "Mamba4Rec-2layers"))
+    assert names.index(("prefix", "Mamba4Rec")) < names.index(("sequence", "Mamba4Rec-2layers"))
     assert order.index(("amazon-video-games", "sequence")) < order.index(("ml-1m", "sequence"))
     assert results.JOBS.index(results.Job("amazon-beauty", "prefix", "SASRec")) == 2  # the longest run starts early
 
@@ -163,6 +167,31 @@ def test_run_queue_skips_finished_jobs_runs_the_rest_in_lanes_and_reports_failur
     assert sum("finished earlier" in m for m in lines) == 3
     # the jobs finished before are exported again (an export cut short by a stop reaches results/)
     assert sorted(exported) == sorted(j.key for j in tiny_jobs if j.name != "GRU4Rec")
+
+
+def test_run_queue_does_not_train_again_what_results_holds_unless_rerun(tmp_path, tiny_jobs, monkeypatch):
+    """An OUT lost with its machine: the rows committed to results/ are not trained again."""
+    store = tmp_path / "results"
+    (store / "tiny" / "sequence").mkdir(parents=True)
+    (store / "tiny" / "sequence" / "SASRec.json").write_text("{}")
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            started.append(next(a for a in cmd if a.startswith("--compare_run=")).split("=", 1)[1])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(results.subprocess, "Popen", FakePopen)
+    lines = []
+    jobs = tiny_jobs[:2]  # Mamba4Rec, SASRec
+    assert results.run_queue(tmp_path / "runs", jobs, 1, "python", log=lines.append, results=store) == 1
+    assert started == ["Mamba4Rec"]  # (it wrote no row: a failure, not a skip)
+    assert any("tiny/sequence/SASRec: in results/ already" in m for m in lines)
+    started.clear()
+    results.run_queue(tmp_path / "runs", jobs, 1, "python", log=lines.append, results=store, rerun=True)
+    assert started == ["Mamba4Rec", "SASRec"]
 
 
 def test_cli_refuses_unknown_jobs_and_bad_lanes(capsys):
