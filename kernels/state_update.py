@@ -63,7 +63,7 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     if D is not None:
         out = torch.addcmul(out, D.float(), xf)
     if z is not None:
-        out = out * F.silu(z.float())
+        out.mul_(F.silu(z.float()))  # in place: out is no input of a backward formula
     return out.to(x.dtype)
 
 

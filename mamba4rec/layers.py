@@ -70,24 +70,10 @@ class MambaBlock(nn.Module):
             logger.info("Mamba4Rec selective scan: %s path (%s)", path, why)
         return path
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        L = hidden_states.shape[1]
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)       # [B, L, Di] each
-        x = x.transpose(1, 2)                                     # [B, Di, L]
-        x = F.silu(self.conv1d(x)[..., :L])                       # causal: drop the right padding
-        x_dbl = self.x_proj(x.transpose(1, 2))                    # [B, L, R + 2N]
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]; bias goes to the scan
-        A = -torch.exp(self.A_log.float())                        # [Di, N]
-        scan = get_scan_fn(self.scan_path(x.device))
-        y = scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
-                 z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))                   # [B, L, H]
-
-    def prefill(self, hidden_states: torch.Tensor, lengths: torch.Tensor):
-        """forward() over left-aligned sequences of different lengths, plus the states step()
-        continues from: (out [B, L, H], conv_state [B, Di, d_conv - 1], ssm_state [B, Di, N] fp32),
-        each row's states taken after its own last item (lengths [B], 0 <= lengths <= L).
+    def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor | None = None):
+        """[B, L, H] -> [B, L, H]. Given ``lengths`` [B] (left-aligned rows, 0 <= length <= L), also
+        the states step() continues from, each row's taken after its own last item:
+        (out, conv_state [B, Di, d_conv - 1], ssm_state [B, Di, N] fp32).
 
         Ragged rows in one scan: dt is set to 0 after each row's end, so exp(dt * A) = 1 and
         dt * B * x = 0 there: the scan carries every row's state unchanged through its padding
@@ -96,58 +82,60 @@ class MambaBlock(nn.Module):
         Bsz, L, _ = hidden_states.shape
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)       # [B, L, Di] each
         x = x.transpose(1, 2)                                     # [B, Di, L]
-        # the conv window: the d_conv - 1 conv inputs before each row's end, zeros before its start
-        k = self.d_conv - 1
-        window_idx = (lengths[:, None] + torch.arange(k, device=x.device))[:, None, :]  # into the padded x
-        conv_state = F.pad(x, (k, 0)).gather(2, window_idx.expand(Bsz, x.shape[1], k))
-        x = F.silu(self.conv1d(x)[..., :L])
+        if lengths is not None:  # the conv window: the d_conv - 1 inputs before each row's end
+            k = self.d_conv - 1
+            window_idx = (lengths[:, None] + torch.arange(k, device=x.device))[:, None, :]  # into the padded x
+            conv_state = F.pad(x, (k, 0)).gather(2, window_idx.expand(Bsz, x.shape[1], k))
+        x = F.silu(self.conv1d(x)[..., :L])                       # causal: drop the right padding
         x_dbl = self.x_proj(x.transpose(1, 2))                    # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]
-        dt = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])
-        valid = torch.arange(L, device=x.device)[None, :] < lengths[:, None]  # [B, L]
-        dt = dt * valid[:, None, :]                               # 0 after each row's end
-        A = -torch.exp(self.A_log.float())
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]; bias goes to the scan
+        A = -torch.exp(self.A_log.float())                        # [Di, N]
         scan = get_scan_fn(self.scan_path(x.device))
-        y, ssm_state = scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
-                            z=z.transpose(1, 2), delta_softplus=False, return_last_state=True)
+        args = (A, B.transpose(1, 2), C.transpose(1, 2))
+        if lengths is None:
+            y = scan(x, dt, *args, D=self.D.float(), z=z.transpose(1, 2),
+                     delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            return self.out_proj(y.transpose(1, 2))
+        valid = torch.arange(L, device=x.device)[None, :] < lengths[:, None]  # [B, L]
+        dt = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None]) * valid[:, None, :]
+        y, ssm_state = scan(x, dt, *args, D=self.D.float(), z=z.transpose(1, 2), delta_softplus=False,
+                            return_last_state=True)
         return self.out_proj(y.transpose(1, 2)), conv_state.contiguous(), ssm_state.float().contiguous()
+
+    def prefill(self, hidden_states: torch.Tensor, lengths: torch.Tensor):
+        """forward(hidden_states, lengths): the output and the states after each row's length."""
+        return self.forward(hidden_states, lengths)
 
     def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One new position: x_t [B, H] -> [B, H]; conv_state [B, Di, d_conv - 1] (the last
         conv inputs, oldest first) and ssm_state [B, Di, N] (float32) are updated in place.
         Equals forward() at that position given the same history; O(1) in the history length.
 
-        Without grad (serving) it runs on weights prepared once (see _step_weights): at batch 1
-        a step is a few dozen tiny ops whose dispatch is the whole cost, so every op saved counts."""
-        if torch.is_grad_enabled():
-            return self._step_autograd(x_t, conv_state, ssm_state)
+        The same ops as forward() for one position: in_proj, the conv over the kept window,
+        x_proj and dt_proj (folded into one matmul, see _step_weights), the state update of the
+        scan's path (kernels.update_state: the Triton kernel where the scan is Triton, else the
+        plain torch update), out_proj. Differentiable when grad is enabled."""
         w = self._step_weights()
         Di, N = self.d_inner, self.d_state
-        xz = F.linear(x_t, self.in_proj.weight)                    # [B, 2 Di]
-        x, z = xz[:, :Di], xz[:, Di:]
+        x, z = F.linear(x_t, self.in_proj.weight).split(Di, dim=-1)  # [B, Di] each
         window = torch.cat([conv_state, x[:, :, None]], dim=-1)   # [B, Di, d_conv]
-        x = F.silu(torch.mul(window, w["conv_w"]).sum(-1).add_(w["conv_b"]))
+        x = F.silu(torch.mul(window, w["conv_w"]).sum(-1) + w["conv_b"])
         conv_state.copy_(window[:, :, 1:])
-        dbc = F.linear(x, w["dbc_w"], w["dbc_b"])                  # [B, Di + 2N]: dt (+ bias), B, C
-        dt, B, C = dbc[:, :Di], dbc[:, Di:Di + N], dbc[:, Di + N:]
-        path = self.scan_path(x.device)
-        if path == "triton":
-            y = update_state(ssm_state, x, dt, w["A"], B, C, D=w["D"], z=z, dt_softplus=True, impl=path)
-        else:  # the reference update, fused by hand (shapes are ours: no checks needed)
-            dt = F.softplus(dt.float())
-            xf = x.float()
-            ssm_state.mul_(torch.exp(dt[:, :, None] * w["A"]))
-            ssm_state.addcmul_((dt * xf)[:, :, None], B.float()[:, None, :])
-            y = torch.bmm(ssm_state, C.float()[:, :, None])[:, :, 0]
-            y = torch.addcmul(y, w["D"], xf).mul_(F.silu(z.float())).to(x.dtype)
+        dt, B, C = F.linear(x, w["dbc_w"], w["dbc_b"]).split([Di, N, N], dim=-1)  # dt (+ bias), B, C
+        y = update_state(ssm_state, x, dt, w["A"], B, C, D=w["D"], z=z, dt_softplus=True,
+                         impl=self.scan_path(x.device))
         return F.linear(y, self.out_proj.weight)
 
     def _step_weights(self) -> dict:
-        """Weights in the form step() uses, derived once and rebuilt whenever a parameter
-        changes (optimizer step, load_state_dict, .to()): A = -exp(A_log); the conv kernel as
-        [Di, d_conv]; and x_proj's dt rows folded into dt_proj, so that one matmul with bias
-        gives dt + dt_bias, B and C (dt differs from forward's two matmuls by fp32 rounding)."""
+        """Weights in the form step() uses: A = -exp(A_log); the conv kernel as [Di, d_conv]; and
+        x_proj's dt rows folded into dt_proj, so that one matmul with bias gives dt + dt_bias, B
+        and C (dt differs from forward's two matmuls by fp32 rounding). Without grad (serving,
+        where a step at batch 1 is a few dozen tiny ops whose dispatch is the whole cost) they
+        are derived once and kept until a parameter changes (optimizer step, load_state_dict,
+        .to()); with grad they are derived on each call, so gradients reach the parameters."""
+        if torch.is_grad_enabled():
+            return self._derive_step_weights()
         own, mods = self._parameters, self._modules  # direct lookups: this runs every step
         conv, xp, dtp = mods["conv1d"]._parameters, mods["x_proj"]._parameters, mods["dt_proj"]._parameters
         params = (own["A_log"], own["D"], conv["weight"], conv["bias"], xp["weight"], dtp["weight"], dtp["bias"])
@@ -155,34 +143,22 @@ class MambaBlock(nn.Module):
         cached = getattr(self, "_step_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        with torch.no_grad():
-            R = self.dt_rank
-            xw = self.x_proj.weight.float()
-            dt_w = self.dt_proj.weight.float() @ xw[:R]                                  # [Di, Di]
-            dtype = self.x_proj.weight.dtype
-            weights = {
-                "A": -torch.exp(self.A_log.float()),
-                "D": self.D.float(),
-                "conv_w": self.conv1d.weight[:, 0, :].detach(),
-                "conv_b": self.conv1d.bias.detach(),
-                "dbc_w": torch.cat([dt_w, xw[R:]]).to(dtype),
-                "dbc_b": torch.cat([self.dt_proj.bias.float(),
-                                    xw.new_zeros(2 * self.d_state)]).to(dtype),
-            }
+        weights = self._derive_step_weights()
         self._step_cache = (key, weights)
         return weights
 
-    def _step_autograd(self, x_t, conv_state, ssm_state):
-        x, z = self.in_proj(x_t).chunk(2, dim=-1)                 # [B, Di] each
-        window = torch.cat([conv_state, x[:, :, None]], dim=-1)   # [B, Di, d_conv]
-        x = F.silu((window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
-        conv_state.copy_(window[:, :, 1:])
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = dt @ self.dt_proj.weight.t()                          # [B, Di]; bias inside the update
-        y = update_state(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-                         dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
-                         impl=self.scan_path(x.device))  # Triton where the scan is Triton
-        return self.out_proj(y)
+    def _derive_step_weights(self) -> dict:
+        R = self.dt_rank
+        xw = self.x_proj.weight.float()
+        dtype = self.x_proj.weight.dtype
+        return {
+            "A": -torch.exp(self.A_log.float()),
+            "D": self.D.float(),
+            "conv_w": self.conv1d.weight[:, 0, :],
+            "conv_b": self.conv1d.bias,
+            "dbc_w": torch.cat([self.dt_proj.weight.float() @ xw[:R], xw[R:]]).to(dtype),     # [Di + 2N, Di]
+            "dbc_b": torch.cat([self.dt_proj.bias.float(), xw.new_zeros(2 * self.d_state)]).to(dtype),
+        }
 
 
 class FeedForward(nn.Module):
@@ -219,33 +195,26 @@ class MambaLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
 
-    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.mamba(input_tensor))
-        if self.num_layers > 1:
-            hidden = hidden + input_tensor
-        return self.ffn(self.LayerNorm(hidden))
+    def forward(self, input_tensor: torch.Tensor, lengths: torch.Tensor | None = None):
+        """[B, L, H] -> [B, L, H]; given ``lengths``, also the block's states after each row's
+        length (see MambaBlock.forward)."""
+        if lengths is None:
+            return self._after_block(self.mamba(input_tensor), input_tensor)
+        hidden, conv_state, ssm_state = self.mamba(input_tensor, lengths)
+        return self._after_block(hidden, input_tensor), conv_state, ssm_state
 
     def prefill(self, input_tensor: torch.Tensor, lengths: torch.Tensor):
-        """forward() plus each row's states after its own length (see MambaBlock.prefill)."""
-        hidden, conv_state, ssm_state = self.mamba.prefill(input_tensor, lengths)
-        hidden = self.dropout(hidden)
-        if self.num_layers > 1:
-            hidden = hidden + input_tensor
-        return self.ffn(self.LayerNorm(hidden)), conv_state, ssm_state
+        """forward(input_tensor, lengths): the output and the block's states after each row's length."""
+        return self.forward(input_tensor, lengths)
 
     def step(self, x_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """forward() for one new position [B, H], states updated in place (see MambaBlock.step)."""
-        hidden = self.mamba.step(x_t, conv_state, ssm_state)
-        if self.training:  # dropout draws only in train mode; in eval it is the identity
-            hidden = self.dropout(hidden)
-            if self.num_layers > 1:
-                hidden = hidden + x_t
-            return self.ffn(self.LayerNorm(hidden))
+        return self._after_block(self.mamba.step(x_t, conv_state, ssm_state), x_t)
+
+    def _after_block(self, hidden: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        """What follows the block, per position (any leading shape): dropout, the residual when
+        stacked, LayerNorm, the PFFN."""
+        hidden = self.dropout(hidden)
         if self.num_layers > 1:
-            hidden = hidden + x_t
-        ln, ffn = self.LayerNorm, self.ffn  # the same ops as forward, without module-call overhead
-        hidden = F.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        inner = F.gelu(F.linear(hidden, ffn.w_1.weight, ffn.w_1.bias))
-        out = F.linear(inner, ffn.w_2.weight, ffn.w_2.bias).add_(hidden)
-        return F.layer_norm(out, ffn.LayerNorm.normalized_shape, ffn.LayerNorm.weight, ffn.LayerNorm.bias,
-                            ffn.LayerNorm.eps)
+            hidden = hidden + input_tensor
+        return self.ffn(self.LayerNorm(hidden))

@@ -15,7 +15,6 @@ import numbers
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 
@@ -195,14 +194,19 @@ class Mamba4Rec(SequentialRecommender):
         causal): train_mode=sequence (mamba4rec.sequence) reads it at every target at once."""
         L = int(item_seq_len.max())
         item_seq = item_seq[:, :L]                                  # drop the shared padding
-        item_emb = self.item_embedding(item_seq)                    # [B, L, H]
-        if self.position_embedding is not None:
-            positions = torch.arange(L, device=item_seq.device)
-            item_emb = item_emb + self.position_embedding(positions)[None]
-        hidden = self.LayerNorm(self.dropout(item_emb))
+        hidden = self._embed(item_seq, torch.arange(L, device=item_seq.device)[None])  # [B, L, H]
         for layer in self.mamba_layers:
             hidden = layer(hidden)
         return hidden
+
+    def _embed(self, items, positions):
+        """The input to the first layer, for any shape of ``items`` ([B, L] in forward, [B] in
+        step): item embedding, plus the position embedding at ``positions`` (broadcast to
+        ``items``), dropout, LayerNorm."""
+        hidden = self.item_embedding(items)
+        if self.position_embedding is not None:
+            hidden = hidden + self.position_embedding(positions)
+        return self.LayerNorm(self.dropout(hidden))
 
     # streaming: one interaction at a time, O(1) per step in the history length
 
@@ -242,13 +246,10 @@ class Mamba4Rec(SequentialRecommender):
             raise ValueError(f"prefill: a history of {L} items is longer than max_seq_length="
                              f"{self.max_seq_length}, the positions the position embedding was trained "
                              f"for; pass the last {self.max_seq_length} items")
-        hidden = self.item_embedding(item_seq)                      # [B, L, H]
-        if self.position_embedding is not None:
-            hidden = hidden + self.position_embedding(torch.arange(L, device=item_seq.device))[None]
-        hidden = self.LayerNorm(self.dropout(hidden))
+        hidden = self._embed(item_seq, torch.arange(L, device=item_seq.device)[None])  # [B, L, H]
         conv, ssm = [], []
         for layer in self.mamba_layers:
-            hidden, c, h = layer.prefill(hidden, lengths)
+            hidden, c, h = layer(hidden, lengths)
             conv.append(c)
             ssm.append(h)
         return self.gather_indexes(hidden, lengths - 1), StreamState(conv, ssm, lengths.clone())
@@ -297,14 +298,7 @@ class Mamba4Rec(SequentialRecommender):
         path = step_path(self, item_ids.shape[0], state)
         if path != "torch":
             return self._step_cpu(path, item_ids, state), state
-        hidden = self.item_embedding(item_ids)                       # [B, H]
-        if self.position_embedding is not None:
-            hidden = hidden + self.position_embedding(state.steps)
-        if self.training:
-            hidden = self.LayerNorm(self.dropout(hidden))
-        else:  # dropout is the identity in eval: skip its module call (a step is dispatch-bound)
-            ln = self.LayerNorm
-            hidden = F.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        hidden = self._embed(item_ids, state.steps)                  # [B, H]
         for layer, conv, ssm in zip(self.mamba_layers, state.conv, state.ssm):
             hidden = layer.step(hidden, conv, ssm)
         state.steps += 1
