@@ -77,8 +77,13 @@ def _exp_nonpos(x, out, bits):
         out[i] *= scale[i]
 
 
-def _softplus(v):
-    return v if v > 20.0 else np.float32(math.log1p(math.exp(v)))   # torch's threshold
+def softplus_f32(v):
+    """softplus with torch's threshold, for numba: the one definition the numba scan and the numba
+    step (kernels/numba_step.py) both compile."""
+    return v if v > 20.0 else np.float32(math.log1p(math.exp(v)))
+
+
+_softplus = softplus_f32  # rebound to its compiled form by _compile
 
 
 def _chunk_range(c, n_chunks, batch):
@@ -253,7 +258,7 @@ def _compile():
             # signed zeros; not the no-NaN/no-inf flags, so a NaN input still comes out as NaN
             flags = {"reassoc", "contract", "arcp", "nsz"}
             inner = numba.njit(cache=True, fastmath=flags, inline="always")
-            _exp_nonpos, _softplus, _chunk_range = inner(_exp_nonpos), inner(_softplus), inner(_chunk_range)
+            _exp_nonpos, _softplus, _chunk_range = inner(_exp_nonpos), inner(softplus_f32), inner(_chunk_range)
             _states, _transpose_bc, _buffers = inner(_states), inner(_transpose_bc), inner(_buffers)
             _prange = numba.prange
             outer = numba.njit(cache=True, fastmath=flags, parallel=True)

@@ -123,7 +123,7 @@ def _step_rows(item_ids, steps, emb, pos, ln0_w, ln0_b, ln0_eps, normed, first_x
             y = np.empty(Di, np.float32)
             for d in range(Di):
                 v = dbc[d]
-                dt = v if v > 20.0 else np.float32(math.log1p(math.exp(v)))  # softplus, torch's threshold
+                dt = _softplus(v)
                 dtx = dt * x[d]
                 acc = np.float32(0.0)
                 for n in range(N):
@@ -155,6 +155,7 @@ def _step_rows(item_ids, steps, emb, pos, ln0_w, ln0_b, ln0_eps, normed, first_x
             out[r, i] = hidden[i]
 
 
+_softplus = _numba_scan.softplus_f32  # compiled by _kernel
 _compiled = None
 _compile_lock = threading.Lock()
 
@@ -163,7 +164,7 @@ def _kernel():
     """The jitted _step_rows, wrapping the functions above on first use. fastmath only lets the
     sums be reordered (vectorised), contracted to FMAs and divisions be reciprocals: not the
     flags that assume no NaN or inf, so a NaN weight still shows up as NaN."""
-    global _compiled, _layer_norm_row, _matvec
+    global _compiled, _layer_norm_row, _matvec, _softplus
     with _compile_lock:
         if _compiled is None:
             import numba
@@ -171,6 +172,7 @@ def _kernel():
             jit = numba.njit(cache=True, fastmath={"reassoc", "contract", "arcp"}, nogil=True)
             # the step's body resolves these globals when it compiles: jit them first
             _layer_norm_row, _matvec = jit(_layer_norm_row), jit(_matvec)
+            _softplus = jit(_numba_scan.softplus_f32)  # the scan's softplus: one definition
             _compiled = jit(_step_rows)
     return _compiled
 
