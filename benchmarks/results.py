@@ -147,13 +147,15 @@ def in_results(job: Job, results: Path = RESULTS) -> bool:
 
 
 def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path = RESULTS,
-              rerun: bool = False) -> int:
+              rerun: bool = False, seconds: float | None = None, grace: float = 30.0) -> int:
     """Train ``jobs`` ``lanes`` at a time; export each job as it finishes. Returns the number of
     jobs that failed, or -signal when SIGTERM / SIGINT stopped it (the running trainings are
     stopped too, and resume on the next run). Jobs finished earlier are exported again first,
     so a row whose export a stop or an error cut short still reaches results/. A job whose row
     results/ already holds, but that OUT does not (an OUT lost with its machine), is not
-    trained again unless ``rerun``."""
+    trained again unless ``rerun``. ``seconds``: after that long the queue stops as a SIGTERM
+    would stop it (no job fails by it; they resume on the next run), and returns the number of
+    failures. A training still running ``grace`` seconds after a stop is killed."""
     done_before = [j for j in jobs if finished(j, out) is not None]
     kept = [j for j in jobs if j not in done_before and not rerun and in_results(j, results)]
     pending = [j for j in jobs if j not in done_before and j not in kept]
@@ -168,7 +170,7 @@ def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path
     failures = []
     stopped = []
 
-    def stop(signum, frame):
+    def stop(signum, frame):  # signum: a signal's number, or "time" (the seconds are up)
         stopped.append(signum)
         with lock:
             for p in procs.values():
@@ -212,17 +214,32 @@ def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path
                 failures.append(job)
                 log(f"lane {n}: {job.key} failed: {type(exc).__name__}: {exc}")
 
+    start = time.monotonic()
+    kill_at = None
     try:
         threads = [threading.Thread(target=lane, args=(n + 1,)) for n in range(lanes)]
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(0.5)
+            next(t for t in threads if t.is_alive()).join(0.5)  # wakes for a signal, the time limit
+            now = time.monotonic()
+            if seconds is not None and not stopped and now - start >= seconds:
+                log(f"{seconds:.0f} s are up: stopping the trainings still running (they resume on the next run)")
+                stop("time", None)
+            if stopped and kill_at is None:
+                kill_at = now + grace
+            if kill_at is not None and now >= kill_at:
+                with lock:
+                    for job, p in procs.items():
+                        if p.poll() is None:
+                            log(f"{job.key}: still running {grace:g} s after the stop: killed")
+                            p.kill()
+                kill_at = float("inf")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return -stopped[0] if stopped else len(failures)
+    by_signal = [s for s in stopped if s != "time"]
+    return -by_signal[0] if by_signal else len(failures)
 
 
 def status(out: Path) -> str:
