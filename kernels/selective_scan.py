@@ -39,7 +39,7 @@ from ._validate import check_scan_inputs
 #:   rounding the decay gradient is a difference of two running sums over one chunk
 #:           (see the backward kernel), whose fp32 error grows like chunk * 2^-24; at 64
 #:           that is ~4e-6 relative, far under the fp32 test tolerance.
-#: Not swept on a GPU yet (none was available while writing this): benchmarks/bench_scan.py
+#: Not yet swept on a GPU (no measurement exists): benchmarks/bench_scan.py
 #: takes --chunk-size to do it.
 DEFAULT_CHUNK_SIZE = 64
 
