@@ -1,0 +1,141 @@
+"""benchmarks/per_user_analysis.py: its numpy parts on synthetic arrays (no RecBole, no real data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pua = _load("per_user_analysis_script", REPO / "benchmarks" / "per_user_analysis.py")
+# significance.py alone: importing the mamba4rec package would import RecBole
+paired_difference = _load("significance_alone", REPO / "mamba4rec" / "significance.py").paired_difference
+
+
+def _metrics(rank):
+    """RecBole's per-user HR/NDCG/MRR@10 of test-item ranks (0: not in the top 10), as float32."""
+    rank = np.asarray(rank)
+    hit = (rank > 0).astype(np.float32)
+    ndcg = np.where(rank > 0, 1 / np.log2(np.maximum(rank, 1) + 1), 0).astype(np.float32)
+    mrr = np.where(rank > 0, 1 / np.maximum(rank, 1), 0).astype(np.float32)
+    return {"hit@10": hit.astype(np.float64), "ndcg@10": ndcg.astype(np.float64), "mrr@10": mrr.astype(np.float64)}
+
+
+def test_ranks_from_mrr_recovers_every_rank_and_checks_hr_and_ndcg():
+    rank = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 2])
+    m = _metrics(rank)
+    np.testing.assert_array_equal(pua.ranks_from_mrr(m["mrr@10"], m["hit@10"], m["ndcg@10"]), rank)
+    swapped = m["ndcg@10"].copy()
+    swapped[[2, 3]] = swapped[[3, 2]]  # ranks 2 and 3: MRR says one, NDCG the other
+    with pytest.raises(ValueError, match="NDCG"):
+        pua.ranks_from_mrr(m["mrr@10"], m["hit@10"], swapped)
+    hit = m["hit@10"].copy()
+    hit[0] = 1.0
+    with pytest.raises(ValueError, match="HR"):
+        pua.ranks_from_mrr(m["mrr@10"], hit, m["ndcg@10"])
+    with pytest.raises(ValueError, match="not 1/rank"):
+        pua.ranks_from_mrr([0.4, 1.0])  # 1/2.5
+    with pytest.raises(ValueError, match="not 1/rank"):
+        pua.ranks_from_mrr([1 / 11])  # past k
+
+
+def test_length_buckets_edges_are_inclusive_upper_bounds():
+    lengths = [1, 3, 4, 5, 6, 8, 9, 15, 16, 50, 51, 200]
+    idx, labels = pua.length_buckets(lengths, (3, 5, 8, 15, 50))
+    assert idx.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert labels == ["<=3", "4-5", "6-8", "9-15", "16-50", ">50"]
+    assert pua.length_buckets([4], (3, 4))[1] == ["<=3", "4", ">4"]
+    with pytest.raises(ValueError):
+        pua.length_buckets([1], (5, 5))
+
+
+def test_bigram_ranks_count_ties_against_the_target_and_stay_within_sequences():
+    train = [["a", "b"], ["a", "b", "x"], ["a", "c"], ["q", "a", "c"], ["a", "d"], ["x", "y"], ["x", "y"], ["e"], ["f"]]
+    # successors of a: b 2, c 2, d 1; of x: y 2; of b: x 1
+    queries = [("a", "b"), ("a", "c"), ("a", "d"), ("x", "y"), ("b", "x"), ("a", "e"), ("e", "f"), ("zz", "a")]
+    assert pua.bigram_ranks(train, queries).tolist() == [2, 2, 3, 1, 1, 0, 0, 0]
+    groups = pua.transition_groups(np.array([1, 2, 10, 11, 0]))
+    assert groups["seen, bigram top-1"].tolist() == [True, False, False, False, False]
+    assert groups["seen, bigram rank 2-10"].tolist() == [False, True, True, False, False]
+    assert groups["seen, bigram rank >10"].tolist() == [False, False, False, True, False]
+    assert groups["unseen"].tolist() == [False, False, False, False, True]
+
+
+def test_bucket_rows_means_paired_differences_and_shares():
+    rng = np.random.default_rng(0)
+    n = 400
+    rank_a, rank_b = rng.integers(0, 11, n), rng.integers(0, 11, n)
+    values = {"A": _metrics(rank_a), "B": _metrics(rank_b)}
+    buckets = rng.integers(0, 3, n)
+    rows = pua.bucket_rows(buckets, ["x", "y", "z"], values, ["A", "B"], paired_difference)
+    assert [r["bucket"] for r in rows] == ["x", "y", "z", "all"]
+    assert sum(r["users"] for r in rows[:3]) == n and rows[-1]["share"] == 1.0
+    for j, r in enumerate(rows[:3]):
+        s = buckets == j
+        assert r[("A", "mrr@10")] == pytest.approx(values["A"]["mrr@10"][s].mean())
+        d = values["A"]["ndcg@10"][s] - values["B"]["ndcg@10"][s]
+        assert r[("diff", "B", "ndcg@10")][0] == pytest.approx(d.mean())
+        half = 1.96 * d.std(ddof=1) / np.sqrt(s.sum())
+        assert r[("diff", "B", "ndcg@10")][2] == pytest.approx(d.mean() + half)
+    total = np.sum((rank_a > 0).astype(int) - (rank_b > 0))
+    for j, r in enumerate(rows[:3]):
+        s = buckets == j
+        assert r[("share", "B")] == pytest.approx(np.sum((rank_a[s] > 0).astype(int) - (rank_b[s] > 0)) / total)
+    assert sum(r[("share", "B")] for r in rows[:3]) == pytest.approx(1.0)
+
+
+def test_rank_rows_and_cross_tab():
+    ra = np.array([1, 1, 2, 5, 6, 0, 0, 10])
+    rb = np.array([2, 1, 2, 0, 7, 0, 3, 1])
+    rows = {r["rank"]: r for r in pua.rank_rows({"A": ra, "B": rb}, ["A", "B"], len(ra))}
+    assert rows["1"]["A"] == (2 / 8, 2) and rows["2"]["B"] == (2 / 8, 2)
+    assert rows["2-5"]["A"][1] == 2 and rows["6-10"]["A"][1] == 2 and rows["<=10"]["B"][1] == 6
+    tab = pua.cross_tab(ra, rb)  # classes 1, 2-5, 6-10, >10
+    assert tab.sum() == len(ra)
+    assert tab.tolist() == [[1, 1, 0, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+
+
+def test_check_order_accepts_the_leave_one_out_split_and_names_what_is_off():
+    seqs = {"u1": ["i1", "i2", "i3", "i4"], "u2": ["i2", "i5", "i6"], "u3": [f"i{k}" for k in range(10)]}
+    users = np.array(["u1", "u2", "u3"])
+    targets, lasts = np.array(["i4", "i6", "i9"]), np.array(["i3", "i5", "i8"])
+    lengths = np.array([3, 2, 5])  # min(n - 1, 5)
+    pua.check_order((users, targets, lasts, lengths, 5), seqs, 3)
+    for bad, what in [((users, np.array(["i4", "i5", "i9"]), lasts, lengths, 5), "target"),
+                      ((users, targets, np.array(["i3", "i5", "i7"]), lengths, 5), "last input item"),
+                      ((users, targets, lasts, np.array([3, 2, 9]), 5), "item_length"),
+                      ((users[::-1], targets, lasts, lengths, 5), "target")]:
+        with pytest.raises(SystemExit, match=what):
+            pua.check_order(bad, seqs, 3)
+    with pytest.raises(SystemExit, match="per-user values"):
+        pua.check_order((users, targets, lasts, lengths, 5), seqs, 4)
+
+
+def test_read_inter_orders_by_time(tmp_path):
+    path = tmp_path / "d.inter"
+    path.write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                    "1\ta\t5\n1\tb\t1\n2\tc\t0\n1\td\t3\n1\te\t3\n")
+    assert pua.read_inter(path) == {"1": ["b", "d", "e", "a"], "2": ["c"]}
+
+
+def test_analyse_prints_the_three_tables():
+    rng = np.random.default_rng(1)
+    n = 300
+    values = {"A": _metrics(rng.integers(0, 11, n)), "B": _metrics(rng.integers(0, 11, n))}
+    text = pua.analyse(values, ["A", "B"], rng.integers(3, 60, n), rng.integers(0, 15, n), (3, 5, 8, 15, 50),
+                       paired_difference, repeats=0.0)
+    for part in ("#### 1.", "#### 2.", "#### 3.", "| all | 300 |", "rank 2 / rank 1", "seen, bigram top-1"):
+        assert part in text
