@@ -36,7 +36,8 @@ import traceback
 from pathlib import Path
 
 from .memory import PeakMemory
-from .pipeline import build_config, last_checkpoint_path, resolve_model, run
+from .pipeline import last_checkpoint_path, run
+from .registry import build_config, resolve_model
 
 METRIC_KEYS = ("hit@10", "ndcg@10", "mrr@10")
 logger = logging.getLogger(__name__)

@@ -173,7 +173,8 @@ def check_space(space, model, dataset, config_files=None, cmd_args=None):
     the command line (it would win over every trial's value), and every choice and range end must
     pass the config's own checks. Returns the config of the fixed settings (no searched values)."""
     from .model import MODEL_DEFAULTS, Mamba4Rec
-    from .pipeline import build_config, check_dataset_files, resolve_model
+    from .pipeline import check_dataset_files
+    from .registry import build_config, resolve_model
 
     base = build_config(model, dataset, config_files, None, cmd_args)
     model_class = resolve_model(model)[0]
@@ -336,7 +337,7 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     The table goes to ``output_file`` after every trial (RecBole's log to the same name with .log); ``early_stop`` > 0 ends the search after that
     many trials without a better valid score. A failed trial is a row; the search goes on."""
     from . import compare
-    from .pipeline import _check_cmd_args, resolve_model
+    from .registry import _check_cmd_args, resolve_model
 
     cmd_args = _check_cmd_args(cmd_args)
     if isinstance(space, (str, os.PathLike)):
@@ -502,7 +503,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     from .defaults import search_space_file
-    from .pipeline import _check_cmd_args
+    from .registry import _check_cmd_args
 
     config_files = args.config_files.strip().split() if args.config_files else None
     try:
