@@ -132,7 +132,7 @@ _RECBOLE_LOAD_INTERNAL = None  # RecBole's own Config._load_internal_config_dict
 def _load_internal_config_dict(self, model, model_class, dataset):
     """RecBole's internal defaults, then those of a model that names its own files
     (``default_config_files(dataset)``, as Mamba4Rec does), then the eval_args check. As in
-    mamba4rec.pipeline.build_config, loss_type BPR without a sampler of the user's gets RecBole's
+    mamba4rec.registry.build_config, loss_type BPR without a sampler of the user's gets RecBole's
     uniform 1:1 negative sampling (CE must have none, and the packaged default is none)."""
     _RECBOLE_LOAD_INTERNAL(self, model, model_class, dataset)
     files = getattr(model_class, "default_config_files", None)

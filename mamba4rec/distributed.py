@@ -136,11 +136,11 @@ def run_distributed(model="Mamba4Rec", dataset="ml-100k", spec: DistSpec | None 
     (None on nodes that do not host rank 0)."""
     import torch.multiprocessing as mp
 
-    from . import pipeline
+    from .registry import build_config
 
     spec = check_spec(spec or DistSpec())
     # the whole config is checked here, once, before any process starts
-    pipeline.build_config(model, dataset, config_files, config_dict, cmd_args)
+    build_config(model, dataset, config_files, config_dict, cmd_args)
     with tempfile.TemporaryDirectory(prefix="mamba4rec-ddp-") as tmp:
         result_path = os.path.join(tmp, "result.json")
         run_kwargs = {"model": model, "dataset": dataset, "config_files": config_files,

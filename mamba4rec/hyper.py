@@ -173,7 +173,8 @@ def check_space(space, model, dataset, config_files=None, cmd_args=None):
     the command line (it would win over every trial's value), and every choice and range end must
     pass the config's own checks. Returns the config of the fixed settings (no searched values)."""
     from .model import MODEL_DEFAULTS, Mamba4Rec
-    from .pipeline import build_config, check_dataset_files, resolve_model
+    from .pipeline import check_dataset_files
+    from .registry import build_config, resolve_model
 
     base = build_config(model, dataset, config_files, None, cmd_args)
     model_class = resolve_model(model)[0]
@@ -289,10 +290,10 @@ def markdown(search: Search, fixed: str = "") -> str:
 
 
 def _logged_train(log_file, level, model, dataset, config_files, run_dict, cmd_args, resume_from):
-    """One trial (mamba4rec.compare._train) with RecBole's log going to ``log_file`` only: a
+    """One trial (mamba4rec.compare.isolation._train) with RecBole's log going to ``log_file`` only: a
     handler on the root logger makes RecBole's init_logger (logging.basicConfig) a no-op, so
     the console keeps one line per trial."""
-    from .compare import _train
+    from .compare.isolation import _train
 
     root = logging.getLogger()
     saved, saved_level = root.handlers[:], root.level
@@ -335,8 +336,9 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     checked before any trial (SpaceError; an existing output file is refused, not overwritten).
     The table goes to ``output_file`` after every trial (RecBole's log to the same name with .log); ``early_stop`` > 0 ends the search after that
     many trials without a better valid score. A failed trial is a row; the search goes on."""
-    from . import compare
-    from .pipeline import _check_cmd_args, resolve_model
+    from .compare import isolation
+    from .compare.rows import _atomic_write
+    from .registry import _check_cmd_args, resolve_model
 
     cmd_args = _check_cmd_args(cmd_args)
     if isinstance(space, (str, os.PathLike)):
@@ -350,7 +352,7 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     if algo in ("random", "bayes"):
         _import_hyperopt()
     if isolate:
-        compare._spawnable(model)
+        isolation._spawnable(model)
     name = resolve_model(model)[1]
     out = Path(output_file or f"saved/hyper-{name}-{dataset}.md")
     log = out.with_suffix(".log") if out.suffix != ".log" else out.with_name(out.name + ".log")
@@ -366,7 +368,7 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     train = functools.partial(_logged_train, str(log), _level(base["state"]))
 
     def write():
-        compare._atomic_write(out, lambda p: p.write_text(markdown(result, fixed), encoding="utf-8"))
+        _atomic_write(out, lambda p: p.write_text(markdown(result, fixed), encoding="utf-8"))
 
     def trial(params):
         params = {p.name: p.value(params[p.name]) for p in space}  # in the file's order
@@ -377,7 +379,8 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
                "score": None, "status": "ok"}
         try:
             if isolate:
-                res, _, _ = compare._train_isolated(model, dataset, config_files, run_dict, cmd_args, None, train=train)
+                res, _, _ = isolation._train_isolated(model, dataset, config_files, run_dict, cmd_args, None,
+                                                      train=train)
             else:
                 res, _, _ = train(model, dataset, config_files, run_dict, cmd_args, None)
             row.update(valid=dict(res.best_valid_result or {}), test=dict(res.test_result), best_epoch=res.best_epoch,
@@ -502,7 +505,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     from .defaults import search_space_file
-    from .pipeline import _check_cmd_args
+    from .registry import _check_cmd_args
 
     config_files = args.config_files.strip().split() if args.config_files else None
     try:

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-import mamba4rec.compare as compare
 from mamba4rec import hyper
+from mamba4rec.compare import isolation  # where trials look up _train and pipeline.run
 from mamba4rec.hyper import Param, SpaceError, parse_space
 from mamba4rec.pipeline import RunResult
 from tests.conftest import tiny_config_dict
@@ -129,7 +129,7 @@ def test_bad_keys_and_values_fail_before_any_trial(tiny, monkeypatch, text, cmd,
     def no_trial(*a, **k):
         raise AssertionError("a trial started before the space was checked")
 
-    monkeypatch.setattr(compare, "_train", no_trial)
+    monkeypatch.setattr(isolation, "_train", no_trial)
     path = space_file(Path(tiny[0]).parent, text)
     with pytest.raises(SpaceError, match=why):
         hyper.search("Mamba4Rec", "tiny", path, config_files=tiny, cmd_args=cmd, isolate=False, max_evals=2,
@@ -200,13 +200,13 @@ def test_exhaustive_search_trains_every_combination_and_writes_the_table(tiny):
 def test_each_trial_gets_its_params_and_the_overrides(tiny, monkeypatch):
     """The params reach the config of each trial's pipeline.run, under the command line's keys
     (how train_mode or any other key set as --key=value reaches every trial)."""
-    seen, real_run = [], compare.run
+    seen, real_run = [], isolation.run
 
     def spy(model, dataset, config=None, **kwargs):
         seen.append((config["learning_rate"], config["d_state"], config["train_batch_size"], config["show_progress"]))
         return real_run(model, dataset, config=config, **kwargs)
 
-    monkeypatch.setattr(compare, "run", spy)
+    monkeypatch.setattr(isolation, "run", spy)
     space = space_file(Path(tiny[0]).parent, "learning_rate loguniform -7,-5\nd_state quniform 2,8,2\n")
     result = hyper.search("Mamba4Rec", "tiny", space, config_files=tiny, cmd_args=["--train_batch_size=32"],
                           algo="random", max_evals=3, isolate=False, output_file="o.md", progress=lambda s: None)
@@ -230,7 +230,7 @@ def test_a_failed_trial_is_a_row_and_the_search_goes_on(tiny, monkeypatch, capsy
             raise RuntimeError("out of memory\nsecond line")
         return fake_result(run_dict["dropout_prob"]), None, 1
 
-    monkeypatch.setattr(compare, "_train", train)
+    monkeypatch.setattr(isolation, "_train", train)
     path = space_file(Path(tiny[0]).parent, "dropout_prob choice [0.1,0.2,0.3]\n")
     result = hyper.search("Mamba4Rec", "tiny", path, config_files=tiny, isolate=False, output_file="o.md",
                           progress=print)
@@ -249,7 +249,7 @@ def test_a_failed_trial_is_a_row_and_the_search_goes_on(tiny, monkeypatch, capsy
 
 def test_early_stop_ends_the_search_after_trials_without_improvement(tiny, monkeypatch):
     scores = iter([0.5, 0.4, 0.3, 0.9])
-    monkeypatch.setattr(compare, "_train", lambda *a: (fake_result(next(scores)), None, 1))
+    monkeypatch.setattr(isolation, "_train", lambda *a: (fake_result(next(scores)), None, 1))
     path = space_file(Path(tiny[0]).parent, "dropout_prob choice [0.1,0.2,0.3,0.35]\n")
     result = hyper.search("Mamba4Rec", "tiny", path, config_files=tiny, isolate=False, early_stop=2,
                           output_file="o.md", progress=lambda s: None)

@@ -189,15 +189,16 @@ def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, m
     import csv
 
     from mamba4rec import compare as cmp
+    from mamba4rec.compare import isolation  # where compare's training looks up pipeline.run
 
-    real_run = cmp.run
+    real_run = isolation.run
 
     def run_or_fail(model, *a, **k):  # compare passes model classes
         if model.__name__ == "GRU4Rec":
             raise RuntimeError("boom")
         return real_run(model, *a, **k)
 
-    monkeypatch.setattr(cmp, "run", run_or_fail)
+    monkeypatch.setattr(isolation, "run", run_or_fail)
     cfg = tiny_config_dict(in_tmp, scan_impl="torch", n_layers=1, n_heads=1)
     rows = cmp.compare(["Mamba4Rec", "GRU4Rec", "SASRec"], "tiny", in_tmp / "out", config_dict=cfg,
                        progress=lambda *_: None, isolate=False)  # the patched run() is in this process
@@ -283,6 +284,7 @@ def _compare_cfg(tmp):
 def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch):
     from mamba4rec import compare as cmp
     from mamba4rec import pipeline as pl
+    from mamba4rec.compare import isolation
 
     models, quiet = ["GRU4Rec", "Mamba4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
@@ -318,8 +320,9 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'nothing'}"], in_tmp)
     assert proc.returncode == 2 and "no comparison at" in proc.stderr
 
-    real_run, ran = cmp.run, []
-    monkeypatch.setattr(cmp, "run", lambda m, *a, **k: ran.append((m.__name__, k["resume"])) or real_run(m, *a, **k))
+    real_run, ran = isolation.run, []
+    monkeypatch.setattr(isolation, "run",
+                        lambda m, *a, **k: ran.append((m.__name__, k["resume"])) or real_run(m, *a, **k))
     resumed = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert [name for name, _ in ran] == ["Mamba4Rec"] and ran[0][1].endswith("Mamba4Rec-tiny-last.pth")
     assert resumed[1]["status"] == "ok (resumed)"
@@ -351,6 +354,7 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     """--compare_run: each "process" trains only its models; whichever finishes last writes the
     table with both rows, and the rows equal those of one process running everything."""
     from mamba4rec import compare as cmp
+    from mamba4rec.compare import isolation
 
     models, quiet = ["Mamba4Rec", "GRU4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
@@ -363,7 +367,7 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     with pytest.raises(ValueError, match="no model"):
         cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=[])
 
-    real_run, ran, tables = cmp.run, [], []
+    real_run, ran, tables = isolation.run, [], []
 
     def run_with_other_lane(model, *a, **k):
         ran.append(model.__name__)
@@ -373,7 +377,7 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
             tables.append((in_tmp / "lanes" / "compare.md").read_text())
         return real_run(model, *a, **k)
 
-    monkeypatch.setattr(cmp, "run", run_with_other_lane)
+    monkeypatch.setattr(isolation, "run", run_with_other_lane)
     mine = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=["Mamba4Rec"])
     assert ran == ["Mamba4Rec", "GRU4Rec"] and [r["model"] for r in mine] == ["Mamba4Rec"]
     assert "| GRU4Rec | ok |" in tables[0] and "| Mamba4Rec | pending |" in tables[0]
