@@ -1,4 +1,5 @@
-"""benchmarks/per_user_analysis.py: its numpy parts on synthetic arrays (no RecBole, no real data)."""
+"""benchmarks/per_user_analysis.py: its numpy parts on synthetic arrays (no RecBole, no real data),
+and its checkpoint mode on two models trained on tests/data/tiny (RecBole imported in that test only)."""
 
 from __future__ import annotations
 
@@ -139,3 +140,79 @@ def test_analyse_prints_the_three_tables():
                        paired_difference, repeats=0.0)
     for part in ("#### 1.", "#### 2.", "#### 3.", "| all | 300 |", "rank 2 / rank 1", "seen, bigram top-1"):
         assert part in text
+
+
+def test_history_stats_and_mask_history_on_a_hand_made_ranking():
+    torch = pytest.importorskip("torch")
+    inf = float("-inf")
+    # items 0..5, 0 the padding (already -inf); sequences left-aligned, 0-padded
+    scores = torch.tensor([[inf, 5.0, 4.0, 3.0, 2.0, 1.0],   # top-1 item 1 = last input item
+                           [inf, 1.0, 2.0, 3.0, 4.0, 5.0],   # top-1 item 5, not an input item; item 1 last
+                           [inf, 9.0, 1.0, 8.0, 2.0, 0.5]])  # top-1 item 1, an input item, not the last
+    seq = torch.tensor([[3, 1, 0], [2, 1, 0], [1, 2, 4]])
+    s = pua.history_stats(scores, seq, k=3)
+    assert s["top1_in_seq"].tolist() == [True, False, True]
+    assert s["top1_is_last"].tolist() == [True, False, False]
+    assert s["topk_in_seq"].tolist() == [2, 0, 2]  # top 3: [1, 2, 3], [5, 4, 3], [1, 3, 4]
+    masked = pua.mask_history(scores, seq)
+    assert torch.isinf(masked[0, [0, 1, 3]]).all() and masked[0, 2] == 4.0 and scores[0, 1] == 5.0  # a copy
+    m = pua.history_stats(masked, seq, k=3)  # row 3 has two items left: its third is a masked one, not counted
+    assert not m["top1_in_seq"].any() and m["topk_in_seq"].tolist() == [0, 0, 0]
+
+
+def test_checkpoint_mode_reproduces_the_runs_test_and_masks_the_input_sequence(tmp_path, monkeypatch, capsys):
+    """Two tiny models trained one epoch (their best checkpoint is epoch 0's): the unmasked
+    per-user values are the run's own test values, user by user; masking removes every input item
+    from the top 10 and changes exactly the users it should; the CLI checks a result row."""
+    import json
+
+    import torch
+
+    from mamba4rec import pipeline
+    from tests.conftest import tiny_config_dict
+
+    monkeypatch.chdir(tmp_path)  # RecBole writes ./log/
+    runs = {m: pipeline.run(m, "tiny", config_dict=tiny_config_dict(tmp_path, **extra))
+            for m, extra in (("SASRec", {"n_layers": 1, "n_heads": 1, "inner_size": 32}), ("GRU4Rec", {"embedding_size": 16}))}
+    ev = pua.evaluate_checkpoint(runs["SASRec"].saved_model_file)
+    res, per_user, stats = ev["scored"]["unmasked"]
+    assert res == runs["SASRec"].test_result
+    for met in pua.METRICS:
+        np.testing.assert_array_equal(per_user[met], runs["SASRec"].extra["per_user_test"][met])
+    assert ev["valid_recomputed"] == pytest.approx(runs["SASRec"].best_valid_score, abs=1e-12)
+
+    _, masked, mstats = ev["scored"]["masked"]
+    assert stats["top1_in_seq"].any() and (stats["topk_in_seq"] > 0).any()  # else masking would test nothing
+    assert not mstats["top1_in_seq"].any() and not mstats["top1_is_last"].any() and not mstats["topk_in_seq"].any()
+    untouched = stats["topk_in_seq"] == 0  # no input item in the top 10: masking leaves the top 10 as it is
+    for met in pua.METRICS:
+        np.testing.assert_array_equal(masked[met][untouched], per_user[met][untouched])
+        assert (masked[met][ev["target_in_seq"]] == 0).all()  # a masked target cannot be hit
+    # a hit whose target is no input item moves up by the input items ranked above it
+    rank = pua.ranks_from_mrr(per_user["mrr@10"], per_user["hit@10"], per_user["ndcg@10"])
+    mrank = pua.ranks_from_mrr(masked["mrr@10"], masked["hit@10"], masked["ndcg@10"])
+    moved = (rank > 0) & ~ev["target_in_seq"]
+    above = np.array([stats["in_seq_at"][u, :rank[u] - 1].sum() for u in np.flatnonzero(moved)])
+    np.testing.assert_array_equal(mrank[moved], rank[moved] - above)
+    assert (above > 0).any()  # some hit did move
+
+    files = [runs[m].saved_model_file for m in ("SASRec", "GRU4Rec")]
+    rows = tmp_path / "results" / "tiny" / "prefix"
+    rows.mkdir(parents=True)
+    r = runs["SASRec"]
+    row = {"test_result": r.test_result, "best_epoch": r.best_epoch, "valid_result": r.best_valid_result}
+    (rows / "SASRec.json").write_text(json.dumps(row))
+    assert pua.main(["checkpoint", *files, "--results", str(tmp_path / "results"), "--eval-batch-size", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "- SASRec: test metrics equal the row's (best epoch 0)" in out
+    assert "no " in out and "GRU4Rec.json" in out
+    assert "#### Paired over the same 40 test users: SASRec - GRU4Rec" in out
+    row["test_result"] = dict(r.test_result, **{"mrr@10": r.test_result["mrr@10"] + 0.01})
+    (rows / "SASRec.json").write_text(json.dumps(row))
+    with pytest.raises(SystemExit, match="differ from the row's"):
+        pua.main(["checkpoint", files[0], "--results", str(tmp_path / "results"), "--skip-valid"])
+    state = torch.load(files[1], weights_only=False)
+    state["best_valid_score"] += 0.01  # not the weights' validation score
+    torch.save(state, tmp_path / "off.pth")
+    with pytest.raises(SystemExit, match="best_valid_score"):
+        pua.evaluate_checkpoint(tmp_path / "off.pth")
