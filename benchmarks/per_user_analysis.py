@@ -411,7 +411,8 @@ def history_stats(scores, item_seq, k=10) -> dict:
     in_seq = (top.unsqueeze(-1) == item_seq.unsqueeze(1)).any(-1) & (top != 0) & (values > float("-inf"))
     length = (item_seq != 0).sum(1)
     last = item_seq[torch.arange(len(item_seq)), (length - 1).clamp(min=0)]
-    return {"top1_in_seq": in_seq[:, 0].cpu().numpy(), "top1_is_last": ((top[:, 0] == last) & (length > 0)).cpu().numpy(),
+    return {"top1_in_seq": in_seq[:, 0].cpu().numpy(),
+            "top1_is_last": ((top[:, 0] == last) & (length > 0)).cpu().numpy(),
             "topk_in_seq": in_seq.sum(1).cpu().numpy(), "in_seq_at": in_seq.cpu().numpy()}
 
 
@@ -561,7 +562,8 @@ def checkpoint_report(evs, paired_difference, notes=()) -> str:
     out += ["#### Items of the user's input sequence in the top 10 (share of test users)", "", markdown(head, body), ""]
 
     head = ["model"] + [f"{_short(m)}" for m in METRICS] + [f"{_short(m)} masked" for m in METRICS]
-    head += [f"d{_short(m)} masked - RecBole [95%]" for m in METRICS] + ["rank 1 / rank 2 (RecBole)", "rank 1 / rank 2 (masked)"]
+    head += [f"d{_short(m)} masked - RecBole [95%]" for m in METRICS]
+    head += ["rank 1 / rank 2 (RecBole)", "rank 1 / rank 2 (masked)"]
     body = []
     for e in evs:
         res_u, pu_u, _ = e["scored"]["unmasked"]
@@ -579,7 +581,8 @@ def checkpoint_report(evs, paired_difference, notes=()) -> str:
     for o in evs[1:]:
         if not np.array_equal(o["users"], first["users"]) or not np.array_equal(o["targets"], first["targets"]):
             raise SystemExit(f"{first['name']} and {o['name']}: their test users or targets differ: not paired")
-        head = ["metric", f"{first['name']} - {o['name']}, RecBole [95%]", f"{first['name']} - {o['name']}, masked [95%]"]
+        pair = f"{first['name']} - {o['name']}"
+        head = ["metric", f"{pair}, RecBole [95%]", f"{pair}, masked [95%]"]
         body = [[_short(m)] + [_ci(paired_difference(first["scored"][v][1][m], o["scored"][v][1][m]))
                                for v in ("unmasked", "masked")] for m in METRICS]
         out += [f"#### Paired over the same {len(first['users']):,} test users: {first['name']} - {o['name']}", "",

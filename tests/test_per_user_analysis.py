@@ -172,8 +172,8 @@ def test_checkpoint_mode_reproduces_the_runs_test_and_masks_the_input_sequence(t
     from tests.conftest import tiny_config_dict
 
     monkeypatch.chdir(tmp_path)  # RecBole writes ./log/
-    runs = {m: pipeline.run(m, "tiny", config_dict=tiny_config_dict(tmp_path, **extra))
-            for m, extra in (("SASRec", {"n_layers": 1, "n_heads": 1, "inner_size": 32}), ("GRU4Rec", {"embedding_size": 16}))}
+    small = {"SASRec": {"n_layers": 1, "n_heads": 1, "inner_size": 32}, "GRU4Rec": {"embedding_size": 16}}
+    runs = {m: pipeline.run(m, "tiny", config_dict=tiny_config_dict(tmp_path, **extra)) for m, extra in small.items()}
     ev = pua.evaluate_checkpoint(runs["SASRec"].saved_model_file)
     res, per_user, stats = ev["scored"]["unmasked"]
     assert res == runs["SASRec"].test_result
