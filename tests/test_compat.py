@@ -195,3 +195,41 @@ def test_sequence_fields_under_pandas3_are_refused_with_the_fix(in_tmp, monkeypa
         create_dataset(pipeline.build_config("Mamba4Rec", "seqs", config_dict=with_seq))
     without = dict(with_seq, load_col={"inter": ["user_id", "item_id", "timestamp"]})
     assert len(create_dataset(pipeline.build_config("Mamba4Rec", "seqs", config_dict=without)).inter_feat) == 6
+
+
+def test_importing_recbole_models_leaves_anomaly_detection_as_it_was(monkeypatch):
+    """RecBole's sine.py turns torch's anomaly detection on at import (every later training then
+    records a traceback per op); compat imports the models once with the caller's setting kept."""
+    import sys
+
+    import recbole.model
+
+    for name in [n for n in sys.modules if n.startswith("recbole.model.sequential_recommender")]:
+        if name.endswith((".sine", ".sequential_recommender")):  # re-run these two on import
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(recbole.model, "sequential_recommender", recbole.model.sequential_recommender)
+    saved = torch.is_anomaly_enabled()
+    try:
+        torch.autograd.set_detect_anomaly(False)
+        import recbole.model.sequential_recommender.sine  # noqa: F401  what RecBole does alone
+        assert torch.is_anomaly_enabled()
+        for name in ("recbole.model.sequential_recommender.sine", "recbole.model.sequential_recommender"):
+            del sys.modules[name]
+        torch.autograd.set_detect_anomaly(False)
+        compat.import_recbole_models()
+        assert not torch.is_anomaly_enabled()
+        for name in ("recbole.model.sequential_recommender.sine", "recbole.model.sequential_recommender"):
+            del sys.modules[name]
+        torch.autograd.set_detect_anomaly(True)  # a user's own choice stays
+        compat.import_recbole_models()
+        assert torch.is_anomaly_enabled()
+    finally:
+        torch.autograd.set_detect_anomaly(saved)
+
+
+def test_import_mamba4rec_and_model_lookup_leave_anomaly_detection_off():
+    from mamba4rec.registry import resolve_model
+
+    resolve_model("SASRec")
+    resolve_model("GRU4Rec")
+    assert not torch.is_anomaly_enabled()
