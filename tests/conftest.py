@@ -13,7 +13,10 @@ TINY_DATA = TESTS / "data"
 #: ../shared/datasets beside the checkout (real benchmark data); tests using it skip without it.
 SHARED_DATASETS = TESTS.parents[1] / "shared" / "datasets"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: One intra-op thread by default: the tests' tensors are tiny, and a second thread only adds a
+#: barrier to every op, which costs milliseconds per op (minutes over the suite) whenever the
+#: other core is busy. Tests of our parallel kernels ask for two (the ``two_threads`` fixture).
+torch.set_num_threads(1)
 
 # Property tests draw the same cases on every run by default, so a test run (and CI) is
 # reproducible: a case that fails, fails again. HYPOTHESIS_PROFILE=explore draws fresh random
@@ -49,3 +52,13 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a temporary folder: RecBole writes ./log/ into the current directory."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (numba's parallel kernels follow torch's count) for this test."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(saved)
+

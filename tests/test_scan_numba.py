@@ -21,6 +21,8 @@ from kernels.torch_scan import selective_scan_torch
 from tests.scan_utils import Case, assert_close, compare_with_reference, detached_copy, make_inputs, run_scan
 
 pytest.importorskip("numba", reason="the numba scan needs numba (the fast extra)")
+#: The compiled kernels run in parallel: two threads, as the numba path gets on a 2-core machine.
+pytestmark = pytest.mark.usefixtures("two_threads")
 selective_scan_numba = numba_scan.selective_scan_numba
 
 
