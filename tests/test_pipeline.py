@@ -161,7 +161,21 @@ def _cli(args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+def _main(args, capsys):
+    """run_recbole.main(args) in this process: (exit status, stdout, stderr), as the script's
+    process would end (sys.exit(main()), or argparse's SystemExit)."""
+    import run_recbole
+
+    try:
+        code = run_recbole.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def test_cli_trains_and_prints_test_metrics(in_tmp):
+    """The README's command, as a user runs it: a process of its own."""
     proc = _cli(["--dataset=tiny", f"--data_path={TINY_DATA}", "--epochs=1", "--train_batch_size=64",
                  "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--d_state=4", "--show_progress=False",
                  f"--checkpoint_dir={in_tmp / 'saved'}",
@@ -170,19 +184,12 @@ def test_cli_trains_and_prints_test_metrics(in_tmp):
     assert "test      : hit@10=" in proc.stdout and "ndcg@10=" in proc.stdout
 
 
-def test_cli_bad_input_exit_codes(in_tmp):
-    proc = _cli(["-m", "NoSuchModel", "--epochs=1"], in_tmp)
-    assert proc.returncode == 2 and "known models" in proc.stderr
-    proc = _cli(["--d_state=0"], in_tmp)
-    assert proc.returncode == 2 and "d_state=0" in proc.stderr
-    proc = _cli(["stray"], in_tmp)
-    assert proc.returncode == 2 and "--key=value" in proc.stderr
-    proc = _cli(["--compare=SASRec", "--resume=some.pth"], in_tmp)
-    assert proc.returncode == 2 and "--resume takes no PATH" in proc.stderr
-    proc = _cli(["--compare_run=SASRec"], in_tmp)
-    assert proc.returncode == 2 and "give --compare" in proc.stderr
-    proc = _cli(["--nproc", "2", "--resume"], in_tmp)
-    assert proc.returncode == 2 and "drop --nproc" in proc.stderr
+def test_cli_bad_input_exit_codes(in_tmp, capsys):
+    for args, message in [(["-m", "NoSuchModel", "--epochs=1"], "known models"), (["--d_state=0"], "d_state=0"),
+                          (["stray"], "--key=value"), (["--compare=SASRec", "--resume=some.pth"], "--resume takes no PATH"),
+                          (["--compare_run=SASRec"], "give --compare"), (["--nproc", "2", "--resume"], "drop --nproc")]:
+        code, _, err = _main(args, capsys)
+        assert code == 2 and message in err, (args, code, err)
 
 
 def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, monkeypatch):
@@ -280,7 +287,7 @@ def _compare_cfg(tmp):
     return tiny_config_dict(tmp, scan_impl="torch", epochs=3, stopping_step=10, n_layers=1)
 
 
-def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch):
+def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch, capsys):
     from mamba4rec import compare as cmp
     from mamba4rec import pipeline as pl
 
@@ -313,10 +320,10 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     assert mamba[3].startswith(f"{best:.4f} (") and mamba[4] == f"{scores['valid_scores'][-1][1]:.4f}"
     assert mamba[7].endswith("s ago |")
     assert "| SASRec | pending | - |" in cmp.progress_report(in_tmp / "cut", models=["GRU4Rec", "SASRec"])
-    proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'cut'}"], in_tmp)
-    assert proc.returncode == 0 and "| Mamba4Rec | in progress | 2 |" in proc.stdout
-    proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'nothing'}"], in_tmp)
-    assert proc.returncode == 2 and "no comparison at" in proc.stderr
+    code, out, _ = _main(["--compare_status", f"--compare_dir={in_tmp / 'cut'}"], capsys)
+    assert code == 0 and "| Mamba4Rec | in progress | 2 |" in out
+    code, _, err = _main(["--compare_status", f"--compare_dir={in_tmp / 'nothing'}"], capsys)
+    assert code == 2 and "no comparison at" in err
 
     real_run, ran = cmp.run, []
     monkeypatch.setattr(cmp, "run", lambda m, *a, **k: ran.append((m.__name__, k["resume"])) or real_run(m, *a, **k))
