@@ -62,3 +62,23 @@ def two_threads():
     yield
     torch.set_num_threads(saved)
 
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One model trained once per test session, for tests that only read a trained model or its
+    files: one epoch of Mamba4Rec (scan_impl=torch) on tests/data/tiny through pipeline.run,
+    with a serving export. Returns the RunResult, the export, RecBole's best checkpoint, the
+    resumable -last.pth, the config dict and the folder. Read these files; copy before changing."""
+    import mamba4rec.pipeline as pipeline
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # RecBole writes ./log/
+    try:
+        cfg = tiny_config_dict(tmp, scan_impl="torch")
+        export = tmp / "export" / "tiny.pt"
+        result = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, export_path=str(export))
+    finally:
+        os.chdir(cwd)
+    return {"result": result, "export": export, "recbole": Path(result.saved_model_file),
+            "last": tmp / "saved" / "Mamba4Rec-tiny-last.pth", "config": cfg, "tmp": tmp}

@@ -287,15 +287,35 @@ def _compare_cfg(tmp):
     return tiny_config_dict(tmp, scan_impl="torch", epochs=3, stopping_step=10, n_layers=1)
 
 
-def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """One uninterrupted comparison of Mamba4Rec and GRU4Rec (_compare_cfg, in this process), run
+    once for the tests that hold an interrupted or shared comparison to it: {model: row}."""
+    import os
+
+    from mamba4rec import compare as cmp
+
+    tmp = tmp_path_factory.mktemp("whole")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # RecBole writes ./log/
+    try:
+        cfg = _compare_cfg(tmp)
+        cfg.pop("checkpoint_dir")  # compare keeps them in <out>/checkpoints
+        rows = cmp.compare(["Mamba4Rec", "GRU4Rec"], "tiny", tmp / "whole", config_dict=cfg,
+                           progress=lambda *_: None, isolate=False)
+    finally:
+        os.chdir(cwd)
+    assert (tmp / "whole" / "checkpoints" / "Mamba4Rec-tiny-last.pth").is_file()
+    return {r["model"]: r for r in rows}
+
+
+def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch, capsys, whole):
     from mamba4rec import compare as cmp
     from mamba4rec import pipeline as pl
 
     models, quiet = ["GRU4Rec", "Mamba4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
     cfg.pop("checkpoint_dir")  # compare keeps them in <out>/checkpoints
-    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet, isolate=False)
-    assert (in_tmp / "whole" / "checkpoints" / "Mamba4Rec-tiny-last.pth").is_file()
 
     real_save = pl._save_last
 
@@ -330,7 +350,9 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     resumed = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert [name for name, _ in ran] == ["Mamba4Rec"] and ran[0][1].endswith("Mamba4Rec-tiny-last.pth")
     assert resumed[1]["status"] == "ok (resumed)"
-    for a, b in zip(whole, resumed):
+    assert [r["model"] for r in resumed] == models
+    for b in resumed:
+        a = whole[b["model"]]
         for key in ("valid_ndcg@10", "test_hit@10", "test_ndcg@10", "test_mrr@10", "best_epoch", "epochs_run",
                     "params"):
             assert a[key] == b[key], (a["model"], key)
@@ -354,7 +376,7 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
         cmp.compare(models, "tiny", in_tmp / "cut", config_dict=other, progress=quiet, isolate=False, resume=True)
 
 
-def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch):
+def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch, whole):
     """--compare_run: each "process" trains only its models; whichever finishes last writes the
     table with both rows, and the rows equal those of one process running everything."""
     from mamba4rec import compare as cmp
@@ -362,8 +384,7 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     models, quiet = ["Mamba4Rec", "GRU4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
     cfg.pop("checkpoint_dir")
-    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet, isolate=False)
-    assert all(r["threads"] == torch.get_num_threads() for r in whole)
+    assert all(r["threads"] == torch.get_num_threads() for r in whole.values())
 
     with pytest.raises(ValueError, match="SASRec"):  # not a model of this comparison
         cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=["SASRec"])
@@ -390,7 +411,9 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     ran.clear()  # both done: a resume of the whole comparison trains nothing and has both rows
     merged = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert ran == []
-    for a, b in zip(whole, merged):
+    assert [r["model"] for r in merged] == models
+    for b in merged:
+        a = whole[b["model"]]
         for key in ("model", "valid_ndcg@10", "test_ndcg@10", "test_mrr@10", "best_epoch", "params"):
             assert a[key] == b[key], (a["model"], key)
 
@@ -572,9 +595,8 @@ def _alive(pid):
         return True
 
 
-def test_resume_refuses_foreign_or_truncated_files(in_tmp):
-    pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch"))
-    last = in_tmp / "saved" / "Mamba4Rec-tiny-last.pth"
+def test_resume_refuses_foreign_or_truncated_files(in_tmp, tiny_run):
+    last = tiny_run["last"]  # the session's one trained model (tests/conftest.py)
     truncated = in_tmp / "truncated.pth"
     truncated.write_bytes(last.read_bytes()[:200])
     foreign = in_tmp / "foreign.pth"

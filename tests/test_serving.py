@@ -17,31 +17,28 @@ import mamba4rec.pipeline as pipeline
 from mamba4rec import recommend as cli
 from mamba4rec.serving import (FORMAT, CheckpointError, Recommender, UnknownItemError, export_checkpoint,
                                load_checkpoint)
-from tests.conftest import tiny_config_dict
 from tests.test_model import make_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One epoch on tests/data/tiny through pipeline.run(export_path=...): the export, RecBole's
-    own best checkpoint of the same run, and the data set's item map."""
-    tmp = tmp_path_factory.mktemp("serving")
+def trained(tiny_run):
+    """The session's one epoch on tests/data/tiny through pipeline.run(export_path=...)
+    (tests/conftest.py: tiny_run): the export, RecBole's own best checkpoint of the same run, and
+    the data set's item map."""
+    from recbole.data import create_dataset
+
+    tmp = tiny_run["tmp"]
     cwd = os.getcwd()
     os.chdir(tmp)  # RecBole writes ./log/
     try:
-        cfg = tiny_config_dict(tmp, scan_impl="torch")
-        export = tmp / "export" / "tiny.pt"
-        result = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, export_path=str(export))
-        config = pipeline.build_config("Mamba4Rec", "tiny", config_dict=cfg)
-        from recbole.data import create_dataset
-
+        config = pipeline.build_config("Mamba4Rec", "tiny", config_dict=tiny_run["config"])
         tokens = list(create_dataset(config).field2id_token["item_id"])
     finally:
         os.chdir(cwd)
-    assert result.extra["export_path"] == str(export)
-    return {"export": export, "recbole": Path(result.saved_model_file), "tokens": tokens, "tmp": tmp}
+    assert tiny_run["result"].extra["export_path"] == str(tiny_run["export"])
+    return {"export": tiny_run["export"], "recbole": tiny_run["recbole"], "tokens": tokens, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
