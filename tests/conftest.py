@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,19 @@ def tiny_config_dict(tmp_path, **overrides):
     }
     cfg.update(overrides)
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def _no_anomaly_detection():
+    """RecBole's sine.py calls torch.autograd.set_detect_anomaly(True) when
+    recbole.model.sequential_recommender is imported (collecting test_sequence does it; so does
+    any model lookup), and it stays on for the process: every autograd op then records a Python
+    traceback, which made tiny trainings and gradchecks in the suite several times slower (a
+    gradcheck of the reference: 1 s alone, 15 s after it). No test relies on it; off for each,
+    the import done first where RecBole is loaded already, so that it cannot happen mid-test."""
+    if "recbole" in sys.modules:
+        import recbole.model.sequential_recommender  # noqa: F401
+    torch.autograd.set_detect_anomaly(False)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,9 @@ def test_override_must_be_key_value(in_tmp):
 
 
 def _cli(args, cwd):
+    # one intra-op thread, as in this process (tests/conftest.py): tiny tensors
     return subprocess.run([sys.executable, str(REPO / "run_recbole.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
 
 
 def _main(args, capsys):
@@ -291,8 +293,6 @@ def _compare_cfg(tmp):
 def whole(tmp_path_factory):
     """One uninterrupted comparison of Mamba4Rec and GRU4Rec (_compare_cfg, in this process), run
     once for the tests that hold an interrupted or shared comparison to it: {model: row}."""
-    import os
-
     from mamba4rec import compare as cmp
 
     tmp = tmp_path_factory.mktemp("whole")
