@@ -1,21 +1,118 @@
-"""Shared helpers for the selective-scan tests: case ids, inputs, one tolerance table, comparisons."""
+"""The one harness of the selective-scan tests: the Triton interpreter switch, case ids, input
+makers, the tolerance table, and the comparison of outputs and gradients.
+
+Every scan and step test (test_scan_reference, test_scan_torch, test_scan_numba,
+test_scan_triton, test_state_update, test_properties) takes its inputs from ``make_inputs`` /
+``make_step_inputs`` and its tolerances from ``TOLERANCES``.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
-#: Tolerances per input dtype, in one place (mamba_ssm's test_selective_scan starts from
-#: fp32 6e-4 / 2e-3 and bf16 3e-2 / 5e-2). fp64 runs both paths in fp64.
-TOL = {
-    torch.float64: dict(rtol=1e-8, atol=1e-10),
-    torch.float32: dict(rtol=6e-4, atol=2e-3),
-    torch.float16: dict(rtol=3e-3, atol=5e-3),
-    torch.bfloat16: dict(rtol=3e-2, atol=5e-2),
+ON_CUDA = torch.cuda.is_available()
+#: Where the Triton kernels run: the GPU, or the CPU through Triton's interpreter.
+TRITON_DEVICE = "cuda" if ON_CUDA else "cpu"
+
+
+def enable_triton_interpreter() -> str | None:
+    """Without CUDA, set TRITON_INTERPRET=1 so the Triton kernels run on CPU; return why they
+    cannot run here (None when they can).
+
+    Call it before triton is imported: Triton reads the variable when a kernel is decorated and
+    again while interpreting, so it stays set for the rest of the pytest process. That changes
+    nothing else: scan_impl=auto picks the numba or torch scan for CPU tensors regardless, only
+    an explicit scan_impl=triton uses the interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed: the Triton kernels are optional"
+    if not ON_CUDA:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            return ("triton was imported before TRITON_INTERPRET=1 could be set and there is no CUDA: "
+                    "run with TRITON_INTERPRET=1 in the environment")
+        os.environ["TRITON_INTERPRET"] = "1"
+    return None
+
+
+# --------------------------------------------------------------------------- tolerances
+
+_FP64 = (1e-8, 1e-10)
+#: mamba_ssm's starting points (tests/ops/test_selective_scan.py), (rtol, atol) per input dtype.
+_MAMBA = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
+
+
+def _scan_vs_ref(rtol, atol):
+    """A CPU scan against selective_scan_ref on the same inputs: out, last state and every
+    gradient at (rtol, atol). (The worst case of the suite sits below a quarter of it; the
+    gradients of delta, A, D and delta_bias need no larger atol.)"""
+    return {"out": (rtol, atol), "grad": (rtol, atol)}
+
+
+def _triton_vs_ref(rtol, atol):
+    """The Triton scan against selective_scan_ref: as in mamba_ssm, ddelta (x-part and decay
+    part over the whole suffix of the sequence) gets 5x rtol / 10x atol, kept for the GPU
+    (in the CPU interpreter it stays far inside the output's tolerance); every other gradient,
+    dA included, is held to the output's tolerance."""
+    return {"out": (rtol, atol), "grad": (rtol, atol), "ddelta": (5 * rtol, 10 * atol)}
+
+
+#: (path, dtype) -> {quantity: (rtol, atol)}. The path names what is compared with what:
+#:   closed_form   selective_scan_ref against the closed form recomputed in fp64 (test_scan_reference)
+#:   torch, numba  that scan against selective_scan_ref on the same inputs
+#:   triton        the Triton scan against selective_scan_ref on the same inputs
+#:   torch_fp64    the torch scan in the dtype against the reference run in fp64 on the same values
+#:                 (test_properties; gradients also scale atol by max(1, max |reference grad|))
+#:   step_triton   the Triton one-step update against the step reference, and Triton steps (alone or
+#:                 inside MambaBlock.step) against the scan / the torch step
+#:   step_ref      the step reference stepped over a sequence against selective_scan_ref
+#:   numba_model   one training step of a Mamba4Rec, scan_impl numba against torch (loss, gradients)
+#:   gradcheck     torch.autograd.gradcheck of a scan in fp64 ("grad": its rtol, atol; eps below)
+#: quantity: "out" (output, last state, loss), "grad" (every gradient without its own entry),
+#: "d<name>" (the gradient of one input).
+TOLERANCES = {
+    ("closed_form", torch.float64): _scan_vs_ref(*_FP64),
+    **{("torch", dt): _scan_vs_ref(*tol) for dt, tol in {torch.float64: _FP64, **_MAMBA}.items()},
+    **{("numba", dt): _scan_vs_ref(*tol) for dt, tol in {torch.float64: _FP64, **_MAMBA}.items()},
+    **{("triton", dt): _triton_vs_ref(*tol) for dt, tol in _MAMBA.items()},
+    ("torch_fp64", torch.float64): {"out": (1e-7, 1e-7), "grad": (4e-7, 4e-7)},
+    ("torch_fp64", torch.float32): {"out": (6e-4, 2e-3), "grad": (2.4e-3, 8e-3)},
+    ("torch_fp64", torch.bfloat16): {"out": (3e-2, 5e-2), "grad": (1.2e-1, 2e-1)},
+    ("step_triton", torch.float32): {"out": _MAMBA[torch.float32]},
+    ("step_triton", torch.bfloat16): {"out": _MAMBA[torch.bfloat16]},
+    ("step_ref", torch.float32): {"out": (1e-5, 1e-5)},
+    ("numba_model", torch.float32): {"out": (1e-5, 1e-5), "grad": (1e-3, 1e-4)},
+    ("gradcheck", torch.float64): {"grad": (1e-5, 1e-6)},
 }
-#: Gradients that sum many products (ddelta, dA over batch and time) get this factor on atol.
-GRAD_ATOL_FACTOR = {"delta": 2.0, "A": 4.0, "delta_bias": 2.0, "D": 2.0}
+GRADCHECK_EPS = 1e-6
+
+
+def tol(path: str, dtype: torch.dtype, what: str = "out") -> tuple[float, float]:
+    """(rtol, atol) for quantity ``what`` ("out", "last_state", "grad", "d<name>") of ``path``."""
+    table = TOLERANCES[(path, dtype)]
+    if what in ("out", "last_state", "loss"):
+        return table["out"]
+    return table.get(what, table["grad"])
+
+
+def assert_close(what: str, actual, expected, path: str, dtype: torch.dtype, *, key: str | None = None,
+                 atol_scale: float = 1.0):
+    """Same shape and dtype, then within tol(path, dtype, key or what), atol times atol_scale;
+    prints max / mean abs diff."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().double(), expected.detach().double()
+    rtol, atol = tol(path, dtype, key or what)
+    diff = (a - e).abs()
+    print(f"{what:>12}: max diff {diff.max().item():.3e}  mean diff {diff.mean().item():.3e}  "
+          f"max |ref| {e.abs().max().item():.3e}  ({path}: rtol {rtol:g}, atol {atol * atol_scale:g})")
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * atol_scale, msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------------- cases and inputs
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
                torch.bfloat16: "bf16"}
@@ -34,6 +131,7 @@ class Case:
     D: bool = True
     bias: bool = True
     softplus: bool = True
+    use_last: bool = True  # the loss also reads the last state (a gradient flows into it)
 
     @property
     def id(self) -> str:
@@ -41,19 +139,33 @@ class Case:
         s = f"B{self.batch}-L{self.L}-D{self.dim}-N{self.N}-{g}-{DTYPE_NAMES[self.dtype]}"
         flags = [n for n, on in (("z", self.z), ("D", self.D), ("bias", self.bias),
                                  ("softplus", self.softplus)) if not on]
-        return s + ("-no_" + "_".join(flags) if flags else "")
+        s += "-no_" + "_".join(flags) if flags else ""
+        return s + ("" if self.use_last else "-outonly")
 
 
-def make_inputs(case: Case, seed: int = 0, noncontiguous: bool = False):
+LAYOUTS = ("contiguous", "transposed", "model")
+
+
+def make_inputs(case: Case, seed: int = 0, layout: str = "contiguous", device="cpu", positive_dt: bool = False):
     """Scan arguments as a dict. u, delta, B, C, z in case.dtype; A, D, delta_bias in the
-    weight dtype (fp32, fp64 for fp64), as a MambaBlock passes them. All require grad."""
+    weight dtype (fp32, fp64 for fp64), as a MambaBlock passes them. All are leaves that require
+    grad. Drawn on CPU from ``seed``, then moved to ``device``.
+
+    layout: "contiguous"; "transposed": the same kind of values drawn with the last two axes
+    swapped and transposed back (A too), D and delta_bias strided; "model": the contiguous
+    values as a (B, L, D) model lays them out: u, delta, z views of (B, L, D) storage, B, C of
+    (B, L, G, N) (or (B, L, N)), A of (N, D).
+    positive_dt: without softplus, dt = delta + bias as given is kept positive, as Mamba's
+    always is (|delta| + 0.1, |bias|)."""
+    assert layout in LAYOUTS, layout
     g = torch.Generator().manual_seed(seed)
     itype = case.dtype
     wtype = torch.float64 if itype == torch.float64 else torch.float32
     b, d, L, N, G = case.batch, case.dim, case.L, case.N, case.G
+    swap = layout == "transposed"
 
     def rnd(*shape, dtype, scale=1.0, shift=0.0):
-        if noncontiguous:  # same values, laid out with the last two axes swapped (or strided)
+        if swap:  # same distribution, laid out with the last two axes swapped
             t = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=g, dtype=torch.float64)
             t = (t * scale + shift).to(dtype).transpose(-1, -2)
             assert not t.is_contiguous() or min(shape[-2:]) == 1
@@ -71,54 +183,113 @@ def make_inputs(case: Case, seed: int = 0, noncontiguous: bool = False):
         z=rnd(b, d, L, dtype=itype) if case.z else None,
         delta_bias=(rnd(d, 1, dtype=wtype, scale=0.3)[:, 0] if case.bias else None),
     )
-    if noncontiguous:
+    if positive_dt and not case.softplus:
+        x["delta"] = x["delta"].abs() + 0.1
+        if x["delta_bias"] is not None:
+            x["delta_bias"] = x["delta_bias"].abs()
+    if swap:
         x["A"] = x["A"].t().contiguous().t()
         for k in ("D", "delta_bias"):
             if x[k] is not None:
                 x[k] = x[k].repeat_interleave(2)[::2]
+    x = {k: (v.to(device) if v is not None else None) for k, v in x.items()}
+    if layout == "model":
+        for k in ("u", "delta", "z"):  # (B, D, L) views of (B, L, D) storage
+            if x[k] is not None:
+                x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+        for k in ("B", "C"):  # (B, G, N, L) views of (B, L, G, N) storage
+            x[k] = (x[k].transpose(1, 2).contiguous().transpose(1, 2) if G == 0 else
+                    x[k].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1))
+        x["A"] = x["A"].t().contiguous().t()
     return {k: (v.requires_grad_() if v is not None else None) for k, v in x.items()}
 
 
-def run_scan(fn, x, case: Case, seed: int = 1, **kw):
-    """Forward with return_last_state, backward the same random g (and g_last); return
-    (out, last_state, {name: grad})."""
-    out, last = fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
-                   delta_bias=x["delta_bias"], delta_softplus=case.softplus,
-                   return_last_state=True, **kw)
-    g = torch.Generator().manual_seed(seed)
-    gout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    glast = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
-    names = [n for n in NAMES if x[n] is not None]
-    grads = torch.autograd.grad((out, last), [x[n] for n in names], (gout, glast))
-    return out.detach(), last.detach(), dict(zip(names, grads))
-
-
-def assert_close(what: str, actual, expected, dtype, atol_factor: float = 1.0):
-    """Print max / mean abs diff, then assert within TOL[dtype]."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    a, e = actual.double(), expected.double()
-    diff = (a - e).abs()
-    print(f"{what:>12}: max diff {diff.max().item():.3e}  mean diff {diff.mean().item():.3e}  "
-          f"max |ref| {e.abs().max().item():.3e}")
-    tol = TOL[dtype]
-    torch.testing.assert_close(a, e, rtol=tol["rtol"], atol=tol["atol"] * atol_factor,
-                               msg=lambda m: f"{what}: {m}")
+def make_step_inputs(case: Case, seed: int = 0, device="cpu"):
+    """Arguments of one step (kernels.selective_state_update*), as keyword arguments: time step
+    0 of make_inputs(case) (so case.L must be 1), and a random fp32 state (batch, dim, N)."""
+    assert case.L == 1, "a step reads one time step"
+    x = {k: (v.detach()[..., 0] if v is not None and k in ("u", "delta", "B", "C", "z") else
+             (v.detach() if v is not None else None))
+         for k, v in make_inputs(case, seed).items()}
+    g = torch.Generator().manual_seed(seed + 1000)
+    args = dict(state=torch.randn(case.batch, case.dim, case.N, generator=g), x=x["u"], dt=x["delta"], A=x["A"],
+                B=x["B"], C=x["C"], D=x["D"], z=x["z"], dt_bias=x["delta_bias"])
+    args = {k: (v.to(device) if v is not None else None) for k, v in args.items()}
+    return {**args, "dt_softplus": case.softplus}
 
 
 def detached_copy(x):
     return {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
 
 
-def compare_with_reference(fn, x, case: Case, **kw):
-    """fn and selective_scan_ref on copies of the same inputs: output, last state and every
-    gradient within TOL[case.dtype]."""
+def call_scan(fn, x, case: Case, **kw):
+    """fn(u, delta, A, B, C, D=, z=, delta_bias=, delta_softplus=case.softplus, **kw)."""
+    return fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
+              delta_softplus=case.softplus, **kw)
+
+
+def run_scan(fn, x, case: Case, seed: int = 1, return_last_state: bool = True, strided_gout: bool = False, **kw):
+    """Forward, then backward a random upstream gradient for out (and for the last state when
+    case.use_last); return (out, last_state or None, {name: grad of every input given}).
+
+    strided_gout: the gradient of out arrives as a (B, D, L) view of (B, L, D) storage, as a
+    (B, L, D) model produces it."""
+    res = fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
+             delta_softplus=case.softplus, return_last_state=return_last_state, **kw)
+    out, last = res if return_last_state else (res, None)
+    g = torch.Generator().manual_seed(seed)
+    if strided_gout:
+        gout = torch.randn(out.shape[0], out.shape[2], out.shape[1], generator=g, dtype=torch.float64)
+        gout = gout.to(out.device, out.dtype).transpose(1, 2)
+    else:
+        gout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    outputs, grad_outputs = [out], [gout]
+    if last is not None and case.use_last:
+        outputs.append(last)
+        grad_outputs.append(torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.device, last.dtype))
+    names = [n for n in NAMES if x[n] is not None]
+    grads = torch.autograd.grad(outputs, [x[n] for n in names], grad_outputs)
+    assert all(gr is not None for gr in grads), f"no gradient for {[n for n, gr in zip(names, grads) if gr is None]}"
+    return out.detach(), (last.detach() if last is not None else None), dict(zip(names, grads))
+
+
+def compare(path: str, got, want, case: Case):
+    """Two run_scan results: output, last state (if any) and every gradient within
+    tol(path, case.dtype)."""
+    (out, last, grads), (out_r, last_r, grads_r) = got, want
+    assert_close("out", out, out_r, path, case.dtype)
+    assert (last is None) == (last_r is None)
+    if last is not None:
+        assert_close("last_state", last, last_r, path, case.dtype)
+    assert grads.keys() == grads_r.keys()
+    for name in grads:
+        assert_close("d" + name, grads[name], grads_r[name], path, case.dtype)
+
+
+def compare_with_reference(path: str, fn, x, case: Case, return_last_state: bool = True, strided_gout: bool = False,
+                           **kw):
+    """fn (with **kw) and selective_scan_ref on copies of the same inputs, backpropagating the
+    same upstream gradients: output, last state and every gradient within tol(path, case.dtype)."""
     from kernels.reference import selective_scan_ref
 
-    out, last, grads = run_scan(fn, x, case, **kw)
-    out_r, last_r, grads_r = run_scan(selective_scan_ref, detached_copy(x), case)
-    assert_close("out", out, out_r, case.dtype)
-    assert_close("last_state", last, last_r, case.dtype)
-    assert grads.keys() == grads_r.keys() == {n for n in NAMES if x[n] is not None}
-    for name in grads:
-        assert_close("d" + name, grads[name], grads_r[name], case.dtype, GRAD_ATOL_FACTOR.get(name, 1.0))
+    opts = dict(return_last_state=return_last_state, strided_gout=strided_gout)
+    got = run_scan(fn, x, case, **opts, **kw)
+    want = run_scan(selective_scan_ref, detached_copy(x), case, **opts)
+    assert got[2].keys() == {n for n in NAMES if x[n] is not None}
+    compare(path, got, want, case)
+
+
+def gradcheck_scan(fn, case: Case, seed: int = 0, return_last_state: bool = True, **kw):
+    """torch.autograd.gradcheck of fn (with **kw) in fp64, over every input the case has, with
+    out (and the last state) as outputs; tolerances TOLERANCES[("gradcheck", fp64)]."""
+    assert case.dtype == torch.float64
+    x = make_inputs(case, seed)
+    names = [n for n in NAMES if x[n] is not None]
+
+    def f(*args):
+        a = dict.fromkeys(NAMES)
+        a.update(zip(names, args))
+        return call_scan(fn, a, case, return_last_state=return_last_state, **kw)
+
+    rtol, atol = tol("gradcheck", torch.float64, "grad")
+    assert torch.autograd.gradcheck(f, [x[n] for n in names], eps=GRADCHECK_EPS, atol=atol, rtol=rtol)

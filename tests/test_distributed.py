@@ -16,16 +16,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_train_and_rank0_reports_metrics(in_tmp):
-    cfg = tiny_config_dict(in_tmp, scan_impl="torch")
-    result = run_distributed("Mamba4Rec", "tiny", DistSpec(nproc=2, port=_free_port(), timeout_s=120),
-                             config_dict=cfg)
-    assert result["model"] == "Mamba4Rec" and result["epochs_run"] == 1
-    assert set(result["test_result"]) == {"hit@10", "ndcg@10", "mrr@10"}
-    assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())
-    # only rank 0 saved: one best checkpoint and one resumable -last file
-    saved = sorted(p.name for p in (in_tmp / "saved").glob("*.pth"))
-    assert len(saved) == 2 and saved[1] == "Mamba4Rec-tiny-last.pth", saved
+@pytest.fixture(autouse=True)
+def _one_thread_per_rank(monkeypatch):
+    """Every rank (and launcher) these tests start gets one intra-op thread: two ranks of two
+    threads on two cores only wait on each other's barriers."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def test_port_in_use_is_refused_before_starting():
@@ -59,24 +54,34 @@ def test_world_size_larger_than_the_processes_times_out_with_a_clear_error(in_tm
                         DistSpec(nproc=2, world_size=3, port=_free_port(), timeout_s=5), config_dict=cfg)
 
 
-def test_cli_distributed_on_cpu(in_tmp):
-    import subprocess
-    import sys
+def test_cli_distributed_on_cpu_two_ranks_train_and_rank0_reports_metrics(in_tmp, capfd, monkeypatch):
+    """run_recbole.py --nproc=2 with this process as the launcher: the two ranks are processes of
+    their own (their output is captured too, capfd)."""
+    import run_recbole
 
+    from mamba4rec import distributed
     from tests.conftest import TINY_DATA
-    from tests.test_pipeline import REPO
 
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "run_recbole.py"), "--dataset=tiny", f"--data_path={TINY_DATA}", "--nproc=2",
+    results, real = [], distributed.run_distributed
+    monkeypatch.setattr(distributed, "run_distributed", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
+    code = run_recbole.main(
+        ["--dataset=tiny", f"--data_path={TINY_DATA}", "--nproc=2",
          f"--port={_free_port()}", "--dist_timeout=120", "--epochs=1", "--train_batch_size=64",
          "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--d_state=4", "--show_progress=False",
-         f"--checkpoint_dir={in_tmp / 'saved'}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"],
-        cwd=in_tmp, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("test      : hit@10=") == 1  # printed once, by rank 0's launcher
-    proc = subprocess.run([sys.executable, str(REPO / "run_recbole.py"), "--nproc=2", "--world_size=1"],
-                          cwd=in_tmp, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "world_size=1 is too small" in proc.stderr
+         f"--checkpoint_dir={in_tmp / 'saved'}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"])
+    out, err = capfd.readouterr()
+    assert code == 0, err[-3000:]
+    assert out.count("test      : hit@10=") == 1  # printed once, by rank 0's launcher
+    (result,) = results
+    assert result["model"] == "Mamba4Rec" and result["epochs_run"] == 1
+    assert set(result["test_result"]) == {"hit@10", "ndcg@10", "mrr@10"}
+    assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())
+    # only rank 0 saved: one best checkpoint and one resumable -last file
+    saved = sorted(p.name for p in (in_tmp / "saved").glob("*.pth"))
+    assert len(saved) == 2 and saved[1] == "Mamba4Rec-tiny-last.pth", saved
+
+    assert run_recbole.main(["--nproc=2", "--world_size=1"]) == 2
+    assert "world_size=1 is too small" in capfd.readouterr().err
 
 
 def test_two_nodes_without_a_shared_filesystem(tmp_path):

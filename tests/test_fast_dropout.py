@@ -11,6 +11,8 @@ from kernels import fast_dropout
 from kernels.fast_dropout import FastDropout
 
 pytest.importorskip("numba", reason="the compiled dropout needs numba (the fast extra)")
+#: The compiled kernels run in parallel: two threads, as the numba path gets on a 2-core machine.
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 N = 1 << 20
 

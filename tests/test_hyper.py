@@ -4,9 +4,6 @@ name the line, trials through the pipeline, the table of every trial."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -269,16 +266,20 @@ def test_bayes_search_with_hyperopt(tiny):
     assert all(r["params"]["dropout_prob"] in (0.1, 0.3) for r in result.rows)
 
 
-def test_run_hyper_cli_each_trial_in_its_own_process(tiny):
-    """run_hyper.py end to end, as a user runs it: two trials, each in a fresh process."""
+def test_run_hyper_cli_each_trial_in_its_own_process(tiny, capfd, monkeypatch):
+    """run_hyper.py's main end to end: two trials, each in a fresh process (this process is the
+    search's; capfd takes the trials' output too)."""
+    import run_hyper
+
     folder = Path(tiny[0]).parent
     path = space_file(folder, "dropout_prob choice [0.1,0.3]\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MAMBA4REC_FAST_DROPOUT": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "run_hyper.py"), "--model=Mamba4Rec", "--dataset=tiny",
-                           f"--config_files={tiny[0]}", f"--params_file={path}", "--output_file=cli.md", "--epochs=1"],
-                          capture_output=True, text=True, cwd=folder, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout.splitlines()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the trials' processes
+    monkeypatch.setenv("MAMBA4REC_FAST_DROPOUT", "0")
+    code = run_hyper.main(["--model=Mamba4Rec", "--dataset=tiny", f"--config_files={tiny[0]}", f"--params_file={path}",
+                           "--output_file=cli.md", "--epochs=1"])
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stderr
+    out = stdout.splitlines()
     assert [s[:5] for s in out if s.startswith("[")] == ["[1/2]", "[2/2]"]
     assert len(out) == 6 and out[-1] == "table: cli.md", out  # header, table path, 2 trials, best, table
     table = (folder / "cli.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,11 +158,26 @@ def test_override_must_be_key_value(in_tmp):
 
 
 def _cli(args, cwd):
+    # one intra-op thread, as in this process (tests/conftest.py): tiny tensors
     return subprocess.run([sys.executable, str(REPO / "run_recbole.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+
+
+def _main(args, capsys):
+    """run_recbole.main(args) in this process: (exit status, stdout, stderr), as the script's
+    process would end (sys.exit(main()), or argparse's SystemExit)."""
+    import run_recbole
+
+    try:
+        code = run_recbole.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def test_cli_trains_and_prints_test_metrics(in_tmp):
+    """The README's command, as a user runs it: a process of its own."""
     proc = _cli(["--dataset=tiny", f"--data_path={TINY_DATA}", "--epochs=1", "--train_batch_size=64",
                  "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--d_state=4", "--show_progress=False",
                  f"--checkpoint_dir={in_tmp / 'saved'}",
@@ -170,19 +186,12 @@ def test_cli_trains_and_prints_test_metrics(in_tmp):
     assert "test      : hit@10=" in proc.stdout and "ndcg@10=" in proc.stdout
 
 
-def test_cli_bad_input_exit_codes(in_tmp):
-    proc = _cli(["-m", "NoSuchModel", "--epochs=1"], in_tmp)
-    assert proc.returncode == 2 and "known models" in proc.stderr
-    proc = _cli(["--d_state=0"], in_tmp)
-    assert proc.returncode == 2 and "d_state=0" in proc.stderr
-    proc = _cli(["stray"], in_tmp)
-    assert proc.returncode == 2 and "--key=value" in proc.stderr
-    proc = _cli(["--compare=SASRec", "--resume=some.pth"], in_tmp)
-    assert proc.returncode == 2 and "--resume takes no PATH" in proc.stderr
-    proc = _cli(["--compare_run=SASRec"], in_tmp)
-    assert proc.returncode == 2 and "give --compare" in proc.stderr
-    proc = _cli(["--nproc", "2", "--resume"], in_tmp)
-    assert proc.returncode == 2 and "drop --nproc" in proc.stderr
+def test_cli_bad_input_exit_codes(in_tmp, capsys):
+    for args, message in [(["-m", "NoSuchModel", "--epochs=1"], "known models"), (["--d_state=0"], "d_state=0"),
+                          (["stray"], "--key=value"), (["--compare=SASRec", "--resume=some.pth"], "--resume takes no PATH"),
+                          (["--compare_run=SASRec"], "give --compare"), (["--nproc", "2", "--resume"], "drop --nproc")]:
+        code, _, err = _main(args, capsys)
+        assert code == 2 and message in err, (args, code, err)
 
 
 def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, monkeypatch):
@@ -281,7 +290,27 @@ def _compare_cfg(tmp):
     return tiny_config_dict(tmp, scan_impl="torch", epochs=3, stopping_step=10, n_layers=1)
 
 
-def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch):
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """One uninterrupted comparison of Mamba4Rec and GRU4Rec (_compare_cfg, in this process), run
+    once for the tests that hold an interrupted or shared comparison to it: {model: row}."""
+    from mamba4rec import compare as cmp
+
+    tmp = tmp_path_factory.mktemp("whole")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # RecBole writes ./log/
+    try:
+        cfg = _compare_cfg(tmp)
+        cfg.pop("checkpoint_dir")  # compare keeps them in <out>/checkpoints
+        rows = cmp.compare(["Mamba4Rec", "GRU4Rec"], "tiny", tmp / "whole", config_dict=cfg,
+                           progress=lambda *_: None, isolate=False)
+    finally:
+        os.chdir(cwd)
+    assert (tmp / "whole" / "checkpoints" / "Mamba4Rec-tiny-last.pth").is_file()
+    return {r["model"]: r for r in rows}
+
+
+def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(in_tmp, monkeypatch, capsys, whole):
     from mamba4rec import compare as cmp
     from mamba4rec import pipeline as pl
     from mamba4rec.compare import isolation
@@ -289,8 +318,6 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     models, quiet = ["GRU4Rec", "Mamba4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
     cfg.pop("checkpoint_dir")  # compare keeps them in <out>/checkpoints
-    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet, isolate=False)
-    assert (in_tmp / "whole" / "checkpoints" / "Mamba4Rec-tiny-last.pth").is_file()
 
     real_save = pl._save_last
 
@@ -315,10 +342,10 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     assert mamba[3].startswith(f"{best:.4f} (") and mamba[4] == f"{scores['valid_scores'][-1][1]:.4f}"
     assert mamba[7].endswith("s ago |")
     assert "| SASRec | pending | - |" in cmp.progress_report(in_tmp / "cut", models=["GRU4Rec", "SASRec"])
-    proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'cut'}"], in_tmp)
-    assert proc.returncode == 0 and "| Mamba4Rec | in progress | 2 |" in proc.stdout
-    proc = _cli(["--compare_status", f"--compare_dir={in_tmp / 'nothing'}"], in_tmp)
-    assert proc.returncode == 2 and "no comparison at" in proc.stderr
+    code, out, _ = _main(["--compare_status", f"--compare_dir={in_tmp / 'cut'}"], capsys)
+    assert code == 0 and "| Mamba4Rec | in progress | 2 |" in out
+    code, _, err = _main(["--compare_status", f"--compare_dir={in_tmp / 'nothing'}"], capsys)
+    assert code == 2 and "no comparison at" in err
 
     real_run, ran = isolation.run, []
     monkeypatch.setattr(isolation, "run",
@@ -326,7 +353,9 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
     resumed = cmp.compare(models, "tiny", in_tmp / "cut", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert [name for name, _ in ran] == ["Mamba4Rec"] and ran[0][1].endswith("Mamba4Rec-tiny-last.pth")
     assert resumed[1]["status"] == "ok (resumed)"
-    for a, b in zip(whole, resumed):
+    assert [r["model"] for r in resumed] == models
+    for b in resumed:
+        a = whole[b["model"]]
         for key in ("valid_ndcg@10", "test_hit@10", "test_ndcg@10", "test_mrr@10", "best_epoch", "epochs_run",
                     "params"):
             assert a[key] == b[key], (a["model"], key)
@@ -350,7 +379,7 @@ def test_compare_resume_keeps_finished_models_and_continues_the_interrupted_one(
         cmp.compare(models, "tiny", in_tmp / "cut", config_dict=other, progress=quiet, isolate=False, resume=True)
 
 
-def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch):
+def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch, whole):
     """--compare_run: each "process" trains only its models; whichever finishes last writes the
     table with both rows, and the rows equal those of one process running everything."""
     from mamba4rec import compare as cmp
@@ -359,8 +388,7 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     models, quiet = ["Mamba4Rec", "GRU4Rec"], (lambda *_: None)
     cfg = _compare_cfg(in_tmp)
     cfg.pop("checkpoint_dir")
-    whole = cmp.compare(models, "tiny", in_tmp / "whole", config_dict=cfg, progress=quiet, isolate=False)
-    assert all(r["threads"] == torch.get_num_threads() for r in whole)
+    assert all(r["threads"] == torch.get_num_threads() for r in whole.values())
 
     with pytest.raises(ValueError, match="SASRec"):  # not a model of this comparison
         cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, only=["SASRec"])
@@ -387,7 +415,9 @@ def test_compare_run_lets_two_processes_share_one_comparison(in_tmp, monkeypatch
     ran.clear()  # both done: a resume of the whole comparison trains nothing and has both rows
     merged = cmp.compare(models, "tiny", in_tmp / "lanes", config_dict=cfg, progress=quiet, isolate=False, resume=True)
     assert ran == []
-    for a, b in zip(whole, merged):
+    assert [r["model"] for r in merged] == models
+    for b in merged:
+        a = whole[b["model"]]
         for key in ("model", "valid_ndcg@10", "test_ndcg@10", "test_mrr@10", "best_epoch", "params"):
             assert a[key] == b[key], (a["model"], key)
 
@@ -569,9 +599,8 @@ def _alive(pid):
         return True
 
 
-def test_resume_refuses_foreign_or_truncated_files(in_tmp):
-    pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch"))
-    last = in_tmp / "saved" / "Mamba4Rec-tiny-last.pth"
+def test_resume_refuses_foreign_or_truncated_files(in_tmp, tiny_run):
+    last = tiny_run["last"]  # the session's one trained model (tests/conftest.py)
     truncated = in_tmp / "truncated.pth"
     truncated.write_bytes(last.read_bytes()[:200])
     foreign = in_tmp / "foreign.pth"

@@ -8,9 +8,11 @@ them; each takes a few seconds.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -41,9 +43,25 @@ def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(PREPARE), "--no-progress", *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+def _prepare_script():
+    """datasets/prepare.py as a module (the folder is not a package), loaded once."""
+    if "_prepare_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_prepare_script", PREPARE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_prepare_script"]
+
+
+def run_cli(capsys, *args):
+    """prepare.py's main(argv) in this process: returncode, stdout and stderr as its process
+    would end (return status, or argparse's SystemExit)."""
+    try:
+        code = _prepare_script().main(["--no-progress", *map(str, args)])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 # --------------------------------------------------------------------------- readers
@@ -177,10 +195,10 @@ def test_kcore_one_side_only_and_default_is_no_filter():
         dp.kcore_filter(CHAIN_RECORDS, -1, 0)
 
 
-def test_cli_kcore_and_stats_file(tmp_path):
+def test_cli_kcore_and_stats_file(tmp_path, capsys):
     text = "".join(f"{u} {' '.join(items)}\n" for u, items in
                    (("u1", "ab"), ("u2", "ab"), ("u3", "bc"), ("u4", "c")))
-    result = run_cli("--format", "seq-text", "--input", write(tmp_path / "s.txt", text),
+    result = run_cli(capsys, "--format", "seq-text", "--input", write(tmp_path / "s.txt", text),
                      "--dataset", "chain", "--output-dir", tmp_path / "out",
                      "--kcore-user", 2, "--kcore-item", 2)
     assert result.returncode == 0, result.stderr
@@ -272,10 +290,10 @@ CLI_ERRORS = [
 
 
 @pytest.mark.parametrize("args,message", CLI_ERRORS, ids=["missing", "format", "malformed", "empty"])
-def test_cli_errors_exit_2_with_one_line_and_no_output(tmp_path, args, message):
+def test_cli_errors_exit_2_with_one_line_and_no_output(tmp_path, capsys, args, message):
     write(tmp_path / "s.txt", SEQ)
     out = tmp_path / "out"
-    result = run_cli(*[a.format(tmp=tmp_path) for a in args], "--dataset", "x", "--output-dir", out)
+    result = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args], "--dataset", "x", "--output-dir", out)
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -415,8 +433,8 @@ REAL = [  # (folder/file, RecBole name, k-core args, users, items, interactions)
 @pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason=f"no {SHARED_DATASETS}")
 @pytest.mark.parametrize("rel,name,kcore,users,items,inters", REAL,
                          ids=["ml-1m-item5", "beauty", "beauty-5core"])
-def test_real_datasets(tmp_path, rel, name, kcore, users, items, inters):
-    result = run_cli("--format", "seq-text", "--input", SHARED_DATASETS / rel, "--dataset", name,
+def test_real_datasets(tmp_path, capsys, rel, name, kcore, users, items, inters):
+    result = run_cli(capsys, "--format", "seq-text", "--input", SHARED_DATASETS / rel, "--dataset", name,
                      "--output-dir", tmp_path, *kcore)
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / name / f"{name}.stats.json").read_text())

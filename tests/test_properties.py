@@ -3,7 +3,6 @@ reference; random malformed data files for prepare(); extreme inputs stay finite
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -12,8 +11,7 @@ from hypothesis import strategies as st
 from kernels.reference import selective_scan_ref
 from kernels.torch_scan import selective_scan_torch
 from mamba4rec import data_prep
-
-TOL = {torch.float64: (1e-7, 1e-7), torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2)}
+from tests.scan_utils import Case, assert_close, call_scan, make_inputs
 
 
 @st.composite
@@ -21,43 +19,32 @@ def scan_cases(draw):
     batch = draw(st.integers(1, 3))
     groups = draw(st.sampled_from([1, 2]))
     dim = groups * draw(st.integers(1, 4))
-    return dict(
-        batch=batch, dim=dim, L=draw(st.integers(1, 24)), N=draw(st.integers(1, 6)), groups=groups,
-        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
-        has_z=draw(st.booleans()), has_D=draw(st.booleans()), has_bias=draw(st.booleans()),
-        softplus=draw(st.booleans()), budget=draw(st.sampled_from([None, 1, 4096])),
-        seed=draw(st.integers(0, 2**16)),
-    )
+    case = Case(batch, L=draw(st.integers(1, 24)), dim=dim, N=draw(st.integers(1, 6)), G=0 if groups == 1 else groups,
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+                z=draw(st.booleans()), D=draw(st.booleans()), bias=draw(st.booleans()), softplus=draw(st.booleans()))
+    return case, draw(st.sampled_from([None, 1, 4096])), draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scan_cases())
-def test_torch_scan_matches_reference_on_random_cases(case):
-    gen = torch.Generator().manual_seed(case["seed"])
-    b, d, L, n, g, dtype = case["batch"], case["dim"], case["L"], case["N"], case["groups"], case["dtype"]
-
-    def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
-
-    bc = (b, n, L) if g == 1 else (b, g, n, L)
-    args = dict(u=rnd(b, d, L), delta=rnd(b, d, L, scale=0.5), A=-torch.rand(d, n, generator=gen, dtype=torch.float64).to(dtype) - 0.1,
-                B=rnd(*bc), C=rnd(*bc), D=rnd(d) if case["has_D"] else None,
-                z=rnd(b, d, L) if case["has_z"] else None, delta_bias=rnd(d) if case["has_bias"] else None)
-    leaves = {k: v.requires_grad_() for k, v in args.items() if v is not None}
-    ref_args = {k: (None if v is None else v.detach().double().requires_grad_()) for k, v in args.items()}
-    out, last = selective_scan_torch(**args, delta_softplus=case["softplus"], return_last_state=True,
-                                     workspace_bytes=case["budget"])
-    ref_out, ref_last = selective_scan_ref(**ref_args, delta_softplus=case["softplus"], return_last_state=True)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol)
-    torch.testing.assert_close(last.double(), ref_last, rtol=rtol, atol=atol)
-    gout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad((out.double() * gout).sum(), list(leaves.values()))
-    ref_grads = torch.autograd.grad((ref_out * gout).sum(), [ref_args[k] for k in leaves])
-    for name, got, want in zip(leaves, grads, ref_grads):
-        scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(got.double(), want, rtol=rtol * 4, atol=atol * 4 * scale,
-                                   msg=lambda m, name=name: f"d{name}: {m}")
+def test_torch_scan_matches_reference_on_random_cases(drawn):
+    """Every input in the case's dtype (A, D, delta_bias too) against the reference run in fp64
+    on the same values."""
+    case, budget, seed = drawn
+    x = {k: (v.detach().to(case.dtype).requires_grad_() if v is not None else None)
+         for k, v in make_inputs(case, seed).items()}
+    x64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in x.items()}
+    out, last = call_scan(selective_scan_torch, x, case, return_last_state=True, workspace_bytes=budget)
+    ref_out, ref_last = call_scan(selective_scan_ref, x64, case, return_last_state=True)
+    assert_close("out", out.double(), ref_out, "torch_fp64", case.dtype)
+    assert_close("last_state", last.double(), ref_last, "torch_fp64", case.dtype)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    names = [n for n in x if x[n] is not None]
+    grads = torch.autograd.grad((out.double() * gout).sum(), [x[n] for n in names])
+    ref_grads = torch.autograd.grad((ref_out * gout).sum(), [x64[n] for n in names])
+    for name, got, want in zip(names, grads, ref_grads):
+        assert_close(f"d{name}", got.double(), want, "torch_fp64", case.dtype, key="grad",
+                     atol_scale=max(1.0, want.abs().max().item()))
 
 
 @pytest.mark.parametrize("delta", [-30.0, 30.0, 1e4])

@@ -17,31 +17,28 @@ import mamba4rec.pipeline as pipeline
 from mamba4rec import recommend as cli
 from mamba4rec.serving import (FORMAT, CheckpointError, Recommender, UnknownItemError, export_checkpoint,
                                load_checkpoint)
-from tests.conftest import tiny_config_dict
 from tests.test_model import make_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One epoch on tests/data/tiny through pipeline.run(export_path=...): the export, RecBole's
-    own best checkpoint of the same run, and the data set's item map."""
-    tmp = tmp_path_factory.mktemp("serving")
+def trained(tiny_run):
+    """The session's one epoch on tests/data/tiny through pipeline.run(export_path=...)
+    (tests/conftest.py: tiny_run): the export, RecBole's own best checkpoint of the same run, and
+    the data set's item map."""
+    from recbole.data import create_dataset
+
+    tmp = tiny_run["tmp"]
     cwd = os.getcwd()
     os.chdir(tmp)  # RecBole writes ./log/
     try:
-        cfg = tiny_config_dict(tmp, scan_impl="torch")
-        export = tmp / "export" / "tiny.pt"
-        result = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, export_path=str(export))
-        config = pipeline.build_config("Mamba4Rec", "tiny", config_dict=cfg)
-        from recbole.data import create_dataset
-
+        config = pipeline.build_config("Mamba4Rec", "tiny", config_dict=tiny_run["config"])
         tokens = list(create_dataset(config).field2id_token["item_id"])
     finally:
         os.chdir(cwd)
-    assert result.extra["export_path"] == str(export)
-    return {"export": export, "recbole": Path(result.saved_model_file), "tokens": tokens, "tmp": tmp}
+    assert tiny_run["result"].extra["export_path"] == str(tiny_run["export"])
+    return {"export": tiny_run["export"], "recbole": tiny_run["recbole"], "tokens": tokens, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
@@ -249,21 +246,26 @@ def _cli(*args, stdin=None):
                           capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_cli_history_and_events_in_a_subprocess(trained, rec):
-    out = _cli("--checkpoint", trained["export"], "--history", "i5", "i6", "i7", "--k", "4")
-    assert out.returncode == 0, out.stderr
-    lines = [line.split("\t") for line in out.stdout.splitlines()]
+def test_cli_history_and_an_unknown_item(trained, rec, capsys):
+    code = cli.main(["--checkpoint", str(trained["export"]), "--history", "i5", "i6", "i7", "--k", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line.split("\t") for line in out.splitlines()]
     want = rec.recommend(["i5", "i6", "i7"], k=4)
     assert [(int(r), i, float(s)) for r, i, s in lines] == [(n, i, round(s, 4)) for n, (i, s) in enumerate(want, 1)]
 
+    code = cli.main(["--checkpoint", str(trained["export"]), "--history", "i5", "zzz"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "error: unknown item 'zzz'" in err and not out
+
+
+def test_cli_events_from_stdin_in_a_subprocess(trained, rec):
+    """python -m mamba4rec.recommend as a user runs it: events piped to its stdin."""
     out = _cli("--checkpoint", trained["export"], "--events", "-", "--k", "3", stdin="u1 i5\n\n# note\nu2 i9\nu1 i6\n")
     assert out.returncode == 0, out.stderr
     rows = [line.split("\t") for line in out.stdout.splitlines()]
     assert [r[:2] for r in rows] == [["u1", "i5"], ["u2", "i9"], ["u1", "i6"]]
     assert [p.split(":")[0] for p in rows[2][2].split()] == [i for i, _ in rec.recommend(["i5", "i6"], k=3)]
-
-    out = _cli("--checkpoint", trained["export"], "--history", "i5", "zzz")
-    assert out.returncode == 2 and "error: unknown item 'zzz'" in out.stderr and not out.stdout
 
 
 @pytest.mark.parametrize("case", ["bad_checkpoint", "missing_checkpoint", "missing_events", "malformed_line",
