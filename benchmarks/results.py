@@ -459,6 +459,7 @@ def tables(results: Path = RESULTS) -> str:
             if not recs:
                 continue
             expected = [j.name for j in JOBS if j.dataset == dataset and j.mode == mode and not _noise(j.name)]
+            noise = {n: r for n, r in recs.items() if _noise(n)}
             recs = {n: r for n, r in recs.items() if not _noise(n)}
             out += [f"### {dataset}, train_mode={mode}", ""]
             out.append("| model | test HR@10 | test NDCG@10 | test MRR@10 | valid NDCG@10 | best epoch / run | "
@@ -484,6 +485,7 @@ def tables(results: Path = RESULTS) -> str:
                 out += ["", f"Not finished yet: {', '.join(missing)}."]
             goal = _goal_lines(dataset, mode, recs, per_user, paired_difference)
             out += [""] + (goal + [""] if goal else [])
+            out += _noise_lines(recs, noise)
             machines = sorted({r.get("machine") or "?" for r in recs.values()})
             out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
                     f"(each with its command and commit); curves: `results/{dataset}/curves.csv`, "
@@ -494,6 +496,22 @@ def tables(results: Path = RESULTS) -> str:
 
 def _noise(name: str) -> bool:
     return "-seed" in name
+
+
+def _noise_lines(recs: dict, noise: dict) -> list[str]:
+    """The same training under another seed beside its row: the run-to-run noise of the metrics."""
+    lines = []
+    for name, r in sorted(noise.items()):
+        base = recs.get(name.split("-seed", 1)[0])
+        t = r["test_result"]
+        line = (f"- {name} (run-to-run noise: {r['epochs_run']} epochs, best {r['best_epoch']}): test HR@10 "
+                f"{_f(t['hit@10'])}, NDCG@10 {_f(t['ndcg@10'])}, MRR@10 {_f(t['mrr@10'])}")
+        if base:
+            b = base["test_result"]
+            line += (f"; minus the seed-2020 row: {t['hit@10'] - b['hit@10']:+.4f}, {t['ndcg@10'] - b['ndcg@10']:+.4f}, "
+                     f"{t['mrr@10'] - b['mrr@10']:+.4f}")
+        lines.append(line)
+    return lines + [""] if lines else []
 
 
 def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upto=25) -> list[str]:

@@ -222,3 +222,13 @@ def test_a_second_run_on_the_same_out_is_refused_while_one_holds_it(tmp_path):
                 pass
     with results.queue_lock(tmp_path):  # released: free again
         pass
+
+
+def test_noise_lines_put_the_other_seed_beside_its_row():
+    row = {"test_result": {"hit@10": 0.0839, "ndcg@10": 0.0420, "mrr@10": 0.0291}}
+    other = {"test_result": {"hit@10": 0.0834, "ndcg@10": 0.0411, "mrr@10": 0.0281}, "epochs_run": 25, "best_epoch": 22}
+    lines = results._noise_lines({"SASRec": row}, {"SASRec-seed2021": other})
+    assert lines[0] == ("- SASRec-seed2021 (run-to-run noise: 25 epochs, best 22): test HR@10 0.0834, NDCG@10 0.0411, "
+                        "MRR@10 0.0281; minus the seed-2020 row: -0.0005, -0.0009, -0.0010")
+    assert "minus" not in results._noise_lines({}, {"SASRec-seed2021": other})[0]  # no row of its own seed yet
+    assert results._noise_lines({"SASRec": row}, {}) == []
