@@ -46,6 +46,11 @@ def _check(state, x, dt, A, B, C):
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """Plain-torch one-step update; ``state`` is updated in place. Returns out (batch, dim)."""
     _check(state, x, dt, A, B, C)
+    return _update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """selective_state_update_ref without the shape checks (callers whose shapes are their own)."""
     dim = state.shape[1]
     dt = dt.float()
     if dt_bias is not None:
@@ -86,7 +91,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return _triton_update()(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
-def update_state(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, impl="auto"):
+def update_state(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, impl="auto",
+                 check=True):
     """The one-step update through the path ``impl`` picks (same names as the scan's paths).
 
     ``auto``: Triton for CUDA tensors when triton imports, else plain torch. ``triton``: the
@@ -101,6 +107,8 @@ def update_state(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
         except ImportError:
             fn = selective_state_update_ref
     elif impl in ("auto", "numba", "torch", "ref"):  # one step on CPU: the torch update
+        if not check:  # MambaBlock.step: its shapes are its own, and a step is dispatch-bound
+            return _update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         fn = selective_state_update_ref
     else:
         raise ValueError(f"update_state: impl={impl!r} is not a path; use auto, triton, torch or ref")
