@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import importlib.util
 import json
 import math
@@ -249,19 +248,22 @@ def read_inter(path, user_field="user_id", item_field="item_id", time_field="tim
 
 
 def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    if str(REPO) not in sys.path:  # this checkout's mamba4rec, not another install's
+        sys.path.insert(0, str(REPO))
+    from mamba4rec.compat import file_sha256  # the hash the result rows' data_sha256 was made with
+
+    return file_sha256(path)
 
 
 def _results_script():
-    spec = importlib.util.spec_from_file_location("results_script", REPO / "benchmarks" / "results.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    """benchmarks/results.py as a module: one instance, whoever loads it first (gpu_session too)."""
+    name = "results_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "results.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before it runs: its dataclass looks itself up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def prepare_hint(dataset, data_path) -> str:

@@ -96,7 +96,8 @@ def check_stack(versions: dict | None = None) -> list[str]:
     return issued
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (checkpoints, data files)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -115,7 +116,7 @@ def trust_checkpoint(path) -> None:
     if not os.path.isfile(real):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     with _REGISTRY_LOCK:
-        _TRUSTED[real] = _sha256(real)
+        _TRUSTED[real] = file_sha256(real)
 
 
 def is_trusted_checkpoint(path) -> bool:
@@ -125,7 +126,7 @@ def is_trusted_checkpoint(path) -> bool:
         return False
     with _REGISTRY_LOCK:
         digest = _TRUSTED.get(real)
-    return digest is not None and os.path.isfile(real) and _sha256(real) == digest
+    return digest is not None and os.path.isfile(real) and file_sha256(real) == digest
 
 
 def _trainer_load(f, *args, **kwargs):

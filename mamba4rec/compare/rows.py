@@ -93,7 +93,6 @@ def _data_files(config) -> dict | None:
     when they are not there yet (a RecBole download name before its download). Settings alone
     do not pin the data: the same name may have been prepared again, with another k-core."""
     import glob
-    import hashlib
 
     folder, name = config["data_path"], config["dataset"]
     # the atomic files RecBole reads, not side files (prepare.py's stats.json names its input path)
@@ -101,14 +100,9 @@ def _data_files(config) -> dict | None:
                    if p.rsplit(".", 1)[-1] in ("inter", "user", "item", "kg", "link", "net"))
     if not files:
         return None
-    digests = {}
-    for path in files:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        digests[os.path.basename(path)] = digest.hexdigest()
-    return digests
+    from ..compat import file_sha256
+
+    return {os.path.basename(path): file_sha256(path) for path in files}
 
 
 def _check_checkpoint_data(last_path, resume_from, data):
