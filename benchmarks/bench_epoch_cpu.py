@@ -48,10 +48,15 @@ def _child(args, mem) -> None:
     from recbole.utils import get_trainer, init_seed
 
     from mamba4rec import pipeline, sequence
+    from mamba4rec.model import Mamba4Rec
     from mamba4rec.memory import rss_mib
 
-    cfg = {"train_mode": args.train_mode, "MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": args.batch_size,
+    padded = args.train_mode == "prefix-padded"  # the protocol as RecBole runs it: every sample padded to L
+    mode = "prefix" if padded else args.train_mode
+    cfg = {"train_mode": mode, "MAX_ITEM_LIST_LENGTH": args.max_len, "train_batch_size": args.batch_size,
            "show_progress": False, "state": "ERROR", "checkpoint_dir": args.tmp}
+    if padded:
+        cfg["length_buckets"] = 1
     if args.scan_impl:
         cfg["scan_impl"] = args.scan_impl
     if args.data_path:
@@ -59,12 +64,21 @@ def _child(args, mem) -> None:
     config = pipeline.build_config(args.model, args.dataset, config_dict=cfg)
     init_seed(config["seed"], config["reproducibility"])
     train, _, _ = data_preparation(config, create_dataset(config))
-    if args.train_mode == "sequence":
+    if mode == "sequence":
         train = sequence.SequenceTrainDataLoader(config, train.dataset, train._sampler)
     model = pipeline.build_model(config, train.dataset)
-    loss_of = (lambda inter: sequence.sequence_loss(model, inter)) if args.train_mode == "sequence" \
-        else model.calculate_loss
-    max_batches = args.prefix_max_batches if args.train_mode == "prefix" and args.prefix_max_batches else args.max_batches
+    buckets = sequence.resolve_buckets(config)  # as run() trains: see pipeline.run
+    if mode == "sequence":
+        def loss_of(inter):
+            return sequence.sequence_loss(model, inter, buckets)
+    elif buckets > 1 and not isinstance(model, Mamba4Rec):  # Mamba4Rec's forward buckets itself
+        sequence.check_model(model, config)
+
+        def loss_of(inter):
+            return sequence.prefix_loss(model, inter, buckets)
+    else:
+        loss_of = model.calculate_loss
+    max_batches = args.prefix_max_batches if mode == "prefix" and args.prefix_max_batches else args.max_batches
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     n_batches = len(train)
     rss_before = rss_mib()
@@ -110,7 +124,10 @@ def main() -> None:
     p.add_argument("--max-batches", type=int, default=0, help="time only this many batches (0 = a full epoch)")
     p.add_argument("--prefix-max-batches", type=int, default=0,
                    help="prefix mode only: time this many batches and scale (default: --max-batches)")
-    p.add_argument("--train-modes", default="prefix,sequence", help="prefix, sequence or both (side by side)")
+    p.add_argument("--train-modes", default="prefix,sequence",
+                   help="comma-separated, side by side: prefix (RecBole's protocol as run() trains it: each batch in "
+                        "length_buckets buckets), prefix-padded (the same samples padded to L, as RecBole runs "
+                        "them: length_buckets 1), sequence")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--scan-impl", default=None,
                    help="Mamba4Rec scan path(s), comma-separated: each gets its own row (default: the config's, auto)")
@@ -165,8 +182,9 @@ def main() -> None:
                   f"{row['seconds_per_batch']:6.2f} s/batch  peak RSS {row['peak_rss_mib']:7.0f} MiB", flush=True)
     print()
     print("| model | L | mode | s/epoch | batches timed / epoch | s/batch | peak RSS MiB | train RSS growth MiB "
-          "| prefix / sequence epoch | epoch / SASRec's (same mode) | memory growth / SASRec's |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| prefix / sequence epoch | padded prefix / sequence epoch | epoch / SASRec's (same mode) "
+          "| memory growth / SASRec's |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         def find(model, mode):
             return next((r for r in rows if r["model"] == model and r["max_len"] == row["max_len"]
@@ -175,10 +193,14 @@ def main() -> None:
         prefix = find(row["model"], "prefix")
         t_ratio = f"{row['epoch_seconds'] / base['epoch_seconds']:.2f}" if base else "-"
         m_ratio = f"{row['train_rss_growth_mib'] / max(base['train_rss_growth_mib'], 1):.2f}" if base else "-"
-        speedup = f"{prefix['epoch_seconds'] / row['epoch_seconds']:.1f}x" if prefix and row["train_mode"] == "sequence" else "-"
+        padded = find(row["model"], "prefix-padded")
+        seq = row["train_mode"] == "sequence"
+        speedup = f"{prefix['epoch_seconds'] / row['epoch_seconds']:.1f}x" if prefix and seq else "-"
+        padded_speedup = f"{padded['epoch_seconds'] / row['epoch_seconds']:.1f}x" if padded and seq else "-"
         print(f"| {row['model']} | {row['max_len']} | {row['train_mode']} | {row['epoch_seconds']:.1f} | "
               f"{row['batches_timed']} / {row['batches_per_epoch']} | {row['seconds_per_batch']:.3f} | "
-              f"{row['peak_rss_mib']:.0f} | {row['train_rss_growth_mib']:.0f} | {speedup} | {t_ratio} | {m_ratio} |")
+              f"{row['peak_rss_mib']:.0f} | {row['train_rss_growth_mib']:.0f} | {speedup} | {padded_speedup} | {t_ratio} "
+              f"| {m_ratio} |")
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["model"])

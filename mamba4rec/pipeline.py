@@ -24,7 +24,8 @@ from .model import Mamba4Rec
 from .registry import (  # noqa: F401  (re-exported: `from mamba4rec.pipeline import build_config` etc.)
     BUNDLED_DATA, OUR_MODELS, _check_cmd_args, build_config, build_model, default_config_files, known_models,
     resolve_model)
-from .sequence import SequenceTrainDataLoader, check_model, resolve_train_mode, sequence_loss
+from .sequence import (NotSequenceTrainable, SequenceTrainDataLoader, check_model, prefix_loss, resolve_buckets,
+                       resolve_train_mode, sequence_loss)
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class _RunTrainer:
     rank0 = True
     history: dict
     epoch = -1  # the last epoch started
+    buckets = 1  # length buckets of a training batch (prefix mode, RecBole models: 1 = RecBole's own forward)
 
     def track(self, train_data, last_path, train_mode):
         """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
@@ -168,11 +170,12 @@ class _RunTrainer:
         if self.last_path and epoch_idx > self.first_epoch:  # the previous epoch is trained and validated
             _save_last(self.last_path, self, self.model, self.train_data, epoch_idx - 1, self.history)
         self.epoch = epoch_idx
-        if self.train_mode == "sequence" and loss_func is None:
-            model = self.model
+        if loss_func is None and (self.train_mode == "sequence" or self.buckets > 1):
+            model, buckets = self.model, self.buckets
+            loss = sequence_loss if self.train_mode == "sequence" else prefix_loss
 
             def loss_func(interaction):
-                return sequence_loss(model, interaction)
+                return loss(model, interaction, buckets)
         t0 = time.perf_counter()
         out = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         self.history["train_seconds"].append(time.perf_counter() - t0)
@@ -232,9 +235,18 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = build_model(config, train_data.dataset, model_class)
     log.info(net)
+    buckets = resolve_buckets(config)
     if train_mode == "sequence":
         check_model(net, config)  # refuses a model whose outputs are not its prefixes' outputs
+    elif buckets > 1 and not isinstance(net, Mamba4Rec):  # Mamba4Rec's forward runs its own buckets
+        try:  # a RecBole model's prefix batch in length buckets: exact for a causal model only
+            check_model(net, config)
+        except NotSequenceTrainable as exc:
+            log.info("length_buckets: %s's prefix batches run padded to MAX_ITEM_LIST_LENGTH, as RecBole "
+                     "runs them (%s)", config["model"], exc)
+            buckets = 1
     trainer = run_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, net)
+    trainer.buckets = 1 if isinstance(net, Mamba4Rec) else buckets
     trainer.rank0 = _is_global_rank0(config)
     if resume:
         trainer.history = _resume(resume, trainer, net, train_data, log)

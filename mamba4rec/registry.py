@@ -23,7 +23,7 @@ from recbole.config import Config
 from .defaults import check_protocol
 from .defaults import config_files as _packaged_config_files
 from .model import Mamba4Rec, resolve_model_config
-from .sequence import resolve_train_mode
+from .sequence import resolve_buckets, resolve_train_mode
 
 BUNDLED_DATA = Path(recbole.__file__).resolve().parent / "dataset_example"
 OUR_MODELS = {"Mamba4Rec": Mamba4Rec}
@@ -145,6 +145,7 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
     if model_class is Mamba4Rec or issubclass(model_class, Mamba4Rec):
         resolve_model_config(config)  # ValueError naming key, value and range
     resolve_train_mode(config)  # train_mode / sequence_stride: the same
+    resolve_buckets(config)  # length_buckets, for every model
     _resolve_data_path(config)
     return config
 

@@ -318,12 +318,45 @@ def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor
     return out
 
 
-def sequence_loss(model, interaction):
+def sequence_loss(model, interaction, n_buckets=DEFAULT_BUCKETS):
     """The model's own ``calculate_loss`` over every target of a sequence batch: its ``forward``
     answers, for this call, with the outputs at the targets, once, for the batch's own items (a
     loss that runs forward again, say on a second dropout view, would get the same outputs, so it
     is refused)."""
-    outputs = target_output(model, interaction)
+    return _loss_with(model, interaction, target_output(model, interaction, n_buckets))
+
+
+def prefix_loss(model, interaction, n_buckets=DEFAULT_BUCKETS):
+    """The model's own ``calculate_loss`` on a batch of RecBole's prefix samples (train_mode
+    prefix), its forward run in up to ``n_buckets`` length buckets, each cut at its longest
+    sample, instead of over the batch padded to MAX_ITEM_LIST_LENGTH.
+
+    The samples, batches and loss are the protocol's; only the padding after each sample's last
+    item is not computed. For a causal model (:func:`check_model`) a sample's output at its last
+    item does not depend on that padding, so the loss and its gradient are the padded forward's
+    (tests/test_sequence.py checks SASRec and GRU4Rec against their own calculate_loss)."""
+    item_len = interaction[model.ITEM_SEQ_LEN]
+    rows = torch.arange(len(item_len), device=item_len.device)
+    view = Interaction({model.ITEM_SEQ: interaction[model.ITEM_SEQ], model.ITEM_SEQ_LEN: item_len,
+                        ROW: rows, POS: item_len - 1})
+    return _loss_with(model, interaction, target_output(model, view, n_buckets))
+
+
+def resolve_buckets(config) -> int:
+    """``length_buckets`` for any model (Mamba4Rec reads it as its own key; for RecBole's models
+    it sets how train_mode prefix and sequence run each batch), validated: an integer >= 1, 1 =
+    one bucket (in prefix mode: RecBole's own forward over the padded batch)."""
+    value = _get(config, "length_buckets")
+    if value is None:
+        return DEFAULT_BUCKETS
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"length_buckets={value!r} is invalid: it must be an integer >= 1 (the number of "
+                         f"length buckets each training batch runs in; 1 = off, default {DEFAULT_BUCKETS}).")
+    return int(value)
+
+
+def _loss_with(model, interaction, outputs):
+    """``model.calculate_loss(interaction)`` with its forward answering ``outputs``, once."""
     calls = []
 
     def forward(item_seq, item_seq_len):

@@ -349,3 +349,77 @@ def test_mamba4rec_variants_pass_the_probe_and_stay_exact(in_tmp, overrides):
         ref = prefix_losses(net, train.dataset)
         exact = sequence_losses(net, sq.SequenceTrainDataLoader(config, train.dataset, stride=1))
     assert all(torch.allclose(exact[k], ref[k], atol=1e-5, rtol=1e-5) for k in ref)
+
+
+# ---- train_mode=prefix: RecBole's causal models in length buckets -------------------------------
+
+@pytest.mark.parametrize("model,loss_type", [("SASRec", "CE"), ("GRU4Rec", "CE"), ("SASRec", "BPR")])
+def test_prefix_batches_in_buckets_give_the_models_own_loss_and_gradient(in_tmp, model, loss_type):
+    config, train, net = _setup(in_tmp, model, loss_type=loss_type)
+    batch = next(iter(train))  # RecBole's own prefix samples, padded to L
+    lengths = batch[net.ITEM_SEQ_LEN]
+    assert batch[net.ITEM_SEQ].shape[1] == L and lengths.min() < lengths.max()  # buckets of unequal widths
+
+    def loss_and_grads(fn):
+        net.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    widths = []
+    forward = type(net).forward
+
+    def spy(self, item_seq, item_seq_len):
+        widths.append(item_seq.shape[1])
+        return forward(self, item_seq, item_seq_len)
+
+    ref, g_ref = loss_and_grads(lambda: net.calculate_loss(batch))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(net), "forward", spy)
+        got, g_got = loss_and_grads(lambda: sq.prefix_loss(net, batch, 4))
+    assert len(widths) == 4 and max(widths) == int(lengths.max()) and min(widths) < L  # each cut at its longest
+    assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5), (got, ref)
+    assert set(g_got) == set(g_ref)
+    for name, g in g_ref.items():
+        assert torch.allclose(g_got[name], g, atol=1e-6, rtol=1e-4), name
+    assert "forward" not in net.__dict__ and "gather_indexes" not in net.__dict__
+
+
+@pytest.mark.parametrize("model,buckets,expect", [("SASRec", None, 4), ("GRU4Rec", 3, 3), ("SASRec", 1, 0),
+                                                  ("BERT4Rec", None, 0), ("Mamba4Rec", None, 0)])
+def test_prefix_mode_buckets_recbole_causal_models_only(in_tmp, monkeypatch, caplog, model, buckets, expect):
+    """run() in prefix mode: a causal RecBole model's batches run in length_buckets buckets (default
+    4); length_buckets 1, a non-causal model (logged) and Mamba4Rec (its forward buckets itself) go
+    through the model's own calculate_loss on the padded batch."""
+    calls = []
+    real = pipeline.prefix_loss
+
+    def counting(model_, interaction, n_buckets):
+        calls.append(n_buckets)
+        return real(model_, interaction, n_buckets)
+
+    monkeypatch.setattr(pipeline, "prefix_loss", counting)
+    extra = {} if buckets is None else {"length_buckets": buckets}
+    with caplog.at_level("INFO"):
+        result = pipeline.run(model, "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1, scan_impl="torch", **extra))
+    assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
+    assert (set(calls) == {expect}) if expect else not calls
+    if model == "BERT4Rec":
+        assert "BERT4Rec's prefix batches run padded" in caplog.text
+
+
+def test_prefix_mode_in_buckets_resumes_exactly(in_tmp):
+    def cfg(sub, epochs):
+        return tiny_config_dict(in_tmp, epochs=epochs, checkpoint_dir=str(in_tmp / sub), stopping_step=10)
+
+    full = pipeline.run("SASRec", "tiny", config_dict=cfg("full", 2))
+    pipeline.run("SASRec", "tiny", config_dict=cfg("cut", 1))
+    resumed = pipeline.run("SASRec", "tiny", config_dict=cfg("cut", 2), resume=str(in_tmp / "cut" / "SASRec-tiny-last.pth"))
+    assert resumed.test_result == full.test_result and resumed.epochs_run == full.epochs_run == 2
+
+
+@pytest.mark.parametrize("value", [0, 2.5, "four", True])
+def test_bad_length_buckets_fails_before_any_data_work(in_tmp, monkeypatch, value):
+    monkeypatch.setattr(pipeline, "create_dataset", lambda *a, **k: pytest.fail("data work started"))
+    with pytest.raises(ValueError, match=f"length_buckets={value!r} is invalid.*integer >= 1"):
+        pipeline.run("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp, length_buckets=value))
