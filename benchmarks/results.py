@@ -4,6 +4,7 @@
     python benchmarks/results.py run OUT [--lanes 2] [--only DATASET/MODE/MODEL ...]
     python benchmarks/results.py status OUT
     python benchmarks/results.py export OUT      # OUT's finished rows -> results/
+    python benchmarks/results.py curves OUT      # OUT's unfinished runs' curves so far -> results/
     python benchmarks/results.py tables          # results/ -> docs/RESULTS.md's tables
 
 ``run`` works through :data:`JOBS` in order, ``--lanes`` at a time (default 2: one-thread
@@ -378,6 +379,43 @@ def _export_dataset(out: Path, dataset: str, jobs, results: Path, log) -> list[s
     return written
 
 
+def export_curves(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str]:
+    """The learning curve so far of every unfinished job of ``jobs`` in ``out`` (its -last.pth
+    history: one valid NDCG@10 per validated epoch) into results/<dataset>/curves.csv, for the
+    prefix-vs-sequence curves of runs that take longer than a machine lasts. A job whose row
+    results/ holds keeps its finished curve; a later export of the finished job replaces this one."""
+    import numpy as np
+    import torch
+
+    jobs = JOBS if jobs is None else jobs
+    written = []
+    with results_lock(results):
+        for dataset in dict.fromkeys(j.dataset for j in jobs):
+            folder = results / dataset
+            curves = _read_curves(folder / "curves.csv")
+            changed = []
+            for job in (j for j in jobs if j.dataset == dataset):
+                last = job.compare_dir(out) / "checkpoints" / f"{job.model}-{job.dataset}-last.pth"
+                if finished(job, out) or (folder / job.mode / f"{job.name}.json").is_file() or not last.is_file():
+                    continue
+                history = torch.load(last, map_location="cpu", weights_only=False).get("history") or {}  # our own file
+                scores, seconds = history.get("valid_scores") or [], history.get("train_seconds") or []
+                if not scores:
+                    continue
+                hours = np.cumsum(seconds) / 3600
+                aligned = len(seconds) == len(scores)
+                curves = [c for c in curves if (c["train_mode"], c["model"]) != (job.mode, job.name)]
+                curves += [{"train_mode": job.mode, "model": job.name, "epoch": int(e), "valid_ndcg@10": float(v),
+                            "train_hours": round(float(hours[int(e)]), 4) if aligned and int(e) < len(hours) else ""}
+                           for e, v in scores]
+                changed.append(f"{job.mode}/{job.name} ({len(scores)} epochs)")
+            if changed:
+                _write_curves(folder, dataset, curves)
+                written.append(str(folder / "curves.csv"))
+                log(f"{dataset}: curves so far of {', '.join(changed)} to {folder / 'curves.csv'}")
+    return written
+
+
 def _read_curves(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -533,8 +571,10 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
             d = [abs(a[e] - b[e]) for e in epochs]
             return (f"mean {sum(d) / len(d):.4f}, largest {max(d):.4f} over epochs 0-{epochs[-1]}" if d else "-")
         noise = gap(seq, other) if other else "not measured yet"
+        partial = ("" if (results / dataset / "prefix" / f"{m}.json").is_file() else
+                   f" (prefix: the first {len(pre)} epochs of a run not yet at its stopping point)")
         lines.append(f"- {m}: |sequence - prefix| {gap(seq, pre)}; run-to-run noise |seed 2020 - seed 2021| "
-                     f"(sequence mode) {noise}")
+                     f"(sequence mode) {noise}{partial}")
         table[m] = (pre, seq, other or {})
     if not lines:
         return []
@@ -608,8 +648,9 @@ def main(argv=None) -> int:
     r.add_argument("--python", default=sys.executable)
     r.add_argument("--rerun", action="store_true",
                    help="train again the jobs whose rows results/ already holds but OUT does not")
-    for name in ("status", "export"):
-        s = sub.add_parser(name)
+    for name, what in (("status", "where each job stands"), ("export", "write the finished jobs to results/"),
+                       ("curves", "write the unfinished jobs' curves so far to results/<dataset>/curves.csv")):
+        s = sub.add_parser(name, help=what)
         s.add_argument("out", type=Path)
     sub.add_parser("tables", help="rewrite docs/RESULTS.md's tables from results/")
     args = p.parse_args(argv)
@@ -623,6 +664,9 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "export":
         export(out)
+        return 0
+    if args.cmd == "curves":
+        export_curves(out)
         return 0
     jobs = JOBS
     if args.only is not None:

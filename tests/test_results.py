@@ -232,3 +232,35 @@ def test_noise_lines_put_the_other_seed_beside_its_row():
                         "MRR@10 0.0281; minus the seed-2020 row: -0.0005, -0.0009, -0.0010")
     assert "minus" not in results._noise_lines({}, {"SASRec-seed2021": other})[0]  # no row of its own seed yet
     assert results._noise_lines({"SASRec": row}, {}) == []
+
+
+def test_curves_of_unfinished_jobs_go_to_results_and_never_replace_a_finished_curve(tmp_path, tiny_jobs, monkeypatch):
+    import torch
+
+    prefix = results.Job("tiny", "prefix", "Mamba4Rec")
+    jobs = tiny_jobs + [prefix]
+    monkeypatch.setattr(results, "JOBS", jobs)
+    out, store = tmp_path / "runs", tmp_path / "results"
+
+    def last(job, scores, seconds):
+        path = job.compare_dir(out) / "checkpoints" / f"{job.model}-{job.dataset}-last.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"epoch": len(scores) - 1, "history": {"valid_scores": scores, "train_seconds": seconds}}, path)
+
+    last(prefix, [(0, 0.01), (1, 0.02), (2, 0.03)], [3600.0, 1800.0, 1800.0])
+    last(tiny_jobs[0], [(0, 0.05), (1, 0.06)], [10.0, 10.0])  # sequence Mamba4Rec: its row is in results/
+    finished_row = store / "tiny" / "sequence" / "Mamba4Rec.json"
+    finished_row.parent.mkdir(parents=True)
+    finished_row.write_text("{}")
+    (store / "tiny" / "curves.csv").write_text("train_mode,model,epoch,valid_ndcg@10,train_hours\n"
+                                               "sequence,Mamba4Rec,0,0.0111,\nsequence,Mamba4Rec,1,0.0222,\n")
+    assert results.export_curves(out, results=store, log=lambda m: None) == [str(store / "tiny" / "curves.csv")]
+    rows = (store / "tiny" / "curves.csv").read_text().splitlines()
+    assert "prefix,Mamba4Rec,0,0.01,1.0" in rows and "prefix,Mamba4Rec,2,0.03,2.0" in rows
+    assert "sequence,Mamba4Rec,0,0.0111," in rows and ",0.05," not in "\n".join(rows)  # the finished curve stays
+    text = "\n".join(results.curve_lines(store, "tiny"))
+    assert "(prefix: the first 3 epochs of a run not yet at its stopping point)" in text
+    # once the prefix run's row exists, its curve is the finished one and the note goes
+    (store / "tiny" / "prefix").mkdir()
+    (store / "tiny" / "prefix" / "Mamba4Rec.json").write_text("{}")
+    assert "not yet at its stopping point" not in "\n".join(results.curve_lines(store, "tiny"))
