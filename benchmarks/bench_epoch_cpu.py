@@ -67,13 +67,13 @@ def _child(args, mem) -> None:
     if mode == "sequence":
         train = sequence.SequenceTrainDataLoader(config, train.dataset, train._sampler)
     model = pipeline.build_model(config, train.dataset)
-    buckets = sequence.resolve_buckets(config)  # as run() trains: see pipeline.run
+    # the batches as run() trains them (pipeline.run): Mamba4Rec's forward buckets itself
     if mode == "sequence":
+        buckets = 1 if isinstance(model, Mamba4Rec) else sequence.resolve_buckets(config)
+
         def loss_of(inter):
             return sequence.sequence_loss(model, inter, buckets)
-    elif buckets > 1 and not isinstance(model, Mamba4Rec):  # Mamba4Rec's forward buckets itself
-        sequence.check_model(model, config)
-
+    elif (buckets := sequence.prefix_buckets(model, config)) > 1:
         def loss_of(inter):
             return sequence.prefix_loss(model, inter, buckets)
     else:

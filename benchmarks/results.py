@@ -571,8 +571,10 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
             d = [abs(a[e] - b[e]) for e in epochs]
             return (f"mean {sum(d) / len(d):.4f}, largest {max(d):.4f} over epochs 0-{epochs[-1]}" if d else "-")
         noise = gap(seq, other) if other else "not measured yet"
-        partial = ("" if (results / dataset / "prefix" / f"{m}.json").is_file() else
-                   f" (prefix: the first {len(pre)} epochs of a run not yet at its stopping point)")
+        unfinished = [f"{mode} {name}, its first {len(curve)} epochs" for mode, name, curve in
+                      (("prefix", m, pre), ("sequence", m, seq), ("sequence", f"{m}-seed2021", other))
+                      if curve and not (results / dataset / mode / f"{name}.json").is_file()]
+        partial = f" (runs not yet at their stopping point: {'; '.join(unfinished)})" if unfinished else ""
         lines.append(f"- {m}: |sequence - prefix| {gap(seq, pre)}; run-to-run noise |seed 2020 - seed 2021| "
                      f"(sequence mode) {noise}{partial}")
         table[m] = (pre, seq, other or {})

@@ -24,7 +24,7 @@ from .model import Mamba4Rec
 from .registry import (  # noqa: F401  (re-exported: `from mamba4rec.pipeline import build_config` etc.)
     BUNDLED_DATA, OUR_MODELS, _check_cmd_args, build_config, build_model, default_config_files, known_models,
     resolve_model)
-from .sequence import (NotSequenceTrainable, SequenceTrainDataLoader, check_model, prefix_loss, resolve_buckets,
+from .sequence import (SequenceTrainDataLoader, check_model, prefix_buckets, prefix_loss, resolve_buckets,
                        resolve_train_mode, sequence_loss)
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _save_last(path, trainer, net, train_data, epoch_idx, history) -> None:
         "epoch": epoch_idx, "state_dict": net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
         "cur_step": trainer.cur_step, "best_valid_score": trainer.best_valid_score,
         "best_valid_result": trainer.best_valid_result, "train_loss_dict": trainer.train_loss_dict,
-        "saved_model_file": trainer.saved_model_file,
+        "saved_model_file": trainer.saved_model_file, "buckets": trainer.batch_buckets(),
         "history": {"valid_scores": list(history["valid_scores"]), "train_seconds": list(history["train_seconds"])},
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "loader": train_data.generator.get_state(),
@@ -127,6 +127,14 @@ def _resume(path, trainer, net, train_data, log) -> dict:
         net.load_state_dict(state["state_dict"])
     except Exception as exc:  # truncated, foreign, another model's weights
         raise ValueError(f"--resume: {path!r} cannot be resumed from ({type(exc).__name__}: {exc})") from None
+    saved, now = state.get("buckets"), trainer.batch_buckets()
+    if saved is not None and int(saved) != now:  # other dropout draws: not the run this file continues
+        raise ValueError(f"--resume: {path!r} was trained with {saved} length bucket(s) per training batch and "
+                         f"this run would use {now}; resume with --length_buckets={saved} to continue the run "
+                         f"as it began")
+    if saved is None:
+        log.warning("--resume: %s does not record its length buckets (written before they were recorded); "
+                    "continuing with %d", path, now)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.start_epoch = state["epoch"] + 1
     trainer.cur_step = state["cur_step"]
@@ -157,6 +165,10 @@ class _RunTrainer:
     history: dict
     epoch = -1  # the last epoch started
     buckets = 1  # length buckets of a training batch (prefix mode, RecBole models: 1 = RecBole's own forward)
+
+    def batch_buckets(self) -> int:
+        """The length buckets a training batch runs in (Mamba4Rec's forward: its own length_buckets)."""
+        return int(getattr(self.model, "length_buckets", self.buckets))
 
     def track(self, train_data, last_path, train_mode):
         """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
@@ -235,18 +247,13 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = build_model(config, train_data.dataset, model_class)
     log.info(net)
-    buckets = resolve_buckets(config)
     if train_mode == "sequence":
         check_model(net, config)  # refuses a model whose outputs are not its prefixes' outputs
-    elif buckets > 1 and not isinstance(net, Mamba4Rec):  # Mamba4Rec's forward runs its own buckets
-        try:  # a RecBole model's prefix batch in length buckets: exact for a causal model only
-            check_model(net, config)
-        except NotSequenceTrainable as exc:
-            log.info("length_buckets: %s's prefix batches run padded to MAX_ITEM_LIST_LENGTH, as RecBole "
-                     "runs them (%s)", config["model"], exc)
-            buckets = 1
+        buckets = 1 if isinstance(net, Mamba4Rec) else resolve_buckets(config)  # Mamba4Rec: its own key
+    else:  # a causal RecBole model's prefix batches in length buckets; any other model's padded
+        buckets = prefix_buckets(net, config)
     trainer = run_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, net)
-    trainer.buckets = 1 if isinstance(net, Mamba4Rec) else buckets
+    trainer.buckets = buckets
     trainer.rank0 = _is_global_rank0(config)
     if resume:
         trainer.history = _resume(resume, trainer, net, train_data, log)

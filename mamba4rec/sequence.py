@@ -336,10 +336,35 @@ def prefix_loss(model, interaction, n_buckets=DEFAULT_BUCKETS):
     item does not depend on that padding, so the loss and its gradient are the padded forward's
     (tests/test_sequence.py checks SASRec and GRU4Rec against their own calculate_loss)."""
     item_len = interaction[model.ITEM_SEQ_LEN]
+    if int(item_len.min()) == int(item_len.max()) == interaction[model.ITEM_SEQ].shape[1]:
+        return model.calculate_loss(interaction)  # no padding to leave out
     rows = torch.arange(len(item_len), device=item_len.device)
     view = Interaction({model.ITEM_SEQ: interaction[model.ITEM_SEQ], model.ITEM_SEQ_LEN: item_len,
                         ROW: rows, POS: item_len - 1})
-    return _loss_with(model, interaction, target_output(model, view, n_buckets))
+    try:
+        return _loss_with(model, interaction, target_output(model, view, n_buckets))
+    except NotSequenceTrainable:  # a loss that runs forward twice (only when training): the padded batch
+        return model.calculate_loss(interaction)
+
+
+def prefix_buckets(model, config) -> int:
+    """The length buckets a prefix batch of ``model`` trains in (what run() and the benchmarks use):
+    ``length_buckets`` (:func:`resolve_buckets`) for a RecBole sequential model that passes
+    :func:`check_model`; 1 (the batch padded to L, as RecBole runs it) for any other model, logged,
+    and for a model that buckets in its own forward (Mamba4Rec's ``length_buckets``)."""
+    from recbole.model.abstract_recommender import SequentialRecommender
+
+    buckets = resolve_buckets(config)
+    if buckets == 1 or hasattr(model, "length_buckets") or not isinstance(model, SequentialRecommender):
+        return 1
+    try:
+        check_model(model, config)
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe: train as RecBole does
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        logger.info("length_buckets: %s's prefix batches run padded to MAX_ITEM_LIST_LENGTH, as RecBole runs "
+                    "them: %s", type(model).__name__, reason)
+        return 1
+    return buckets
 
 
 def resolve_buckets(config) -> int:
@@ -377,11 +402,13 @@ class NotSequenceTrainable(ValueError):
 
 
 def _refuse(name, why):
-    return NotSequenceTrainable(
+    exc = NotSequenceTrainable(
         f"train_mode=sequence cannot train {name}: {why}. Sequence mode runs a model once over a "
         f"window and reads its output at every position, which equals the prefix protocol only for "
         f"a causal model whose forward(item_seq, item_seq_len) ends with gather_indexes (Mamba4Rec, "
         f"SASRec, GRU4Rec, ...). Train {name} with train_mode=prefix (the default).")
+    exc.reason = why
+    return exc
 
 
 def check_model(model, config=None, n_rows=3, tol=1e-4) -> None:

@@ -259,7 +259,14 @@ def test_curves_of_unfinished_jobs_go_to_results_and_never_replace_a_finished_cu
     assert "prefix,Mamba4Rec,0,0.01,1.0" in rows and "prefix,Mamba4Rec,2,0.03,2.0" in rows
     assert "sequence,Mamba4Rec,0,0.0111," in rows and ",0.05," not in "\n".join(rows)  # the finished curve stays
     text = "\n".join(results.curve_lines(store, "tiny"))
-    assert "(prefix: the first 3 epochs of a run not yet at its stopping point)" in text
+    assert "(runs not yet at their stopping point: prefix Mamba4Rec, its first 3 epochs)" in text
+    # again: the same file (no curve twice); a job finished in OUT is the export's, not this command's
+    before = (store / "tiny" / "curves.csv").read_bytes()
+    results.export_curves(out, results=store, log=lambda m: None)
+    assert (store / "tiny" / "curves.csv").read_bytes() == before
+    with monkeypatch.context() as mp:
+        mp.setattr(results, "finished", lambda job, out_: {"row": {}} if job == prefix else None)
+        assert results.export_curves(out, results=store, log=lambda m: None) == []
     # once the prefix run's row exists, its curve is the finished one and the note goes
     (store / "tiny" / "prefix").mkdir()
     (store / "tiny" / "prefix" / "Mamba4Rec.json").write_text("{}")

@@ -386,7 +386,8 @@ def test_prefix_batches_in_buckets_give_the_models_own_loss_and_gradient(in_tmp,
 
 
 @pytest.mark.parametrize("model,buckets,expect", [("SASRec", None, 4), ("GRU4Rec", 3, 3), ("SASRec", 1, 0),
-                                                  ("BERT4Rec", None, 0), ("Mamba4Rec", None, 0)])
+                                                  ("BERT4Rec", None, 0), ("FEARec", None, 0), ("ItemKNN", None, 0),
+                                                  ("Mamba4Rec", None, 0)])
 def test_prefix_mode_buckets_recbole_causal_models_only(in_tmp, monkeypatch, caplog, model, buckets, expect):
     """run() in prefix mode: a causal RecBole model's batches run in length_buckets buckets (default
     4); length_buckets 1, a non-causal model (logged) and Mamba4Rec (its forward buckets itself) go
@@ -404,8 +405,26 @@ def test_prefix_mode_buckets_recbole_causal_models_only(in_tmp, monkeypatch, cap
         result = pipeline.run(model, "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1, scan_impl="torch", **extra))
     assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
     assert (set(calls) == {expect}) if expect else not calls
-    if model == "BERT4Rec":
-        assert "BERT4Rec's prefix batches run padded" in caplog.text
+    if model in ("BERT4Rec", "FEARec"):  # the probe refused them (FEARec's forward fails on a narrower batch)
+        assert f"{model}'s prefix batches run padded to MAX_ITEM_LIST_LENGTH, as RecBole runs them: " in caplog.text
+        assert "train_mode=sequence" not in caplog.text
+
+
+def test_prefix_mode_in_buckets_trains_as_the_padded_batches_do(in_tmp):
+    """Dropout 0: length_buckets 4 and 1 (RecBole's padded forward) train the same weights. With
+    dropout the buckets draw other masks (same distribution, other draws)."""
+    def run(buckets):
+        return pipeline.run("SASRec", "tiny", config_dict=tiny_config_dict(
+            in_tmp, epochs=2, checkpoint_dir=str(in_tmp / f"b{buckets}"), length_buckets=buckets,
+            hidden_dropout_prob=0.0, attn_dropout_prob=0.0))
+
+    padded, bucketed = run(1), run(4)
+    assert bucketed.best_valid_result == padded.best_valid_result and bucketed.test_result == padded.test_result
+    a = torch.load(in_tmp / "b1" / "SASRec-tiny-last.pth", weights_only=False)
+    b = torch.load(in_tmp / "b4" / "SASRec-tiny-last.pth", weights_only=False)
+    assert (a["buckets"], b["buckets"]) == (1, 4)
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v, b["state_dict"][k], atol=1e-5), k
 
 
 def test_prefix_mode_in_buckets_resumes_exactly(in_tmp):
@@ -414,8 +433,15 @@ def test_prefix_mode_in_buckets_resumes_exactly(in_tmp):
 
     full = pipeline.run("SASRec", "tiny", config_dict=cfg("full", 2))
     pipeline.run("SASRec", "tiny", config_dict=cfg("cut", 1))
-    resumed = pipeline.run("SASRec", "tiny", config_dict=cfg("cut", 2), resume=str(in_tmp / "cut" / "SASRec-tiny-last.pth"))
+    last = str(in_tmp / "cut" / "SASRec-tiny-last.pth")
+    assert torch.load(last, weights_only=False)["buckets"] == 4
+    with pytest.raises(ValueError, match="trained with 4 length bucket.*would use 1.*--length_buckets=4"):
+        pipeline.run("SASRec", "tiny", config_dict={**cfg("cut", 2), "length_buckets": 1}, resume=last)
+    resumed = pipeline.run("SASRec", "tiny", config_dict=cfg("cut", 2), resume=last)
     assert resumed.test_result == full.test_result and resumed.epochs_run == full.epochs_run == 2
+    a = torch.load(in_tmp / "full" / "SASRec-tiny-last.pth", weights_only=False)["state_dict"]
+    b = torch.load(last, weights_only=False)["state_dict"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())  # dropout on: the same draws after the resume
 
 
 @pytest.mark.parametrize("value", [0, 2.5, "four", True])
