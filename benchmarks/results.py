@@ -544,7 +544,10 @@ def _noise_lines(recs: dict, noise: dict) -> list[str]:
         t = r["test_result"]
         line = (f"- {name} (run-to-run noise: {r['epochs_run']} epochs, best {r['best_epoch']}): test HR@10 "
                 f"{_f(t['hit@10'])}, NDCG@10 {_f(t['ndcg@10'])}, MRR@10 {_f(t['mrr@10'])}")
-        if base:
+        if base and (base.get("best_epoch") or 0) >= (r.get("epochs_run") or 0):
+            line += (f"; not a noise figure for the converged row: it stopped at its epoch limit before the "
+                     f"seed-2020 run's best epoch ({base['best_epoch']}); its curve gives the noise at equal epochs")
+        elif base:
             b = base["test_result"]
             line += (f"; minus the seed-2020 row: {t['hit@10'] - b['hit@10']:+.4f}, {t['ndcg@10'] - b['ndcg@10']:+.4f}, "
                      f"{t['mrr@10'] - b['mrr@10']:+.4f}")

@@ -232,6 +232,10 @@ def test_noise_lines_put_the_other_seed_beside_its_row():
                         "MRR@10 0.0281; minus the seed-2020 row: -0.0005, -0.0009, -0.0010")
     assert "minus" not in results._noise_lines({}, {"SASRec-seed2021": other})[0]  # no row of its own seed yet
     assert results._noise_lines({"SASRec": row}, {}) == []
+    # a seed run cut at its epoch limit before the row's best epoch measures the shorter training, not noise
+    slow = {**row, "best_epoch": 119}
+    line = results._noise_lines({"Mamba4Rec": slow}, {"Mamba4Rec-seed2021": other})[0]
+    assert "minus" not in line and "before the seed-2020 run's best epoch (119)" in line
 
 
 def test_curves_of_unfinished_jobs_go_to_results_and_never_replace_a_finished_curve(tmp_path, tiny_jobs, monkeypatch):
