@@ -7,7 +7,10 @@ forward and backward), per model: the part that prefix and sequence mode pay ali
 
 Times ten batches after two warm-ups: the model's whole sequence-mode step (forward, the
 model's own loss, backward, Adam), then F.cross_entropy(x @ W.T, targets) forward + backward
-alone on the same batches' targets, with the model's item embedding as W.
+alone on the same batches' targets, with the model's item embedding as W, and the same loss as
+mamba4rec.loss.full_softmax_ce computes it (64 rows of logits at a time: what Mamba4Rec's CE
+uses on CPU, ce_chunk_rows auto), side by side. Mamba4Rec's step is timed both ways
+(``Mamba4Rec``: ce_chunk_rows auto; ``Mamba4Rec[ce_chunk_rows=0]``: the whole logits at once).
 """
 
 from __future__ import annotations
@@ -36,8 +39,14 @@ def main() -> None:
     from mamba4rec import pipeline, sequence
 
     torch.set_num_threads(args.threads)
-    for model in args.models.split(","):
+    from mamba4rec.loss import CPU_CHUNK_ROWS, full_softmax_ce
+
+    runs = [(m, None) for m in args.models.split(",")]
+    runs += [("Mamba4Rec", 0)] if "Mamba4Rec" in args.models.split(",") else []
+    for model, rows in runs:
         cfg = {"state": "ERROR", "show_progress": False, "train_mode": "sequence"}
+        if rows is not None:
+            cfg["ce_chunk_rows"] = rows
         if args.data_path:
             cfg["data_path"] = args.data_path
         config = pipeline.build_config(model, args.dataset, config_dict=cfg)
@@ -57,19 +66,24 @@ def main() -> None:
             x = torch.randn(len(batch[net.POS_ITEM_ID]), weight.shape[1], requires_grad=True)
             F.cross_entropy(x @ weight.T, batch[net.POS_ITEM_ID]).backward()
 
-        for fn in (step, ce):
+        def chunked(batch, weight=net.item_embedding.weight):
+            x = torch.randn(len(batch[net.POS_ITEM_ID]), weight.shape[1], requires_grad=True)
+            full_softmax_ce(x, weight, batch[net.POS_ITEM_ID], CPU_CHUNK_ROWS).backward()
+
+        def timed(fn):
+            t0 = time.perf_counter()
+            for b in batches[2:]:
+                fn(b)
+            return (time.perf_counter() - t0) / args.batches
+
+        for fn in (step, ce, chunked):
             fn(batches[0])
             fn(batches[1])
-        t0 = time.perf_counter()
-        for b in batches[2:]:
-            step(b)
-        whole = (time.perf_counter() - t0) / args.batches
-        t0 = time.perf_counter()
-        for b in batches[2:]:
-            ce(b)
-        loss = (time.perf_counter() - t0) / args.batches
-        print(f"{args.dataset} {model}: sequence batch {whole:.3f} s, of which CE over "
-              f"{net.item_embedding.weight.shape[0]:,} items {loss:.3f} s ({100 * loss / whole:.0f}%)", flush=True)
+        whole, loss, loss_chunked = timed(step), timed(ce), timed(chunked)
+        name = model + (f"[ce_chunk_rows={rows}]" if rows is not None else "")
+        print(f"{args.dataset} {name}: sequence batch {whole:.3f} s; CE over {net.item_embedding.weight.shape[0]:,} "
+              f"items alone: whole logits {loss:.3f} s ({100 * loss / whole:.0f}% of the batch), "
+              f"{CPU_CHUNK_ROWS} rows at a time {loss_chunked:.3f} s ({loss_chunked / loss:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from kernels import SCAN_IMPLS
 
 from kernels.fast_dropout import FastDropout
 from .layers import DT_INITS, MambaLayer
+from .loss import CPU_CHUNK_ROWS, full_softmax_ce
 from .numpy_step import NumpyStep
 from .streaming import STEP_IMPLS, StreamState, step_path
 
@@ -39,6 +40,7 @@ MODEL_DEFAULTS = {
     "position_embedding": False,
     "dt_init": "paper",
     "length_buckets": 4,
+    "ce_chunk_rows": "auto",
 }
 LOSS_TYPES = ("CE", "BPR")
 
@@ -79,6 +81,11 @@ def resolve_model_config(config) -> dict:
         raise _bad("dt_init", out["dt_init"], f"it must be one of {', '.join(DT_INITS)}")
     if not isinstance(out["position_embedding"], bool):
         raise _bad("position_embedding", out["position_embedding"], "it must be True or False")
+    c = out["ce_chunk_rows"]
+    if c != "auto" and (isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0):
+        raise _bad("ce_chunk_rows", c, "it must be auto, 0 (the whole [targets, items] logits at once) or "
+                                      "an integer >= 1 (rows of logits per chunk)")
+    out["ce_chunk_rows"] = c if c == "auto" else int(c)
     return out
 
 
@@ -117,6 +124,7 @@ class Mamba4Rec(SequentialRecommender):
         self.dt_init = params["dt_init"]
         self.use_position_embedding = params["position_embedding"]
         self.length_buckets = params["length_buckets"]
+        self.ce_chunk_rows = params["ce_chunk_rows"]
         #: step() path: "auto" (small float32 CPU batches in eval mode: numba when installed, else
         #: numpy; torch otherwise), "numba", "numpy" or "torch". See streaming.step_path.
         self.step_impl = "auto"
@@ -334,6 +342,11 @@ class Mamba4Rec(SequentialRecommender):
             pos_score = torch.sum(seq_output * self.item_embedding(pos_items), dim=-1)  # [B]
             neg_score = torch.sum(seq_output * self.item_embedding(neg_items), dim=-1)  # [B]
             return self.loss_fct(pos_score, neg_score)
+        rows = self.ce_chunk_rows
+        if rows == "auto":  # on CPU chunks of logits that stay in cache; on a GPU one product is faster
+            rows = 0 if seq_output.is_cuda else CPU_CHUNK_ROWS
+        if rows:  # the same loss and gradients without the [B, n_items] logits (mamba4rec/loss.py)
+            return full_softmax_ce(seq_output, self.item_embedding.weight, pos_items, rows)
         logits = torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))  # [B, n_items]
         return self.loss_fct(logits, pos_items)
 
