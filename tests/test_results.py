@@ -275,3 +275,22 @@ def test_curves_of_unfinished_jobs_go_to_results_and_never_replace_a_finished_cu
     (store / "tiny" / "prefix").mkdir()
     (store / "tiny" / "prefix" / "Mamba4Rec.json").write_text("{}")
     assert "not yet at its stopping point" not in "\n".join(results.curve_lines(store, "tiny"))
+
+
+def test_goal_lines_judge_the_chosen_variant_and_show_the_other_beside_it():
+    from mamba4rec.significance import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.random(500).astype(np.float32)
+    per_user = {}
+    for name, shift in (("Mamba4Rec", 0.05), ("Mamba4Rec-2layers", -0.05), ("SASRec", 0.0)):
+        for metric in results.METRICS:
+            per_user[f"sequence/{name}/{metric}"] = base + shift
+    recs = {"Mamba4Rec": {"valid_result": {"ndcg@10": 0.06}}, "Mamba4Rec-2layers": {"valid_result": {"ndcg@10": 0.05}},
+            "SASRec": {"valid_result": {"ndcg@10": 0.05}}}
+    text = "\n".join(results._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference))
+    assert "better of 1 and 2 layers by valid NDCG@10: **Mamba4Rec**" in text
+    assert "- hit@10: Mamba4Rec - SASRec = +0.0500 [+0.0500, +0.0500]: met: ahead beyond the noise" in text
+    assert "Mamba4Rec-2layers (not chosen: valid NDCG@10 0.0500 against 0.0600)" in text
+    assert "- hit@10: Mamba4Rec-2layers - SASRec = -0.0500 [-0.0500, -0.0500]: behind beyond the noise" in text
+    assert text.count("NOT MET") == 0  # the variant not chosen gets no verdict
