@@ -7,9 +7,8 @@ logits, 99 MB each, and reads them back. :func:`full_softmax_ce` takes the same 
 at a time instead: the forward keeps only each row's log-sum-exp, the backward recomputes one
 chunk of logits, turns it into its softmax minus the one-hot target in place and adds that
 chunk's share to both gradients. One more matrix product than the plain way, but each chunk's
-logits stay in cache: on one CPU thread the loss and its gradients take about 0.6x the time
-(benchmarks/bench_loss_share.py; at two threads about the same time), and the memory is one
-chunk's logits.
+logits stay in cache: a Mamba4Rec training step on Beauty takes 0.7x the time
+(benchmarks/bench_loss_share.py --chunk-rows), and the memory is one chunk's logits.
 
 Value and gradients equal ``F.cross_entropy(hidden @ weight.T, target)`` up to fp32 rounding
 (tests/test_loss.py). Under autocast the loss is computed in fp32, as autocast computes
@@ -20,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-#: rows per chunk and thread on CPU (Mamba4Rec's ce_chunk_rows auto): 64 x 12,102 items is 3 MiB of
-#: fp32 logits. Measured on Beauty's sequence batches (AMD EPYC, 2 cores; docs/ARCHITECTURE.md): at
-#: 1 thread 64 rows were the fastest of 32-256, at 2 threads 128 (no faster than the whole logits).
+#: rows per chunk on CPU (Mamba4Rec's ce_chunk_rows auto): 64 x 12,102 items is 3 MiB of fp32
+#: logits. Measured on Beauty's sequence batches (quiet AMD EPYC, 2 cores; docs/ARCHITECTURE.md):
+#: the fastest of 32-256 rows at 1 thread and at 2 threads.
 CPU_CHUNK_ROWS = 64
 
 

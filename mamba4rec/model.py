@@ -343,8 +343,8 @@ class Mamba4Rec(SequentialRecommender):
             neg_score = torch.sum(seq_output * self.item_embedding(neg_items), dim=-1)  # [B]
             return self.loss_fct(pos_score, neg_score)
         rows = self.ce_chunk_rows
-        if rows == "auto":  # on CPU chunks of logits that stay in cache (64 rows a thread); on a GPU one product
-            rows = 0 if seq_output.is_cuda else CPU_CHUNK_ROWS * max(1, torch.get_num_threads())
+        if rows == "auto":  # on CPU chunks of logits that stay in cache; on a GPU one product is faster
+            rows = 0 if seq_output.is_cuda else CPU_CHUNK_ROWS
         if rows:  # the same loss and gradients without the [B, n_items] logits (mamba4rec/loss.py)
             return full_softmax_ce(seq_output, self.item_embedding.weight, pos_items, rows)
         logits = torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))  # [B, n_items]
