@@ -48,7 +48,6 @@ def _child(args, mem) -> None:
     from recbole.utils import get_trainer, init_seed
 
     from mamba4rec import pipeline, sequence
-    from mamba4rec.model import Mamba4Rec
     from mamba4rec.memory import rss_mib
 
     padded = args.train_mode == "prefix-padded"  # the protocol as RecBole runs it: every sample padded to L
@@ -67,13 +66,11 @@ def _child(args, mem) -> None:
     if mode == "sequence":
         train = sequence.SequenceTrainDataLoader(config, train.dataset, train._sampler)
     model = pipeline.build_model(config, train.dataset)
-    # the batches as run() trains them (pipeline.run): Mamba4Rec's forward buckets itself
+    buckets = sequence.train_buckets(model, config, mode)  # the batches as run() trains them
     if mode == "sequence":
-        buckets = 1 if isinstance(model, Mamba4Rec) else sequence.resolve_buckets(config)
-
         def loss_of(inter):
             return sequence.sequence_loss(model, inter, buckets)
-    elif (buckets := sequence.prefix_buckets(model, config)) > 1:
+    elif buckets > 1:
         def loss_of(inter):
             return sequence.prefix_loss(model, inter, buckets)
     else:

@@ -24,8 +24,8 @@ from .model import Mamba4Rec
 from .registry import (  # noqa: F401  (re-exported: `from mamba4rec.pipeline import build_config` etc.)
     BUNDLED_DATA, OUR_MODELS, _check_cmd_args, build_config, build_model, default_config_files, known_models,
     resolve_model)
-from .sequence import (SequenceTrainDataLoader, check_model, prefix_buckets, prefix_loss, resolve_buckets,
-                       resolve_train_mode, sequence_loss)
+from .sequence import (SequenceTrainDataLoader, check_model, prefix_loss, resolve_train_mode, sequence_loss,
+                       train_buckets)
 
 logger = logging.getLogger(__name__)
 
@@ -249,11 +249,8 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     log.info(net)
     if train_mode == "sequence":
         check_model(net, config)  # refuses a model whose outputs are not its prefixes' outputs
-        buckets = 1 if isinstance(net, Mamba4Rec) else resolve_buckets(config)  # Mamba4Rec: its own key
-    else:  # a causal RecBole model's prefix batches in length buckets; any other model's padded
-        buckets = prefix_buckets(net, config)
     trainer = run_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, net)
-    trainer.buckets = buckets
+    trainer.buckets = train_buckets(net, config, train_mode)  # prefix: a causal RecBole model's in buckets
     trainer.rank0 = _is_global_rank0(config)
     if resume:
         trainer.history = _resume(resume, trainer, net, train_data, log)

@@ -347,6 +347,16 @@ def prefix_loss(model, interaction, n_buckets=DEFAULT_BUCKETS):
         return model.calculate_loss(interaction)
 
 
+def train_buckets(model, config, train_mode) -> int:
+    """The length buckets a training batch of ``model`` runs in under ``train_mode`` (run() and
+    the benchmarks): 1 for a model that buckets in its own forward (Mamba4Rec's
+    ``length_buckets``); else in sequence mode ``length_buckets``, in prefix mode
+    :func:`prefix_buckets`."""
+    if train_mode == "sequence":
+        return 1 if hasattr(model, "length_buckets") else resolve_buckets(config)
+    return prefix_buckets(model, config)
+
+
 def prefix_buckets(model, config) -> int:
     """The length buckets a prefix batch of ``model`` trains in (what run() and the benchmarks use):
     ``length_buckets`` (:func:`resolve_buckets`) for a RecBole sequential model that passes
