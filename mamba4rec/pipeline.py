@@ -24,8 +24,8 @@ from .model import Mamba4Rec
 from .registry import (  # noqa: F401  (re-exported: `from mamba4rec.pipeline import build_config` etc.)
     BUNDLED_DATA, OUR_MODELS, _check_cmd_args, build_config, build_model, default_config_files, known_models,
     resolve_model)
-from .sequence import (SequenceTrainDataLoader, check_model, prefix_loss, resolve_train_mode, sequence_loss,
-                       train_buckets)
+from .sequence import (SequenceTrainDataLoader, bucketed_forward, check_model, prefix_loss, resolve_train_mode,
+                       sequence_loss, train_buckets)
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,13 @@ class _RunTrainer:
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
         self.history["valid_scores"].append((self.epoch, float(score)))
         return score, result
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """RecBole's evaluation, with a causal RecBole model's forward in the length buckets of its
+        training batches (``buckets``): the same scores, without the padding after each history."""
+        with bucketed_forward(self.model, self.buckets):
+            return super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
+                                    show_progress=show_progress)
 
     def _save_checkpoint(self, *args, **kwargs):
         if self.rank0:  # RecBole lets every node's local rank 0 save; one copy, rank 0's, is the checkpoint

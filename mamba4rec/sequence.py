@@ -338,13 +338,37 @@ def prefix_loss(model, interaction, n_buckets=DEFAULT_BUCKETS):
     item_len = interaction[model.ITEM_SEQ_LEN]
     if int(item_len.min()) == int(item_len.max()) == interaction[model.ITEM_SEQ].shape[1]:
         return model.calculate_loss(interaction)  # no padding to leave out
-    rows = torch.arange(len(item_len), device=item_len.device)
-    view = Interaction({model.ITEM_SEQ: interaction[model.ITEM_SEQ], model.ITEM_SEQ_LEN: item_len,
-                        ROW: rows, POS: item_len - 1})
     try:
-        return _loss_with(model, interaction, target_output(model, view, n_buckets))
+        return _loss_with(model, interaction, last_output(model, interaction[model.ITEM_SEQ], item_len, n_buckets))
     except NotSequenceTrainable:  # a loss that runs forward twice (only when training): the padded batch
         return model.calculate_loss(interaction)
+
+
+def last_output(model, item_seq, item_seq_len, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor:
+    """What a causal model's ``forward(item_seq, item_seq_len)`` returns (its output at each row's
+    last item, [B, H]), computed in up to ``n_buckets`` length buckets, each cut at its longest
+    row, instead of over the batch padded to its width (:func:`target_output`, one target a row)."""
+    if int(item_seq_len.min()) == item_seq.shape[1]:  # no padding to leave out
+        return type(model).forward(model, item_seq, item_seq_len)
+    rows = torch.arange(len(item_seq_len), device=item_seq_len.device)
+    view = Interaction({model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: item_seq_len, ROW: rows, POS: item_seq_len - 1})
+    return target_output(model, view, n_buckets)
+
+
+@contextlib.contextmanager
+def bucketed_forward(model, n_buckets):
+    """For the duration, ``model.forward`` runs in ``n_buckets`` length buckets (:func:`last_output`):
+    run() evaluates a causal RecBole model this way (full_sort_predict calls forward), with the
+    buckets its training batches use. 1: the model's own forward, untouched."""
+    if n_buckets <= 1:
+        yield
+        return
+
+    def forward(item_seq, item_seq_len):
+        return last_output(model, item_seq, item_seq_len, n_buckets)
+
+    with _patched(model, forward=forward):
+        yield
 
 
 def train_buckets(model, config, train_mode) -> int:

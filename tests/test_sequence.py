@@ -449,3 +449,56 @@ def test_bad_length_buckets_fails_before_any_data_work(in_tmp, monkeypatch, valu
     monkeypatch.setattr(pipeline, "create_dataset", lambda *a, **k: pytest.fail("data work started"))
     with pytest.raises(ValueError, match=f"length_buckets={value!r} is invalid.*integer >= 1"):
         pipeline.run("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp, length_buckets=value))
+
+
+@pytest.mark.parametrize("model", ["SASRec", "GRU4Rec"])
+def test_bucketed_forward_scores_as_the_padded_forward_and_restores_it(in_tmp, model):
+    """Evaluation's forward (full_sort_predict) in length buckets: each bucket cut at its longest
+    history, the scores of the batch padded to L."""
+    config, train, net = _setup(in_tmp, model)
+    batch = next(iter(train))
+    lengths = batch[net.ITEM_SEQ_LEN]
+    assert lengths.min() < lengths.max() <= L
+    net.eval()
+    widths = []
+    forward = type(net).forward
+
+    def spy(self, item_seq, item_seq_len):
+        widths.append(item_seq.shape[1])
+        return forward(self, item_seq, item_seq_len)
+
+    with torch.no_grad():
+        ref = net.full_sort_predict(batch)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(net), "forward", spy)
+            with sq.bucketed_forward(net, 4):
+                got = net.full_sort_predict(batch)
+    assert len(widths) == 4 and max(widths) == int(lengths.max()) and min(widths) < int(lengths.max())
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert "forward" not in net.__dict__ and "gather_indexes" not in net.__dict__
+    with sq.bucketed_forward(net, 1):  # 1: the model's own forward, not patched
+        assert "forward" not in net.__dict__
+
+
+@pytest.mark.parametrize("model,buckets,expect", [("SASRec", None, 4), ("GRU4Rec", 3, 3), ("SASRec", 1, 1),
+                                                  ("BERT4Rec", None, 1), ("Mamba4Rec", None, 1)])
+@pytest.mark.parametrize("mode", ["prefix", "sequence"])
+def test_run_evaluates_in_the_buckets_of_its_training_batches(in_tmp, monkeypatch, model, buckets, expect, mode):
+    """run(): validation and test of a causal RecBole model run in its training batches' buckets;
+    Mamba4Rec (its forward buckets itself), a model the probe refuses and length_buckets 1 run the
+    model's own forward."""
+    if mode == "sequence" and model == "BERT4Rec":
+        pytest.skip("sequence mode refuses BERT4Rec")
+    calls = []
+    real = pipeline.bucketed_forward
+
+    def counting(net, n_buckets):
+        calls.append(n_buckets)
+        return real(net, n_buckets)
+
+    monkeypatch.setattr(pipeline, "bucketed_forward", counting)
+    extra = {} if buckets is None else {"length_buckets": buckets}
+    result = pipeline.run(model, "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1, scan_impl="torch",
+                                                                      train_mode=mode, **extra))
+    assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
+    assert len(calls) == 2 and set(calls) == {expect}  # one validation, one test
