@@ -347,13 +347,14 @@ def _share_best_checkpoint(trainer) -> str | None:
 
 
 def _best_epoch(valid_scores, bigger_is_better=True, best_score=None):
-    """The (0-based) epoch of the first best validation score, as RecBole's early stopping keeps it.
-    None when unknown: no validation, or (a resume from a file without history) the best score
-    was reached before the recorded epochs."""
+    """The (0-based) epoch whose weights RecBole's early stopping keeps as the best checkpoint: the
+    last epoch with the best validation score (recbole.utils.early_stopping counts a tie as an
+    improvement, and the trainer saves the checkpoint again). None when unknown: no validation,
+    or (a resume from a file without history) the best score was reached before the recorded epochs."""
     if not valid_scores:
         return None
     sign = 1.0 if bigger_is_better in (None, True) else -1.0
-    best = max(valid_scores, key=lambda es: (sign * es[1], -es[0]))
+    best = max(valid_scores, key=lambda es: (sign * es[1], es[0]))
     if best_score is not None and abs(best[1] - float(best_score)) > 1e-12:
         return None
     return best[0]

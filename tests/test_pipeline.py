@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import mamba4rec.pipeline as pipeline
@@ -676,3 +677,19 @@ def test_compare_table_holds_ml1m_runs_to_the_papers_figures():
     assert "the paper's 0.1822: **NOT MET**" in table and "Mamba4Rec >= every baseline: met" in table
     assert cmp.verdict([mine], dataset="amazon-beauty") == []      # no paper figure given for it here
     assert cmp.verdict([dict(mine, model="SASRec")], model="SASRec", dataset="ml-1m") == []
+
+
+@pytest.mark.parametrize("bigger", [True, False])
+def test_best_epoch_is_the_epoch_whose_checkpoint_recbole_keeps(bigger):
+    """RecBole's early stopping counts a tied validation score as an improvement and saves the
+    checkpoint again: the row's best epoch is the last of the tied ones, the weights tested."""
+    from recbole.utils import early_stopping
+
+    scores = [0.10, 0.30, 0.20, 0.30, 0.25, 0.30, 0.05] if bigger else [0.9, 0.3, 0.4, 0.3, 0.35]
+    best, step, saved_at = (-np.inf if bigger else np.inf), 0, None
+    for epoch, value in enumerate(scores):
+        best, step, stop, update = early_stopping(value, best, step, max_step=10, bigger=bigger)
+        if update:
+            saved_at = epoch
+    history = [(e, v) for e, v in enumerate(scores)]
+    assert pipeline._best_epoch(history, bigger, best) == saved_at == (5 if bigger else 3)
