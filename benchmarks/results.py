@@ -282,6 +282,9 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
         "dataset": job.dataset, "train_mode": job.mode, "model": job.name,
         "valid_result": {k: r.get(f"valid_{k}") for k in METRICS},
         "test_result": {k: r.get(f"test_{k}") for k in METRICS},
+        **({"test_result_input_masked": {k: r.get(f"test_input_masked_{k}") for k in METRICS},
+            "input_masked_from": r.get("input_masked_from") or "run()'s second test pass"}
+           if any(f"test_input_masked_{k}" in r for k in METRICS) else {}),
         "best_epoch": r.get("best_epoch"), "epochs_run": r.get("epochs_run"), "stopped_by": r.get("stopped_by"),
         "train_s_per_epoch": r.get("train_s_per_epoch"), "eval_s": r.get("eval_s"),
         "train_s_to_stop": round(sum(seconds), 1) if seconds else None,
@@ -377,6 +380,86 @@ def _export_dataset(out: Path, dataset: str, jobs, results: Path, log) -> list[s
     _write_curves(folder, dataset, curves)
     log(f"{dataset}: exported {', '.join(f'{j.mode}/{j.name}' for j, _ in done)} to {folder}")
     return written
+
+
+def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str]:
+    """The masked test values (run()'s second test pass, input sequences ranked out) of finished
+    jobs in ``out`` whose rows have none (exported before that pass existed), from their best
+    checkpoints: per_user_analysis.evaluate_checkpoint scores the test users both ways, and the
+    checkpoint counts only when it is the row's (best epoch, valid score) and its RecBole test
+    values equal the row's. The values go into the job's row and per-user file in ``out``, then
+    to results/ (export), so a later export keeps them. Returns the jobs given values."""
+    import numpy as np
+
+    pua = _per_user_analysis()
+    jobs = JOBS if jobs is None else jobs
+    done = []
+    for job in jobs:
+        saved = finished(job, out)
+        if saved is None:
+            log(f"{job.key}: not finished in {out}")
+            continue
+        row = saved["row"]
+        if any(f"test_input_masked_{k}" in row for k in METRICS):
+            log(f"{job.key}: has masked test values already")
+            continue
+        record = {"best_epoch": row.get("best_epoch"), "valid_result": {k: row.get(f"valid_{k}") for k in METRICS},
+                  "test_result": {k: row.get(f"test_{k}") for k in METRICS}}
+        inter = out / "dataset" / job.dataset / f"{job.dataset}.inter"
+        want = (saved.get("data") or {}).get(inter.name)
+        if want and inter.is_file() and pua._sha256(inter) != want:
+            log(f"{job.key}: {inter} is not the data the row was trained on (sha256 differs): no masked values")
+            continue
+        folder = job.compare_dir(out) / "checkpoints"
+        found = None
+        for path in sorted(folder.glob(f"{job.model}-*.pth")):
+            if path.name.endswith("-last.pth"):
+                continue
+            ev = pua.evaluate_checkpoint(path, data_path=out / "dataset", check_valid=False, name=job.name)
+            line = pua.compare_with_row(ev, record)  # SystemExit when it is the row's and its test values differ
+            log(line)
+            if "equal the row's" in line:
+                found = ev
+                break
+        if found is None:
+            log(f"{job.key}: no checkpoint in {folder} is the row's best one: no masked values")
+            continue
+        masked, per_user, _ = found["scored"]["masked"]
+        npz = job.compare_dir(out) / "per_user" / f"{job.model}.npz"
+        arrays = {}
+        if npz.is_file():
+            with np.load(npz) as data:
+                arrays = {k: data[k] for k in data.files if not k.startswith("input_masked_")}
+        unmasked = found["scored"]["unmasked"][1]
+        for k, v in arrays.items():  # the same users in the same order as the row's own values
+            if k in unmasked and (len(v) != len(unmasked[k]) or not np.allclose(v, unmasked[k], atol=1e-6)):
+                raise SystemExit(f"{job.key}: the checkpoint's per-user {k} differ from the row's: not the "
+                                 f"same test users or order; no masked values written")
+        saved["row"].update({f"test_input_masked_{k}": round(float(masked[k]), found["decimals"]) for k in METRICS})
+        where = Path(found["path"])
+        where = f"OUT/{where.relative_to(out)}" if where.is_relative_to(out) else str(where)
+        saved["row"]["input_masked_from"] = f"{where} (epoch {found['epoch']}), re-evaluated by results.py masked"
+        arrays.update({f"input_masked_{k}": np.asarray(per_user[k], dtype=np.float64) for k in METRICS if k in per_user})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(npz, buf.getvalue())
+        _atomic_write(job.row_path(out), json.dumps(saved).encode())
+        done.append(job.key)
+    export(out, [j for j in jobs if j.key in done], results=results, log=log) if done else None
+    return done
+
+
+def _per_user_analysis():
+    import importlib.util
+
+    name = "per_user_analysis_for_results"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "per_user_analysis.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def export_curves(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str]:
@@ -523,6 +606,7 @@ def tables(results: Path = RESULTS) -> str:
                 out += ["", f"Not finished yet: {', '.join(missing)}."]
             goal = _goal_lines(dataset, mode, recs, per_user, paired_difference)
             out += [""] + (goal + [""] if goal else [])
+            out += _masked_lines(recs, mode, per_user, paired_difference)
             out += _noise_lines(recs, noise)
             machines = sorted({r.get("machine") or "?" for r in recs.values()})
             out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
@@ -530,6 +614,36 @@ def tables(results: Path = RESULTS) -> str:
                     f"`results/{dataset}/curves.png`.", ""]
         out += curve_lines(results, dataset)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _masked_lines(recs: dict, mode: str, per_user: dict, paired_difference) -> list[str]:
+    """The test values with each user's input sequence masked (not RecBole's protocol: run()'s
+    second test pass) beside RecBole's, and the paired differences of the better Mamba4Rec on them."""
+    have = {n: r for n, r in recs.items() if r.get("test_result_input_masked")}
+    if not have:
+        return []
+    lines = ["Test with each user's input sequence masked (its items ranked out; RecBole's protocol ranks "
+             "them), and the change from RecBole's values:", "",
+             "| model | HR@10 | NDCG@10 | MRR@10 | HR@10 change | NDCG@10 change | MRR@10 change |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in have.items():
+        m, t = r["test_result_input_masked"], r["test_result"]
+        lines.append(f"| {name} | " + " | ".join(_f(m[k]) for k in METRICS) + " | "
+                     + " | ".join("-" if m[k] is None or t[k] is None else f"{m[k] - t[k]:+.4f}" for k in METRICS)
+                     + " |")
+    missing = [n for n in recs if n not in have]
+    if missing:
+        lines += ["", f"No masked test values: {', '.join(missing)} (exported without them; `results.py masked OUT` adds them from a row's best checkpoint)."]
+    candidates = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n in recs]
+    if candidates:
+        best = max(candidates, key=lambda n: recs[n]["valid_result"]["ndcg@10"] or -1)
+        baselines = [n for n in ("SASRec", "GRU4Rec") if n in have]
+        for name in sorted((n for n in candidates if n in have and baselines), key=lambda n: n != best):
+            label = "chosen by valid NDCG@10, as above" if name == best else "not chosen"
+            lines += ["", f"{name} ({label}) minus each baseline, masked test values, paired:", ""]
+            lines += _paired_lines(name, mode, have, per_user, paired_difference, goal=False,
+                                   values="input_masked_")
+    return lines + [""]
 
 
 def _noise(name: str) -> bool:
@@ -593,15 +707,16 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
     return out + [""]
 
 
-def _paired_lines(name, mode, recs, per_user, paired_difference, goal) -> list[str]:
-    """``name`` minus SASRec and GRU4Rec on each metric, paired per test user; with the goal's verdict."""
+def _paired_lines(name, mode, recs, per_user, paired_difference, goal, values="") -> list[str]:
+    """``name`` minus SASRec and GRU4Rec on each metric, paired per test user; with the goal's
+    verdict. ``values``: "" RecBole's test values, "input_masked_" those with input sequences masked."""
     lines = []
     for other in ("SASRec", "GRU4Rec"):
         if other not in recs:
             continue
         for metric in METRICS:
-            a = per_user.get(f"{mode}/{name}/{metric}")
-            b = per_user.get(f"{mode}/{other}/{metric}")
+            a = per_user.get(f"{mode}/{name}/{values}{metric}")
+            b = per_user.get(f"{mode}/{other}/{values}{metric}")
             data_a, data_b = recs[name].get("data_sha256"), recs[other].get("data_sha256")
             if data_a and data_b and data_a != data_b:
                 lines.append(f"- {metric}: {name} - {other}: not paired (trained on different data files)")
@@ -668,9 +783,12 @@ def main(argv=None) -> int:
     r.add_argument("--rerun", action="store_true",
                    help="train again the jobs whose rows results/ already holds but OUT does not")
     for name, what in (("status", "where each job stands"), ("export", "write the finished jobs to results/"),
-                       ("curves", "write the unfinished jobs' curves so far to results/<dataset>/curves.csv")):
+                       ("curves", "write the unfinished jobs' curves so far to results/<dataset>/curves.csv"),
+                       ("masked", "give finished rows without masked test values those of their best checkpoints")):
         s = sub.add_parser(name, help=what)
         s.add_argument("out", type=Path)
+        if name == "masked":
+            s.add_argument("--only", nargs="*", default=None, metavar="DATASET/MODE/MODEL")
     sub.add_parser("tables", help="rewrite docs/RESULTS.md's tables from results/")
     args = p.parse_args(argv)
     if args.cmd == "tables":
@@ -688,13 +806,16 @@ def main(argv=None) -> int:
         export_curves(out)
         return 0
     jobs = JOBS
-    if args.only is not None:
+    if getattr(args, "only", None) is not None:
         known = {j.key: j for j in JOBS}
         bad = [k for k in args.only if k not in known]
         if bad:
             print(f"error: unknown job(s) {', '.join(bad)}; known: {', '.join(known)}", file=sys.stderr)
             return 2
         jobs = [known[k] for k in args.only]
+    if args.cmd == "masked":
+        masked_from_checkpoints(out, jobs if args.only is not None else [j for j in JOBS if finished(j, out)])
+        return 0
     if args.lanes < 1:
         print(f"error: --lanes={args.lanes}: it must be >= 1", file=sys.stderr)
         return 2

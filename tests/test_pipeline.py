@@ -679,6 +679,38 @@ def test_compare_table_holds_ml1m_runs_to_the_papers_figures():
     assert cmp.verdict([dict(mine, model="SASRec")], model="SASRec", dataset="ml-1m") == []
 
 
+def test_masked_test_pass_ranks_out_each_users_input_sequence(in_tmp):
+    """run()'s trainer with mask_input: scores at each user's input items are -inf, all others as
+    RecBole's evaluation gives them; run() reports that second test pass beside RecBole's."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_trainer
+
+    config = pipeline.build_config("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp))
+    _, _, test = data_preparation(config, create_dataset(config))
+    net = pipeline.build_model(config, test.dataset)
+    trainer = pipeline.run_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, net)
+    trainer.tot_item_num = test._dataset.item_num
+    batch = next(iter(test))
+    net.eval()
+    with torch.no_grad():
+        _, plain, _, _ = trainer._full_sort_batch_eval(batch)
+        trainer.mask_input = True
+        inter, masked, _, _ = trainer._full_sort_batch_eval(batch)
+    seq = inter[net.ITEM_SEQ]
+    ranked_out = torch.zeros_like(plain, dtype=torch.bool).scatter_(1, seq, True)
+    assert ranked_out[:, 1:].any()
+    assert torch.isinf(masked[ranked_out]).all() and (masked[ranked_out] < 0).all()
+    assert torch.equal(masked[~ranked_out], plain[~ranked_out])
+
+    result = pipeline.run("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1))
+    masked_result = result.extra["test_result_input_masked"]
+    assert set(masked_result) == set(result.test_result)
+    per_user = result.extra["per_user_test_input_masked"]
+    for key, value in masked_result.items():
+        assert abs(float(np.mean(per_user[key])) - value) < 1e-4
+    assert masked_result != result.test_result  # tiny's users repeat items: masking changes what is ranked
+
+
 @pytest.mark.parametrize("bigger", [True, False])
 def test_best_epoch_is_the_epoch_whose_checkpoint_recbole_keeps(bigger):
     """RecBole's early stopping counts a tied validation score as an improvement and saves the

@@ -83,9 +83,11 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     assert "--train_mode=sequence" in rec["config_overrides"] and rec["data_sha256"]
     assert rec["machine"] and rec["params"] > 0 and rec["train_s_to_stop"] > 0
     with np.load(store / "tiny" / "per_user.npz") as data:
-        assert set(data.files) == {f"sequence/{m}/{k}" for m in ("Mamba4Rec", "SASRec", "GRU4Rec")
-                                   for k in results.METRICS}
+        assert set(data.files) == {f"sequence/{m}/{v}{k}" for m in ("Mamba4Rec", "SASRec", "GRU4Rec")
+                                   for v in ("", "input_masked_") for k in results.METRICS}
         assert abs(float(data["sequence/Mamba4Rec/ndcg@10"].mean()) - rec["test_result"]["ndcg@10"]) < 1e-4
+        masked = rec["test_result_input_masked"]  # run()'s second test pass, input sequences ranked out
+        assert abs(float(data["sequence/Mamba4Rec/input_masked_ndcg@10"].mean()) - masked["ndcg@10"]) < 1e-4
     curves = (store / "tiny" / "curves.csv").read_text().splitlines()
     assert curves[0] == "train_mode,model,epoch,valid_ndcg@10,train_hours" and len(curves) == 1 + 3 * 2
     assert (store / "tiny" / "curves.png").stat().st_size > 1000
@@ -97,6 +99,11 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     assert "better of 1 and 2 layers by valid NDCG@10: **Mamba4Rec**" in text
     for metric in results.METRICS:  # paired, with its interval and verdict, per baseline
         assert f"- {metric}: Mamba4Rec - SASRec = " in text and f"- {metric}: Mamba4Rec - GRU4Rec = " in text
+    masked_block = text.split("Test with each user's input sequence masked", 1)[1].split("### ", 1)[0]
+    assert "| SASRec | " in masked_block and "No masked test values: " not in masked_block
+    assert "Mamba4Rec (chosen by valid NDCG@10, as above) minus each baseline, masked test values" in masked_block
+    assert masked_block.count(": Mamba4Rec - ") == 2 * len(results.METRICS)
+    assert "No masked test values" not in text.split("### tiny, train_mode=prefix", 1)[1]  # no masked rows there
     # exporting again changes nothing (the same rows)
     before = {p: p.read_bytes() for p in (store / "tiny").rglob("*") if p.is_file() and p.suffix != ".png"}
     results.export(out, results=store, log=lambda m: None)
@@ -294,3 +301,40 @@ def test_goal_lines_judge_the_chosen_variant_and_show_the_other_beside_it():
     assert "Mamba4Rec-2layers (not chosen: valid NDCG@10 0.0500 against 0.0600)" in text
     assert "- hit@10: Mamba4Rec-2layers - SASRec = -0.0500 [-0.0500, -0.0500]: behind beyond the noise" in text
     assert text.count("NOT MET") == 0  # the variant not chosen gets no verdict
+
+
+def test_masked_values_of_an_older_row_come_from_its_best_checkpoint(in_tmp, tiny_jobs):
+    """A row exported before run()'s masked test pass gets the values of that pass from its best
+    checkpoint (the same values, user by user); a checkpoint that is not the row's is refused."""
+    out, store = in_tmp / "runs", in_tmp / "results"
+    job = tiny_jobs[1]  # SASRec
+    _train(job, out)
+    (out / "dataset" / "tiny").mkdir(parents=True)
+    (out / "dataset" / "tiny" / "tiny.inter").write_bytes((TINY_DATA / "tiny" / "tiny.inter").read_bytes())
+    path, npz = job.row_path(out), job.compare_dir(out) / "per_user" / "SASRec.npz"
+    saved = json.loads(path.read_text())
+    own = {k: saved["row"].pop(f"test_input_masked_{k}") for k in results.METRICS}  # as an older row
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    with open(npz, "wb") as fh:
+        np.savez(fh, **{k: v for k, v in arrays.items() if not k.startswith("input_masked_")})
+    path.write_text(json.dumps(saved))
+
+    lines = []
+    assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == [job.key]
+    assert any("test metrics equal the row's" in line for line in lines)
+    rec = json.loads((store / "tiny" / "sequence" / "SASRec.json").read_text())
+    assert rec["test_result_input_masked"] == own and "re-evaluated by results.py masked" in rec["input_masked_from"]
+    with np.load(store / "tiny" / "per_user.npz") as data:
+        for k in results.METRICS:
+            assert np.allclose(data[f"sequence/SASRec/input_masked_{k}"], arrays[f"input_masked_{k}"], atol=1e-6)
+    assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []  # has them now
+
+    saved = json.loads(path.read_text())  # a row whose best epoch is not the checkpoint's
+    for k in results.METRICS:
+        saved["row"].pop(f"test_input_masked_{k}")
+    saved["row"]["best_epoch"] += 1
+    path.write_text(json.dumps(saved))
+    lines.clear()
+    assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []
+    assert any("not the row's best checkpoint" in line for line in lines)

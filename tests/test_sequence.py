@@ -501,4 +501,4 @@ def test_run_evaluates_in_the_buckets_of_its_training_batches(in_tmp, monkeypatc
     result = pipeline.run(model, "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1, scan_impl="torch",
                                                                       train_mode=mode, **extra))
     assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
-    assert len(calls) == 2 and set(calls) == {expect}  # one validation, one test
+    assert len(calls) == 3 and set(calls) == {expect}  # one validation, the test, the masked test

@@ -25,6 +25,9 @@ def _row(model, result=None, error=None, peak=None, seconds=None, status=None, e
         values = {} if result is None else (result.best_valid_result if split == "valid" else result.test_result)
         for key in METRIC_KEYS:
             row[f"{split}_{key}"] = values.get(key)
+    masked = {} if result is None else (result.extra.get("test_result_input_masked") or {})
+    for key in METRIC_KEYS if masked else ():  # run()'s second test pass: input sequences ranked out
+        row[f"test_input_masked_{key}"] = masked.get(key)
     row.update({
         "best_epoch": None if result is None else result.best_epoch,
         "epochs_run": None if result is None else result.epochs_run,
@@ -165,13 +168,17 @@ def _atomic_write(path: Path, write):
 
 
 def _save_per_user(out: Path, name, result, config):
-    """out/per_user/<model>.npz: the per-user test values behind the row (for paired intervals)."""
+    """out/per_user/<model>.npz: the per-user test values behind the row (for paired intervals),
+    those of the test pass with the input sequences masked as ``input_masked_<metric>``."""
     import numpy as np
 
     from ..significance import consistent
 
     places = config["metric_decimal_place"] if "metric_decimal_place" in config else 4
     arrays = consistent(result.extra.get("per_user_test") or {}, result.test_result, places)
+    masked = consistent(result.extra.get("per_user_test_input_masked") or {},
+                        result.extra.get("test_result_input_masked") or {}, places)
+    arrays.update({f"input_masked_{k}": v for k, v in masked.items()})
     folder = out / "per_user"
     if not arrays:
         (folder / f"{name}.npz").unlink(missing_ok=True)  # an earlier run's values are not this row's
