@@ -231,6 +231,12 @@ def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, m
             values = per_user[row["model"]][key]
             assert len(values) > 1 and abs(values.mean() - row[f"test_{key}"]) <= 5e-5
     assert "Paired over the same test users" in table and "- test_ndcg@10, Mamba4Rec - SASRec: " in table
+    # run()'s second test pass, input sequences masked: columns, per-user values and paired lines
+    assert " test_input_masked_hit@10 " in table.splitlines()[2].split("|")  # the header
+    for row in (rows[0], rows[2]):
+        values = per_user[row["model"]]["input_masked_ndcg@10"]
+        assert abs(values.mean() - row["test_input_masked_ndcg@10"]) <= 5e-5
+    assert "- test_input_masked_ndcg@10, Mamba4Rec - SASRec: " in table
     # learning curves of the finished models: one valid score per epoch, as a CSV and a chart
     curves = cmp.load_curves(in_tmp / "out", rows)
     assert sorted(curves) == ["Mamba4Rec", "SASRec"]

@@ -16,21 +16,22 @@ from .rows import METRIC_KEYS, _atomic_write, load_curves, load_per_user
 logger = logging.getLogger(__name__)
 
 
-def paired_lines(per_user, model="Mamba4Rec") -> list[str]:
+def paired_lines(per_user, model="Mamba4Rec", values="") -> list[str]:
     """Per baseline and test metric: ``model`` - baseline over the same users, with its 95%
-    interval (mamba4rec.significance)."""
+    interval (mamba4rec.significance). ``values``: "" RecBole's test values, "input_masked_"
+    those of run()'s second test pass (input sequences ranked out)."""
     from ..significance import describe
 
     if model not in per_user:
         return []
     lines = []
-    for other, values in per_user.items():
+    for other, other_values in per_user.items():
         if other == model:
             continue
         for key in METRIC_KEYS:
-            a, b = per_user[model].get(key), values.get(key)
+            a, b = per_user[model].get(values + key), other_values.get(values + key)
             if a is not None and b is not None and a.shape == b.shape and len(a) > 1:
-                lines.append(describe(key, model, other, a, b))
+                lines.append(describe(values + key, model, other, a, b))
     return lines
 
 
@@ -78,7 +79,9 @@ def verdict(rows, model="Mamba4Rec", dataset=None) -> list[str]:
 
 
 def markdown_table(rows, dataset, per_user=None) -> str:
-    cols = ["model", "status"] + [f"{s}_{k}" for s in ("valid", "test") for k in METRIC_KEYS] + [
+    masked = [f"test_input_masked_{k}" for k in METRIC_KEYS] if any(
+        f"test_input_masked_{k}" in row for row in rows for k in METRIC_KEYS) else []
+    cols = ["model", "status"] + [f"{s}_{k}" for s in ("valid", "test") for k in METRIC_KEYS] + masked + [
         "best_epoch", "epochs_run", "stopped_by", "params", "train_s_per_epoch", "threads", "eval_s",
         "peak_rss_mib", "peak_cuda_mib"]
     lines = [f"Data set: {dataset}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -91,6 +94,10 @@ def markdown_table(rows, dataset, per_user=None) -> str:
     paired = paired_lines(per_user or {})
     if paired:
         lines += ["", "Paired over the same test users (is the difference more than the sample of users?):"] + paired
+    paired = paired_lines(per_user or {}, values="input_masked_")
+    if paired:
+        lines += ["", "The same with each user's input sequence masked (test_input_masked_*: its items ranked out, "
+                      "not RecBole's protocol):"] + paired
     return "\n".join(lines) + "\n"
 
 
