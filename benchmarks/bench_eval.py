@@ -23,26 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu_name() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _model_weights(net, path, seed=1):
@@ -176,8 +162,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     rows = [bench_model(args, m, checkpoints.get(m)) for m in args.models.split(",") if m]
+    from mamba4rec.compare import machine
+
     print(f"# {args.dataset}, L={args.max_len}, eval batch {args.eval_batch_size}, {args.threads} thread(s), "
-          f"median of {args.repeats}; {_cpu_name()}, torch {torch.__version__}")
+          f"median of {args.repeats}; {machine()}")
     print("| model | weights | buckets | users | padded s | bucketed s | padded / bucketed | max |score gap| "
           "| users with another top 10 | NDCG@10 padded | NDCG@10 bucketed |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
