@@ -16,7 +16,9 @@ trained checkpoint (``--checkpoint MODEL=PATH``, RecBole's best .pth of a run on
         --checkpoint SASRec=OUT/video-games/sequence/checkpoints/SASRec-<time>.pth
 
 Mamba4Rec's forward buckets itself (its ``length_buckets``): its "padded" column sets
-length_buckets 1 on the model for the duration, so that it runs to each batch's longest history.
+length_buckets 1 on the model for the duration, so that it runs to each batch's longest history
+(L in practice: a batch of thousands of users holds one that long); the score comparison of
+its bucketed side goes through sequence.bucketed_forward, the same outputs as its own buckets.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def compare_scores(net, loader, buckets, k=10):
     gap, differ, users = 0.0, 0, 0
     net.eval()
     with torch.no_grad():
+        device = next(net.parameters()).device
         for interaction, _, _, _ in loader:
+            interaction = interaction.to(device)
             with _padded(net):
                 a = net.full_sort_predict(interaction)
             with bucketed_forward(net, buckets):

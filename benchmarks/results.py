@@ -259,7 +259,7 @@ def status(out: Path) -> str:
             state = torch.load(last, map_location="cpu", weights_only=False)  # our own file
             secs = state.get("history", {}).get("train_seconds", [])
             pairs = state.get("history", {}).get("valid_scores", [])
-            best = max(pairs, key=lambda es: es[1]) if pairs else ("-", float("nan"))
+            best = max(pairs, key=lambda es: (es[1], es[0])) if pairs else ("-", float("nan"))  # last of ties
             lines.append(f"{job.key}: in progress, {state['epoch'] + 1} epochs, best valid {best[1]:.4f} at epoch "
                          f"{best[0]}, {sum(secs) / max(len(secs), 1):.0f} s/epoch")
         else:
@@ -278,6 +278,14 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
     r = saved["row"]
     settings = saved["settings"]
     seconds = (curve or {}).get("train_seconds") or []
+    best_epoch = r.get("best_epoch")
+    best_score = _matching_best(curve, r.get("valid_ndcg@10")) if curve and curve.get("valid_scores") else None
+    if best_score is not None:
+        from mamba4rec.pipeline import _best_epoch
+
+        # rows written before the tie fix named the first of tied best epochs; the curve gives the
+        # last, whose checkpoint RecBole tested
+        best_epoch = _best_epoch(curve["valid_scores"], curve.get("bigger", True), best_score)
     return {
         "dataset": job.dataset, "train_mode": job.mode, "model": job.name,
         "valid_result": {k: r.get(f"valid_{k}") for k in METRICS},
@@ -285,7 +293,7 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
         **({"test_result_input_masked": {k: r.get(f"test_input_masked_{k}") for k in METRICS},
             "input_masked_from": r.get("input_masked_from") or "run()'s second test pass"}
            if any(f"test_input_masked_{k}" in r for k in METRICS) else {}),
-        "best_epoch": r.get("best_epoch"), "epochs_run": r.get("epochs_run"), "stopped_by": r.get("stopped_by"),
+        "best_epoch": best_epoch, "epochs_run": r.get("epochs_run"), "stopped_by": r.get("stopped_by"),
         "train_s_per_epoch": r.get("train_s_per_epoch"), "eval_s": r.get("eval_s"),
         "train_s_to_stop": round(sum(seconds), 1) if seconds else None,
         "peak_rss_mib": r.get("peak_rss_mib"), "peak_cuda_mib": r.get("peak_cuda_mib"),
@@ -295,6 +303,15 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
         + [f"--{k}={v}" for k, v in sorted(settings.get("config_dict", {}).items())],
         "command": "python " + " ".join(job.command(Path("OUT"))),
     }
+
+
+def _matching_best(curve, valid_ndcg):
+    """The curve's best score when it is the row's valid NDCG@10 (to the row's 4 places), else None."""
+    if valid_ndcg is None or str(curve.get("metric") or "ndcg@10").lower() != "ndcg@10":
+        return None
+    sign = 1.0 if curve.get("bigger", True) else -1.0
+    best = max(v * sign for _, v in curve["valid_scores"]) * sign
+    return best if abs(best - float(valid_ndcg)) <= 0.5e-4 + 1e-12 else None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -393,7 +410,7 @@ def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=p
 
     pua = _per_user_analysis()
     jobs = JOBS if jobs is None else jobs
-    done = []
+    done, cache = [], {}  # cache: the data split, shared by the checkpoints of one data set
     for job in jobs:
         saved = finished(job, out)
         if saved is None:
@@ -403,8 +420,8 @@ def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=p
         if any(f"test_input_masked_{k}" in row for k in METRICS):
             log(f"{job.key}: has masked test values already")
             continue
-        record = {"best_epoch": row.get("best_epoch"), "valid_result": {k: row.get(f"valid_{k}") for k in METRICS},
-                  "test_result": {k: row.get(f"test_{k}") for k in METRICS}}
+        curve_file = job.compare_dir(out) / "curves" / f"{job.model}.json"
+        record = result_record(job, saved, json.loads(curve_file.read_text()) if curve_file.is_file() else None)
         inter = out / "dataset" / job.dataset / f"{job.dataset}.inter"
         want = (saved.get("data") or {}).get(inter.name)
         if want and inter.is_file() and pua._sha256(inter) != want:
@@ -412,29 +429,35 @@ def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=p
             continue
         folder = job.compare_dir(out) / "checkpoints"
         found = None
-        for path in sorted(folder.glob(f"{job.model}-*.pth")):
-            if path.name.endswith("-last.pth"):
-                continue
-            ev = pua.evaluate_checkpoint(path, data_path=out / "dataset", check_valid=False, name=job.name)
-            line = pua.compare_with_row(ev, record)  # SystemExit when it is the row's and its test values differ
-            log(line)
-            if "equal the row's" in line:
-                found = ev
-                break
-        if found is None:
-            log(f"{job.key}: no checkpoint in {folder} is the row's best one: no masked values")
-            continue
-        masked, per_user, _ = found["scored"]["masked"]
         npz = job.compare_dir(out) / "per_user" / f"{job.model}.npz"
         arrays = {}
         if npz.is_file():
             with np.load(npz) as data:
                 arrays = {k: data[k] for k in data.files if not k.startswith("input_masked_")}
-        unmasked = found["scored"]["unmasked"][1]
-        for k, v in arrays.items():  # the same users in the same order as the row's own values
-            if k in unmasked and (len(v) != len(unmasked[k]) or not np.allclose(v, unmasked[k], atol=1e-6)):
-                raise SystemExit(f"{job.key}: the checkpoint's per-user {k} differ from the row's: not the "
-                                 f"same test users or order; no masked values written")
+        try:
+            for path in sorted(folder.glob(f"{job.model}-*.pth")):
+                if path.name.endswith("-last.pth"):
+                    continue
+                ev = pua.evaluate_checkpoint(path, data_path=out / "dataset", check_valid=False, name=job.name,
+                                             _cache=cache)
+                line = pua.compare_with_row(ev, record)  # SystemExit when it is the row's and its test values differ
+                log(line)
+                if "equal the row's" in line:
+                    found = ev
+                    break
+            if found is not None:
+                unmasked = found["scored"]["unmasked"][1]
+                for k, v in arrays.items():  # the same users in the same order as the row's own values
+                    if k in unmasked and (len(v) != len(unmasked[k]) or not np.allclose(v, unmasked[k], atol=1e-6)):
+                        raise SystemExit(f"the checkpoint's per-user {k} differ from the row's (other test users, "
+                                         f"another order, or scores that rank some user's target otherwise)")
+        except SystemExit as exc:  # this job's checkpoint is not the row's: the others still go
+            log(f"{job.key}: {exc}; no masked values")
+            continue
+        if found is None:
+            log(f"{job.key}: no checkpoint in {folder} is the row's best one: no masked values")
+            continue
+        masked, per_user, _ = found["scored"]["masked"]
         saved["row"].update({f"test_input_masked_{k}": round(float(masked[k]), found["decimals"]) for k in METRICS})
         where = Path(found["path"])
         where = f"OUT/{where.relative_to(out)}" if where.is_relative_to(out) else str(where)
@@ -444,7 +467,7 @@ def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=p
         np.savez(buf, **arrays)
         npz.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(npz, buf.getvalue())
-        _atomic_write(job.row_path(out), json.dumps(saved).encode())
+        _atomic_write(job.row_path(out), json.dumps(saved, indent=1).encode())
         done.append(job.key)
     export(out, [j for j in jobs if j.key in done], results=results, log=log) if done else None
     return done

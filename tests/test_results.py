@@ -331,11 +331,23 @@ def test_masked_values_of_an_older_row_come_from_its_best_checkpoint(in_tmp, tin
             assert np.allclose(data[f"sequence/SASRec/input_masked_{k}"], arrays[f"input_masked_{k}"], atol=1e-6)
     assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []  # has them now
 
-    saved = json.loads(path.read_text())  # a row whose best epoch is not the checkpoint's
+    saved = json.loads(path.read_text())  # a row whose best validation is not the checkpoint's
     for k in results.METRICS:
         saved["row"].pop(f"test_input_masked_{k}")
-    saved["row"]["best_epoch"] += 1
+    saved["row"]["valid_ndcg@10"] += 0.01
     path.write_text(json.dumps(saved))
     lines.clear()
     assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []
     assert any("not the row's best checkpoint" in line for line in lines)
+
+
+def test_a_row_named_with_the_first_of_tied_best_epochs_is_exported_with_the_last():
+    """Rows written before the tie fix kept the first of tied best epochs; RecBole tested the last."""
+    job = results.Job("amazon-beauty", "sequence", "GRU4Rec")
+    row = {"best_epoch": 1, "valid_ndcg@10": 0.3, "epochs_run": 6, "stopped_by": "early stopping"}
+    saved = {"row": row, "settings": {}, "data": {}}
+    curve = {"metric": "ndcg@10", "bigger": True, "valid_scores": [[0, 0.1], [1, 0.3], [2, 0.2], [3, 0.3], [4, 0.2], [5, 0.1]]}
+    assert results.result_record(job, saved, curve)["best_epoch"] == 3
+    assert results.result_record(job, saved, None)["best_epoch"] == 1  # no curve: the row's own
+    other = {**curve, "valid_scores": [[0, 0.1], [1, 0.25]]}  # a curve that is not the row's: kept as it is
+    assert results.result_record(job, saved, other)["best_epoch"] == 1

@@ -182,8 +182,8 @@ def _plot_curves(plt, curves, dataset, path):
         epochs = [e for e, _ in curve["valid_scores"]]
         scores = [v for _, v in curve["valid_scores"]]
         line, = axes[0].plot(epochs, scores, label=model)
-        pick = max if curve.get("bigger", True) else min  # the first best, as RecBole's early stopping
-        best = pick(range(len(scores)), key=scores.__getitem__)
+        sign = 1.0 if curve.get("bigger", True) else -1.0  # the last of tied bests: the checkpoint tested
+        best = max(range(len(scores)), key=lambda i: (sign * scores[i], i))
         axes[0].plot([epochs[best]], [scores[best]], "o", color=line.get_color())
         seconds = curve.get("train_seconds") or []
         if len(seconds) >= max(epochs) + 1:
