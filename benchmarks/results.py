@@ -635,8 +635,48 @@ def tables(results: Path = RESULTS) -> str:
             out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
                     f"(each with its command and commit); curves: `results/{dataset}/curves.csv`, "
                     f"`results/{dataset}/curves.png`.", ""]
+        out += mode_lines(dataset, found[dataset], per_user, paired_difference)
         out += curve_lines(results, dataset)
     return "\n".join(out).rstrip() + "\n"
+
+
+def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec", "SASRec", "GRU4Rec")) -> list[str]:
+    """Prefix vs sequence mode at their stopping points, per model with both rows: the test values,
+    prefix minus sequence paired over the same test users, and for scale the same model's two
+    sequence-mode seeds paired the same way."""
+    rows, lines = [], []
+    for m in models:
+        pre, seq = by_mode.get("prefix", {}).get(m), by_mode.get("sequence", {}).get(m)
+        if not pre or not seq:
+            continue
+        for mode, r in (("prefix", pre), ("sequence", seq)):
+            t = r["test_result"]
+            rows.append(f"| {m} | {mode} | {_f(t['hit@10'])} | {_f(t['ndcg@10'])} | {_f(t['mrr@10'])} | "
+                        f"{_f(r['valid_result']['ndcg@10'])} | {r['best_epoch']} / {r['epochs_run']} | "
+                        f"{_f(_hours(r.get('train_s_to_stop')), 2)} |")
+        same_data = pre.get("data_sha256") == seq.get("data_sha256")
+        pairs = [("prefix - sequence", f"prefix/{m}/", f"sequence/{m}/", same_data)]
+        other = by_mode.get("sequence", {}).get(f"{m}-seed2021")
+        if other and (seq.get("best_epoch") or 0) < (other.get("epochs_run") or 0):  # a seed run that got as far
+            pairs.append(("sequence, seed 2021 - seed 2020", f"sequence/{m}-seed2021/", f"sequence/{m}/",
+                          other.get("data_sha256") == seq.get("data_sha256")))
+        for label, a_key, b_key, paired in pairs:
+            parts = []
+            for metric in METRICS:
+                a, b = per_user.get(a_key + metric), per_user.get(b_key + metric)
+                if not paired or a is None or b is None or a.shape != b.shape:
+                    parts.append(f"{metric}: not paired")
+                    continue
+                d, lo, hi = paired_difference(a, b)
+                parts.append(f"{metric} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if lo <= 0 <= hi else " (beyond the users' noise)"))
+            lines.append(f"- {m}, {label}: " + "; ".join(parts))
+    if not rows:
+        return []
+    return ([f"### {dataset}: prefix vs sequence mode at the stopping point", "",
+             "| model | train mode | test HR@10 | test NDCG@10 | test MRR@10 | valid NDCG@10 | best epoch / run | "
+             "train h to stop |", "|---|---|---|---|---|---|---|---|"] + rows
+            + ["", "Paired over the same test users (difference, 95% interval); the two seeds of one mode give the "
+                   "run-to-run spread the modes' difference compares with:", ""] + lines + [""])
 
 
 def _masked_lines(recs: dict, mode: str, per_user: dict, paired_difference) -> list[str]:

@@ -351,3 +351,27 @@ def test_a_row_named_with_the_first_of_tied_best_epochs_is_exported_with_the_las
     assert results.result_record(job, saved, None)["best_epoch"] == 1  # no curve: the row's own
     other = {**curve, "valid_scores": [[0, 0.1], [1, 0.25]]}  # a curve that is not the row's: kept as it is
     assert results.result_record(job, saved, other)["best_epoch"] == 1
+
+
+def test_mode_lines_pair_prefix_with_sequence_beside_the_seed_spread():
+    from mamba4rec.significance import paired_difference
+
+    rng = np.random.default_rng(1)
+    base = rng.random(400)
+    per_user = {}
+    for key, shift in (("prefix/SASRec/", 0.02), ("sequence/SASRec/", 0.0), ("sequence/SASRec-seed2021/", -0.01)):
+        for metric in results.METRICS:
+            per_user[key + metric] = base + shift
+    rec = {"test_result": dict.fromkeys(results.METRICS, 0.1), "valid_result": {"ndcg@10": 0.05},
+           "best_epoch": 20, "epochs_run": 31, "data_sha256": {"x.inter": "a"}, "train_s_to_stop": 3600.0}
+    by_mode = {"prefix": {"SASRec": rec, "GRU4Rec": rec}, "sequence": {"SASRec": rec, "SASRec-seed2021": rec}}
+    text = "\n".join(results.mode_lines("amazon-beauty", by_mode, per_user, paired_difference))
+    assert "| SASRec | prefix | 0.1000 |" in text and "| SASRec | sequence |" in text
+    assert "GRU4Rec" not in text  # no sequence row to pair with
+    assert "- SASRec, prefix - sequence: hit@10 +0.0200 [+0.0200, +0.0200] (beyond the users' noise)" in text
+    assert "- SASRec, sequence, seed 2021 - seed 2020: hit@10 -0.0100" in text
+    other = {**rec, "data_sha256": {"x.inter": "b"}}  # prefix trained on other data files: not paired
+    text = "\n".join(results.mode_lines("d", {"prefix": {"SASRec": other}, "sequence": {"SASRec": rec}},
+                                        per_user, paired_difference))
+    assert "prefix - sequence: hit@10: not paired" in text
+    assert results.mode_lines("d", {"sequence": {"SASRec": rec}}, per_user, paired_difference) == []
