@@ -36,8 +36,8 @@ def write_data(root, n_users=14, n_items=25, seed=0):
     return root
 
 
-def _setup(tmp, model, **overrides):
-    cfg = tiny_config_dict(tmp, data_path=str(write_data(tmp)), MAX_ITEM_LIST_LENGTH=L, dropout_prob=0.0,
+def _setup(tmp, model, max_len=L, **overrides):
+    cfg = tiny_config_dict(tmp, data_path=str(write_data(tmp)), MAX_ITEM_LIST_LENGTH=max_len, dropout_prob=0.0,
                            hidden_dropout_prob=0.0, attn_dropout_prob=0.0, scan_impl="torch",
                            train_batch_size=16, **overrides)
     config = pipeline.build_config(model, "seqdata", config_dict=cfg)
@@ -502,3 +502,43 @@ def test_run_evaluates_in_the_buckets_of_its_training_batches(in_tmp, monkeypatc
                                                                       train_mode=mode, **extra))
     assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
     assert len(calls) == 3 and set(calls) == {expect}  # one validation, the test, the masked test
+
+
+@pytest.mark.parametrize("model", ["SASRec", "GRU4Rec"])
+def test_run_trainers_evaluation_in_buckets_equals_recboles_padded_one(in_tmp, model):
+    """The trainer run() uses, on RecBole's own full-ranking test loader: the same metrics and
+    per-user values with buckets 4 as with RecBole's padded forward (buckets 1)."""
+    from recbole.utils import get_trainer
+
+    from mamba4rec.significance import recording
+
+    config, _, net = _setup(in_tmp, model, max_len=2 * L)  # test histories of 4 .. 12 items
+    _, _, test = data_preparation(config, create_dataset(config))
+    trainer = pipeline.run_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, net)
+    out, widths = {}, {1: [], 4: []}
+    forward = type(net).forward
+    for buckets in (1, 4):
+        trainer.buckets = buckets
+
+        def spy(self, item_seq, item_seq_len, _seen=widths[buckets]):
+            _seen.append(item_seq.shape[1])
+            return forward(self, item_seq, item_seq_len)
+
+        with pytest.MonkeyPatch.context() as mp, recording(10) as per_user:
+            mp.setattr(type(net), "forward", spy)
+            result = trainer.evaluate(test, load_best_model=False)
+        out[buckets] = (dict(result), per_user)
+    assert set(widths[1]) == {2 * L} and min(widths[4]) < 2 * L  # padded to L, and cut in buckets
+    assert out[4][0] == out[1][0]
+    for key, values in out[1][1].items():
+        assert np.array_equal(out[4][1][key], values), key
+    assert "forward" not in net.__dict__
+
+
+def test_bucketed_forward_is_removed_after_an_error(in_tmp):
+    config, train, net = _setup(in_tmp, "SASRec")
+    with pytest.raises(RuntimeError, match="boom"):
+        with sq.bucketed_forward(net, 4):
+            assert "forward" in net.__dict__
+            raise RuntimeError("boom")
+    assert "forward" not in net.__dict__
