@@ -803,7 +803,8 @@ def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
     if not candidates:
         return []
     best = max(candidates, key=lambda n: recs[n]["valid_result"]["ndcg@10"] or -1)
-    pending = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n not in recs]
+    planned = {j.name for j in JOBS if j.dataset == dataset and j.mode == mode}
+    pending = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n not in recs and n in planned]
     lines = [f"Mamba4Rec, the better of 1 and 2 layers by valid NDCG@10: **{best}**"
              + (f" (provisional: {pending[0]} is not finished yet)" if pending else "")
              + ". Paired over the same test users (difference, 95% interval):", ""]
