@@ -469,7 +469,8 @@ def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=p
         _atomic_write(npz, buf.getvalue())
         _atomic_write(job.row_path(out), json.dumps(saved, indent=1).encode())
         done.append(job.key)
-    export(out, [j for j in jobs if j.key in done], results=results, log=log) if done else None
+    if done:
+        export(out, [j for j in jobs if j.key in done], results=results, log=log)
     return done
 
 
@@ -697,9 +698,8 @@ def _masked_lines(recs: dict, mode: str, per_user: dict, paired_difference) -> l
     missing = [n for n in recs if n not in have]
     if missing:
         lines += ["", f"No masked test values: {', '.join(missing)} (exported without them; `results.py masked OUT` adds them from a row's best checkpoint)."]
-    candidates = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n in recs]
+    candidates, best = _variants(recs)
     if candidates:
-        best = max(candidates, key=lambda n: recs[n]["valid_result"]["ndcg@10"] or -1)
         baselines = [n for n in ("SASRec", "GRU4Rec") if n in have]
         for name in sorted((n for n in candidates if n in have and baselines), key=lambda n: n != best):
             label = "chosen by valid NDCG@10, as above" if name == best else "not chosen"
@@ -798,11 +798,17 @@ def _paired_lines(name, mode, recs, per_user, paired_difference, goal, values=""
     return lines
 
 
-def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
+def _variants(recs) -> tuple[list[str], str | None]:
+    """The Mamba4Rec variants with rows, and the one the goal judges: the better by valid NDCG@10."""
     candidates = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n in recs]
+    best = max(candidates, key=lambda n: recs[n]["valid_result"]["ndcg@10"] or -1) if candidates else None
+    return candidates, best
+
+
+def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
+    candidates, best = _variants(recs)
     if not candidates:
         return []
-    best = max(candidates, key=lambda n: recs[n]["valid_result"]["ndcg@10"] or -1)
     planned = {j.name for j in JOBS if j.dataset == dataset and j.mode == mode}
     pending = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n not in recs and n in planned]
     lines = [f"Mamba4Rec, the better of 1 and 2 layers by valid NDCG@10: **{best}**"
