@@ -180,16 +180,17 @@ class FeedForward(nn.Module):
 
 
 class MambaLayer(nn.Module):
-    """Mamba block -> dropout -> LayerNorm (residual only when stacked), then the PFFN.
+    """Mamba block -> dropout -> (+ the layer's input when ``residual``) -> LayerNorm, then the PFFN.
 
-    The paper's code adds the residual around the block only when num_layers > 1; a single
-    layer normalises the block output alone. Kept as is: it is what the paper measured.
+    The paper's code adds the residual around the block only when num_layers > 1, so a single
+    layer normalises the block output alone; the model passes that rule in (its
+    ``block_residual`` key, mamba4rec.model.block_residual) unless the config forces it.
     """
 
     def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dropout: float,
-                 num_layers: int, scan_impl: str = "auto"):
+                 residual: bool, scan_impl: str = "auto"):
         super().__init__()
-        self.num_layers = num_layers
+        self.residual = bool(residual)
         self.mamba = MambaBlock(d_model, d_state, d_conv, expand, scan_impl=scan_impl)
         self.dropout = FastDropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
@@ -213,8 +214,8 @@ class MambaLayer(nn.Module):
 
     def _after_block(self, hidden: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """What follows the block, per position (any leading shape): dropout, the residual when
-        stacked, LayerNorm, the PFFN."""
+        on, LayerNorm, the PFFN."""
         hidden = self.dropout(hidden)
-        if self.num_layers > 1:
+        if self.residual:
             hidden = hidden + input_tensor
         return self.ffn(self.LayerNorm(hidden))

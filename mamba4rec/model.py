@@ -41,6 +41,7 @@ MODEL_DEFAULTS = {
     "dt_init": "paper",
     "length_buckets": 4,
     "ce_chunk_rows": "auto",
+    "block_residual": "auto",
 }
 LOSS_TYPES = ("CE", "BPR")
 
@@ -86,7 +87,18 @@ def resolve_model_config(config) -> dict:
         raise _bad("ce_chunk_rows", c, "it must be auto, 0 (the whole [targets, items] logits at once) or "
                                       "an integer >= 1 (rows of logits per chunk)")
     out["ce_chunk_rows"] = c if c == "auto" else int(c)
+    r = out["block_residual"]
+    if r != "auto" and not isinstance(r, bool):
+        raise _bad("block_residual", r, "it must be auto (the paper's code: a residual around each block "
+                                        "only when num_layers > 1), True or False")
     return out
+
+
+def block_residual(params: dict) -> bool:
+    """Whether each layer adds its input to the block's output: the paper's code does so only
+    when num_layers > 1 (``block_residual: auto``); True/False force it either way."""
+    r = params["block_residual"]
+    return params["num_layers"] > 1 if r == "auto" else r
 
 
 def _drop_cpu_steps(module, incompatible_keys):
@@ -125,6 +137,7 @@ class Mamba4Rec(SequentialRecommender):
         self.use_position_embedding = params["position_embedding"]
         self.length_buckets = params["length_buckets"]
         self.ce_chunk_rows = params["ce_chunk_rows"]
+        self.block_residual = block_residual(params)
         #: step() path: "auto" (small float32 CPU batches in eval mode: numba when installed, else
         #: numpy; torch otherwise), "numba", "numpy" or "torch". See streaming.step_path.
         self.step_impl = "auto"
@@ -142,7 +155,7 @@ class Mamba4Rec(SequentialRecommender):
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=1e-12)
         self.mamba_layers = nn.ModuleList(
             MambaLayer(self.hidden_size, self.d_state, self.d_conv, self.expand, self.dropout_prob,
-                       self.num_layers, scan_impl=self.scan_impl)
+                       residual=self.block_residual, scan_impl=self.scan_impl)
             for _ in range(self.num_layers)
         )
         if self.loss_type == "BPR":

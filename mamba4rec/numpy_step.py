@@ -74,7 +74,7 @@ class NumpyStep:
             blk, ffn = layer.mamba, layer.ffn
             w = blk._step_weights()  # A, D, conv kernel, and dt folded into one matmul
             self.layers.append({
-                "residual": layer.num_layers > 1, "Di": blk.d_inner, "N": blk.d_state,
+                "residual": layer.residual, "Di": blk.d_inner, "N": blk.d_state,
                 "in": _np(blk.in_proj.weight).T.copy(), "conv_w": _np(w["conv_w"]), "conv_b": _np(w["conv_b"]),
                 "dbc_w": _np(w["dbc_w"]).T.copy(), "dbc_b": _np(w["dbc_b"]), "A": _np(w["A"]), "D": _np(w["D"]),
                 "out": _np(blk.out_proj.weight).T.copy(), "ln": ln(layer.LayerNorm),

@@ -69,14 +69,37 @@ def test_paper_init_zeroes_dt_bias_and_mamba_init_keeps_it():
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6 and dt.std() > 0
 
 
-def test_single_layer_has_no_residual_stacked_layers_do():
+def test_layer_residual_switch():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)
-    for num_layers, residual in ((1, False), (2, True)):
-        layer = MambaLayer(16, 4, 4, 2, 0.0, num_layers, scan_impl="ref").eval()
+    for residual in (False, True):
+        layer = MambaLayer(16, 4, 4, 2, 0.0, residual, scan_impl="ref").eval()
         block_out = layer.mamba(x)
         expected_pre_ffn = layer.LayerNorm(block_out + x if residual else block_out)
         assert torch.allclose(layer(x), layer.ffn(expected_pre_ffn), atol=1e-6)
+
+
+@pytest.mark.parametrize("num_layers,setting,expected", [
+    (1, "auto", False), (2, "auto", True), (3, "auto", True),  # the paper's code
+    (1, True, True), (2, False, False), (1, False, False), (2, True, True),
+])
+def test_block_residual_rule(num_layers, setting, expected):
+    model = make_model(num_layers=num_layers, block_residual=setting)
+    assert [layer.residual for layer in model.mamba_layers] == [expected] * num_layers
+    assert model.block_residual is expected
+
+
+def test_forced_residual_changes_a_single_layer_model_and_only_that():
+    torch.manual_seed(3)
+    plain = make_model().eval()
+    torch.manual_seed(3)
+    forced = make_model(block_residual=True).eval()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), forced.state_dict().values()))
+    seq, lens = torch.tensor([[3, 4, 5, 6, 0], [7, 8, 9, 10, 11]]), torch.tensor([4, 5])
+    with torch.no_grad():
+        assert not torch.allclose(plain(seq, lens), forced(seq, lens), atol=1e-4)
+        forced.mamba_layers[0].residual = False  # the only difference between the two
+        assert torch.allclose(plain(seq, lens), forced(seq, lens), atol=1e-6)
 
 
 def test_forward_is_causal_and_ignores_padding():
@@ -143,7 +166,8 @@ BAD_VALUES = [
     ("d_state", 0), ("d_conv", 0), ("expand", 0), ("hidden_size", -1), ("num_layers", 0),
     ("d_state", 2.5), ("num_layers", True), ("dropout_prob", 1.0), ("dropout_prob", -0.1),
     ("dropout_prob", "high"), ("loss_type", "MSE"), ("scan_impl", "cuda"), ("dt_init", "xavier"),
-    ("position_embedding", "yes"), ("length_buckets", 0),
+    ("position_embedding", "yes"), ("length_buckets", 0), ("block_residual", "yes"),
+    ("block_residual", 1),
 ]
 
 
