@@ -1,0 +1,69 @@
+"""benchmarks/tie_order.py: tie statistics of a seq-text file against a timestamped copy."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("tie_order", ROOT / "benchmarks" / "tie_order.py")
+tie_order = importlib.util.module_from_spec(spec)
+sys.modules["tie_order"] = tie_order
+spec.loader.exec_module(tie_order)
+
+# user a: 1 at t=1, 2 and 3 tied at t=2, 4 at t=3; b: 5, 6 tied; c: only partly in the timed
+# file (skipped); d: the seq file puts 8 before 7 though 7 is earlier
+INTER = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+         "a\t1\t5\t1\na\t2\t4\t2\na\t3\t4\t2\na\t4\t3\t3\n"
+         "b\t5\t4\t10\nb\t6\t4\t10\n"
+         "d\t7\t1\t1\nd\t8\t1\t2\n"
+         "c\t9\t1\t1\n")
+SEQ = "a 1 3 2 4\nb 6 5\nc 9 10\nd 8 7\n"
+
+
+def _files(tmp_path, inter=INTER, seq=SEQ):
+    (tmp_path / "x.inter").write_text(inter)
+    (tmp_path / "x.txt").write_text(seq)
+    return str(tmp_path / "x.txt"), str(tmp_path / "x.inter")
+
+
+def test_statistics(tmp_path):
+    seq, timed = _files(tmp_path)
+    r = tie_order.compare(tie_order.read_seq(seq), tie_order.read_timed(timed))
+    assert (r["users"], r["skipped"], r["unordered"]) == (3, 1, 1)
+    assert r["tie_pairs"] == 2 and r["tied_pairs"] == pytest.approx(2 / 5)  # a: 3 pairs, b: 1, d: 1
+    assert r["in_tie_group"] == pytest.approx(4 / 8)
+    # test items: a 4 = 4, b 5 != 6, d 7 != 8; valid items: a 2 != 3, b 6 != 5, d 8 != 7
+    assert r["test_differs"] == pytest.approx(2 / 3) and r["valid_differs"] == pytest.approx(1.0)
+    assert (r["recbole_up"], r["seq_up"]) == (1.0, 0.0)  # RecBole keeps the file order 2 3 and 5 6
+    assert r["recbole_near"] == 1.0 and 0.0 <= r["random_up"] <= 1.0
+
+
+def test_ratings_dat_reads_like_the_inter_file(tmp_path):
+    dat = "".join(f"{u}::{i}::3::{t}\n" for u, i, _, t in
+                  (line.split("\t") for line in INTER.splitlines()[1:]))
+    seq, _ = _files(tmp_path)
+    (tmp_path / "ratings.dat").write_text(dat)
+    a = tie_order.compare(tie_order.read_seq(seq), tie_order.read_timed(str(tmp_path / "ratings.dat")))
+    b = tie_order.compare(tie_order.read_seq(seq), tie_order.read_timed(str(tmp_path / "x.inter")))
+    assert a == b
+
+
+def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
+    seq, timed = _files(tmp_path)
+    assert tie_order.main(["--seq", seq, "--timed", timed]) == 0
+    out = capsys.readouterr().out
+    assert "users compared: 3 (skipped, items differ between the files: 1)" in out
+    assert "test item 0.6667, valid item 1.0000" in out
+    (tmp_path / "bad.inter").write_text("user\titem\ttime\n1\t2\t3\n")
+    assert tie_order.main(["--seq", seq, "--timed", str(tmp_path / "bad.inter")]) == 2
+    assert "expected a RecBole header" in capsys.readouterr().err
+    (tmp_path / "t.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\na\t1\tnoon\n")
+    assert tie_order.main(["--seq", seq, "--timed", str(tmp_path / "t.inter")]) == 2
+    assert "'noon' is not a number" in capsys.readouterr().err
+    (tmp_path / "other.txt").write_text("z 100 101\n")
+    assert tie_order.main(["--seq", str(tmp_path / "other.txt"), "--timed", timed]) == 2
+    assert "no user has the same items" in capsys.readouterr().err
