@@ -16,7 +16,8 @@ ends inside a user; that user is skipped and counted). Printed: how many consecu
 interactions share a timestamp, for how many users the leave-one-out test and valid items
 differ between the two orders, and, over consecutive pairs inside one timestamp, how the item
 ids move (share going up, share within 2 ids) in each order and in a seeded random order of
-each tie. Exit status 2 with a message for unreadable input.
+each tie; and, over item pairs tied in two or more users, the share that every one of those
+users has in the same order (1.0: a fixed order of the items decides inside a tie). Exit status 2 with a message for unreadable input.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def compare(seqs, events, seed: int = 0) -> dict:
     users = skipped = unordered = 0
     pairs = tied = in_group = total = test_diff = valid_diff = 0
     moves = {"recbole": [], "seq": [], "random": []}
+    votes = {name: defaultdict(list) for name in moves}  # (a, b) tied in a user -> [a first?]
     numeric = True
     for u, ev in events.items():
         seq = seqs.get(u)
@@ -118,6 +120,12 @@ def compare(seqs, events, seed: int = 0) -> dict:
             groups[t].append(i)
         shuffled = [i for t in sorted(groups) for i in rng.permutation(groups[t])]
         for name, order in (("recbole", recbole), ("seq", seq), ("random", shuffled)):
+            pos = {i: k for k, i in enumerate(order)}
+            for group in groups.values():
+                for x in range(len(group)):
+                    for y in range(x + 1, len(group)):
+                        a, b = sorted((group[x], group[y]))
+                        votes[name][(a, b)].append(pos[a] < pos[b])
             for a, b in zip(order, order[1:]):
                 if ts[a] == ts[b]:
                     try:
@@ -129,6 +137,11 @@ def compare(seqs, events, seed: int = 0) -> dict:
     out = {"users": users, "skipped": skipped, "unordered": unordered,
            "tied_pairs": tied / max(pairs, 1), "in_tie_group": in_group / max(total, 1),
            "test_differs": test_diff / users, "valid_differs": valid_diff / users, "tie_pairs": tied}
+    for name, v in votes.items():
+        shared = [sum(x) in (0, len(x)) for x in v.values() if len(x) >= 2]
+        out["shared_pairs"] = len(shared)
+        if shared:
+            out[f"{name}_unanimous"] = float(np.mean(shared))
     if numeric and tied:
         for name, d in moves.items():
             d = np.asarray(d)
@@ -145,6 +158,10 @@ def report(r: dict) -> str:
              f"({r['tie_pairs']:,} pairs); interactions in a tie: {r['in_tie_group']:.4f}",
              f"leave-one-out targets that differ between the two orders: test item {r['test_differs']:.4f}, "
              f"valid item {r['valid_differs']:.4f} of the users"]
+    if "recbole_unanimous" in r:
+        lines.append(f"item pairs tied in >= 2 users ({r['shared_pairs']:,}): share in the same order in all "
+                     f"of them: RecBole {r['recbole_unanimous']:.4f}, --seq file {r['seq_unanimous']:.4f}, "
+                     f"random order of each tie {r['random_unanimous']:.4f}")
     if "recbole_up" in r:
         lines.append("inside a tie, consecutive item ids: share going up / share within 2 ids")
         for name, what in (("recbole", "RecBole (--timed file order)"), ("seq", "--seq file"),

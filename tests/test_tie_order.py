@@ -67,3 +67,14 @@ def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
     (tmp_path / "other.txt").write_text("z 100 101\n")
     assert tie_order.main(["--seq", str(tmp_path / "other.txt"), "--timed", timed]) == 2
     assert "no user has the same items" in capsys.readouterr().err
+
+
+def test_unanimous_order_of_pairs_tied_in_several_users(tmp_path):
+    # items 20 and 21 are tied in users e, f and g: the timed file always lists 20 first, the
+    # seq file has 21 first for g only; 30 and 31 are tied in one user only (not counted)
+    inter = ("user_id:token\titem_id:token\ttimestamp:float\n"
+             "e\t20\t5\ne\t21\t5\nf\t20\t7\nf\t21\t7\nf\t30\t8\nf\t31\t8\ng\t20\t1\ng\t21\t1\n")
+    seq, timed = _files(tmp_path, inter, "e 20 21\nf 20 21 31 30\ng 21 20\n")
+    r = tie_order.compare(tie_order.read_seq(seq), tie_order.read_timed(timed))
+    assert r["shared_pairs"] == 1
+    assert (r["recbole_unanimous"], r["seq_unanimous"]) == (1.0, 0.0)
