@@ -17,7 +17,12 @@ interactions share a timestamp, for how many users the leave-one-out test and va
 differ between the two orders, and, over consecutive pairs inside one timestamp, how the item
 ids move (share going up, share within 2 ids) in each order and in a seeded random order of
 each tie; and, over item pairs tied in two or more users, the share that every one of those
-users has in the same order (1.0: a fixed order of the items decides inside a tie). Exit status 2 with a message for unreadable input.
+users has in the same order (1.0: a fixed order of the items decides inside a tie).
+
+``--synthetic-out DIR`` also writes two seq-text variants of ``--seq`` with ties of the
+``--timed`` file's sizes put in, one ordered inside each tie by a fixed item order and one at
+random (:func:`synthetic_ties`): training on both measures what a fixed order inside ties is
+worth to a model (docs/RESULTS.md, ML-1M). Exit status 2 with a message for unreadable input.
 """
 
 from __future__ import annotations
@@ -170,13 +175,71 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def tie_run_sizes(seqs, events) -> list[int]:
+    """Sizes of the runs of equal timestamps, per compared user in the --timed file's order."""
+    sizes = []
+    for u, ev in events.items():
+        seq = seqs.get(u)
+        if seq is None or sorted(seq) != sorted(i for _, i in ev):
+            continue
+        counts = defaultdict(int)
+        for t, _ in ev:
+            counts[t] += 1
+        sizes += [counts[t] for t in sorted(counts)]
+    if not sizes:
+        raise InputError("no user has the same items in both files: are they the same data set?")
+    return sizes
+
+
+def synthetic_ties(seqs, sizes, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Two variants of every --seq line, for a test of what a fixed order inside ties is worth:
+    each line is cut into consecutive runs whose sizes are drawn from ``sizes`` (the timed
+    file's ties); inside a run, "fixed" puts the items in one random order of all items (a
+    fixed order, as ratings.dat's), "shuffled" in a random order of its own. Item ids must be
+    integers (they are sorted as numbers before the fixed order is drawn)."""
+    rng = np.random.default_rng(seed)
+    try:
+        items = sorted({int(i) for seq in seqs.values() for i in seq})
+    except ValueError:
+        raise InputError("synthetic ties need integer item ids") from None
+    rank = {i: r for r, i in enumerate(rng.permutation(items))}
+    sizes = np.asarray(sizes)
+    fixed, shuffled = [], []
+    for u, seq in seqs.items():
+        seq = [int(i) for i in seq]
+        k, f, s = 0, [], []
+        while k < len(seq):
+            run = seq[k:k + int(rng.choice(sizes))]
+            k += len(run)
+            f += sorted(run, key=rank.get)
+            s += list(rng.permutation(run))
+        fixed.append(" ".join([u] + [str(i) for i in f]))
+        shuffled.append(" ".join([u] + [str(i) for i in s]))
+    return fixed, shuffled
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq", required=True, help="seq-text file: user item_1 item_2 ... per line")
     p.add_argument("--timed", required=True, help="RecBole .inter with timestamps, or ratings.dat")
+    p.add_argument("--synthetic-out", default=None, metavar="DIR",
+                   help="also write DIR/fixed.txt and DIR/shuffled.txt (see synthetic_ties) for training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random orders (default 0)")
     args = p.parse_args(argv)
     try:
-        print(report(compare(read_seq(args.seq), read_timed(args.timed))))
+        seqs, events = read_seq(args.seq), read_timed(args.timed)
+        print(report(compare(seqs, events, args.seed)))
+        if args.synthetic_out:
+            import os
+
+            fixed, shuffled = synthetic_ties(seqs, tie_run_sizes(seqs, events), args.seed)
+            os.makedirs(args.synthetic_out, exist_ok=True)
+            for name, lines in (("fixed", fixed), ("shuffled", shuffled)):
+                path = os.path.join(args.synthetic_out, f"{name}.txt")
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                    f.write("\n".join(lines) + "\n")
+                os.replace(path + ".tmp", path)
+                print(f"wrote {path}")
     except (InputError, OSError, UnicodeDecodeError) as e:
         print(f"tie_order.py: error: {e}", file=sys.stderr)
         return 2

@@ -78,3 +78,29 @@ def test_unanimous_order_of_pairs_tied_in_several_users(tmp_path):
     r = tie_order.compare(tie_order.read_seq(seq), tie_order.read_timed(timed))
     assert r["shared_pairs"] == 1
     assert (r["recbole_unanimous"], r["seq_unanimous"]) == (1.0, 0.0)
+
+
+def test_synthetic_ties_fix_the_order_inside_each_run(tmp_path):
+    seqs = {"u": ["3", "1", "2", "6", "5", "4"], "v": ["2", "3", "1", "4", "6", "5"], "w": ["7"]}
+    fixed, shuffled = tie_order.synthetic_ties(seqs, [3], seed=5)
+    runs = lambda line: [line.split()[1:][k:k + 3] for k in range(0, len(line.split()) - 1, 3)]
+    for f, s, (u, seq) in zip(fixed, shuffled, seqs.items()):
+        assert f.split()[0] == s.split()[0] == u
+        assert [sorted(r) for r in runs(f)] == [sorted(r) for r in runs(s)] == [sorted(seq[k:k + 3]) for k in
+                                                                                range(0, len(seq), 3)]
+    # u and v hold the same two runs in different orders: the fixed order makes them equal
+    assert fixed[0].split()[1:] == fixed[1].split()[1:]
+    assert fixed[2] == shuffled[2] == "w 7"
+    assert tie_order.synthetic_ties(seqs, [3], seed=5) == (fixed, shuffled)  # seeded
+    with pytest.raises(tie_order.InputError, match="integer item ids"):
+        tie_order.synthetic_ties({"u": ["a", "b"]}, [2])
+
+
+def test_cli_writes_the_synthetic_files(tmp_path, capsys):
+    seq, timed = _files(tmp_path)
+    out = tmp_path / "synth"
+    assert tie_order.main(["--seq", seq, "--timed", timed, "--synthetic-out", str(out)]) == 0
+    lines = (out / "fixed.txt").read_text().splitlines()
+    assert [l.split()[0] for l in lines] == ["a", "b", "c", "d"]
+    assert sorted(lines[0].split()[1:]) == ["1", "2", "3", "4"]
+    assert not list(out.glob("*.tmp"))
