@@ -28,8 +28,9 @@ worth to a model (docs/RESULTS.md, ML-1M). Exit status 2 with a message for unre
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -106,22 +107,21 @@ def compare(seqs, events, seed: int = 0) -> dict:
             raise InputError(f"user {u} has an item twice; tie order is only defined for distinct items")
         users += 1
         ts = {i: t for t, i in ev}
-        recbole = [i for _, i in sorted(ev, key=lambda e: e[0])]  # stable: file order inside a tie
+        timed = sorted(ev, key=lambda e: e[0])  # stable: the file's order inside a tie, as RecBole's
+        recbole = [i for _, i in timed]
         if any(ts[a] > ts[b] for a, b in zip(seq, seq[1:])):
             unordered += 1
         times = [ts[i] for i in recbole]
         pairs += len(times) - 1
         tied += sum(a == b for a, b in zip(times, times[1:]))
-        counts = defaultdict(int)
-        for t in times:
-            counts[t] += 1
+        counts = Counter(times)
         in_group += sum(counts[t] > 1 for t in times)
         total += len(times)
         test_diff += seq[-1] != recbole[-1]
         if len(seq) > 1:
             valid_diff += seq[-2] != recbole[-2]
         groups = defaultdict(list)
-        for t, i in sorted(ev, key=lambda e: e[0]):
+        for t, i in timed:
             groups[t].append(i)
         shuffled = [i for t in sorted(groups) for i in rng.permutation(groups[t])]
         for name, order in (("recbole", recbole), ("seq", seq), ("random", shuffled)):
@@ -182,9 +182,7 @@ def tie_run_sizes(seqs, events) -> list[int]:
         seq = seqs.get(u)
         if seq is None or sorted(seq) != sorted(i for _, i in ev):
             continue
-        counts = defaultdict(int)
-        for t, _ in ev:
-            counts[t] += 1
+        counts = Counter(t for t, _ in ev)
         sizes += [counts[t] for t in sorted(counts)]
     if not sizes:
         raise InputError("no user has the same items in both files: are they the same data set?")
@@ -230,8 +228,6 @@ def main(argv=None) -> int:
         seqs, events = read_seq(args.seq), read_timed(args.timed)
         print(report(compare(seqs, events, args.seed)))
         if args.synthetic_out:
-            import os
-
             fixed, shuffled = synthetic_ties(seqs, tie_run_sizes(seqs, events), args.seed)
             os.makedirs(args.synthetic_out, exist_ok=True)
             for name, lines in (("fixed", fixed), ("shuffled", shuffled)):
