@@ -243,7 +243,7 @@ def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path
     return -by_signal[0] if by_signal else len(failures)
 
 
-def status(out: Path) -> str:
+def status(out: Path, results: Path = RESULTS) -> str:
     import torch
 
     lines = []
@@ -262,10 +262,10 @@ def status(out: Path) -> str:
             best = max(pairs, key=lambda es: (es[1], es[0])) if pairs else ("-", float("nan"))  # last of ties
             lines.append(f"{job.key}: in progress, {state['epoch'] + 1} epochs, best valid {best[1]:.4f} at epoch "
                          f"{best[0]}, {sum(secs) / max(len(secs), 1):.0f} s/epoch")
+        elif in_results(job, results):
+            lines.append(f"{job.key}: in results/ (trained on an earlier machine; run skips it unless --rerun)")
         else:
             lines.append(f"{job.key}: not started")
-    in_results = sorted(str(p.relative_to(RESULTS)) for p in RESULTS.glob("*/*/*.json"))
-    lines.append(f"in results/: {', '.join(in_results) or 'nothing yet'}")
     return "\n".join(lines)
 
 

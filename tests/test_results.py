@@ -202,6 +202,16 @@ def test_run_queue_does_not_train_again_what_results_holds_unless_rerun(tmp_path
     assert started == ["Mamba4Rec", "SASRec"]
 
 
+def test_status_tells_a_row_results_holds_from_a_job_not_started(tmp_path, tiny_jobs):
+    store = tmp_path / "results"
+    (store / "tiny" / "sequence").mkdir(parents=True)
+    (store / "tiny" / "sequence" / "SASRec.json").write_text("{}")
+    lines = results.status(tmp_path / "runs", results=store).splitlines()
+    assert lines[0] == "tiny/sequence/Mamba4Rec: not started"
+    assert lines[1].startswith("tiny/sequence/SASRec: in results/")
+    assert len(lines) == len(tiny_jobs)
+
+
 def test_cli_refuses_unknown_jobs_and_bad_lanes(capsys):
     assert results.main(["run", "/tmp/x", "--only", "ml-1m/sequence/BERT4Rec"]) == 2
     assert "unknown job(s) ml-1m/sequence/BERT4Rec" in capsys.readouterr().err
