@@ -36,4 +36,17 @@ defaults.install()  # RecBole's Config reads Mamba4Rec's packaged configs as its
 from .defaults import config_dict, config_files  # noqa: E402
 from .model import MODEL_DEFAULTS, Mamba4Rec, resolve_model_config  # noqa: E402
 
+#: submodules reachable as attributes after a bare ``import mamba4rec`` (imported on first use:
+#: ``mamba4rec.pipeline.run(...)``), without making every import pay for them
+_LAZY_SUBMODULES = ("pipeline", "compare", "serving", "streaming", "significance", "hyper")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["Mamba4Rec", "MODEL_DEFAULTS", "resolve_model_config", "config_files", "config_dict", "__version__"]

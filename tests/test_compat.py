@@ -233,3 +233,17 @@ def test_import_mamba4rec_and_model_lookup_leave_anomaly_detection_off():
     resolve_model("SASRec")
     resolve_model("GRU4Rec")
     assert not torch.is_anomaly_enabled()
+
+
+def test_the_readme_s_one_call_works_after_a_bare_import():
+    """README: ``import mamba4rec`` then ``mamba4rec.pipeline.run(...)``, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mamba4rec; assert 'mamba4rec.pipeline' not in sys.modules; "
+            "assert callable(mamba4rec.pipeline.run) and 'mamba4rec.pipeline' in sys.modules; "
+            "assert mamba4rec.significance.__name__ == 'mamba4rec.significance'\n"
+            "try:\n    mamba4rec.no_such_thing\nexcept AttributeError as e:\n    print(e)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "has no attribute 'no_such_thing'" in res.stdout
