@@ -190,7 +190,8 @@ def test_cli_trains_and_prints_test_metrics(in_tmp):
 def test_cli_bad_input_exit_codes(in_tmp, capsys):
     for args, message in [(["-m", "NoSuchModel", "--epochs=1"], "known models"), (["--d_state=0"], "d_state=0"),
                           (["stray"], "--key=value"), (["--compare=SASRec", "--resume=some.pth"], "--resume takes no PATH"),
-                          (["--compare_run=SASRec"], "give --compare"), (["--nproc", "2", "--resume"], "drop --nproc")]:
+                          (["--compare_run=SASRec"], "give --compare"), (["--nproc", "2", "--resume"], "drop --nproc"),
+                          (["--compare=SASRec", "--export=x.pt"], "--export works with a single training run")]:
         code, _, err = _main(args, capsys)
         assert code == 2 and message in err, (args, code, err)
 

@@ -165,6 +165,15 @@ def test_dispatch_picks_triton(monkeypatch):
     torch.testing.assert_close(kernels.scan(**inputs).detach(), ss.selective_scan_fn(**inputs).detach())
 
 
+def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv(kernels.SCAN_IMPL_ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors .*TRITON_INTERPRET=1.*use scan_impl=torch or auto"):
+        kernels.resolve_scan_impl("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.resolve_scan_impl("triton", torch.device("cpu"))[0] == "triton"
+
+
 def test_kernels_compile_for_sm90_without_spills():
     """The interpreter never runs Triton's real compiler: compile both kernels to sm_90 cubin
     (no GPU needed, ptxas ships with triton) so type errors and register spills show up here."""
