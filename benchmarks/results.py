@@ -278,6 +278,7 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
     r = saved["row"]
     settings = saved["settings"]
     seconds = (curve or {}).get("train_seconds") or []
+    stretches = (curve or {}).get("machines") or []
     best_epoch = r.get("best_epoch")
     best_score = _matching_best(curve, r.get("valid_ndcg@10")) if curve and curve.get("valid_scores") else None
     if best_score is not None:
@@ -298,6 +299,9 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
         "train_s_to_stop": round(sum(seconds), 1) if seconds else None,
         "peak_rss_mib": r.get("peak_rss_mib"), "peak_cuda_mib": r.get("peak_cuda_mib"),
         "params": r.get("params"), "threads": r.get("threads"), "machine": r.get("machine"),
+        # a run resumed on another machine: where each stretch of its epochs trained
+        **({"machine_by_epoch": [{"from_epoch": int(e), "machine": m or "not recorded"} for e, m in stretches]}
+           if len(stretches) > 1 else {}),
         "git_commit": r.get("git_commit"), "data_sha256": saved.get("data"),
         "config_overrides": sorted(a for a in settings.get("cmd_args", []) if not a.startswith(_NOT_OVERRIDES))
         + [f"--{k}={v}" for k, v in sorted(settings.get("config_dict", {}).items())],
@@ -632,10 +636,15 @@ def tables(results: Path = RESULTS) -> str:
             out += [""] + (goal + [""] if goal else [])
             out += _masked_lines(recs, mode, per_user, paired_difference)
             out += _noise_lines(recs, noise)
-            machines = sorted({r.get("machine") or "?" for r in recs.values()})
+            machines = sorted({r.get("machine") or "?" for r in recs.values()}
+                              | {s["machine"] for r in recs.values() for s in r.get("machine_by_epoch", [])
+                                 if s["machine"] != "not recorded"})
             out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
                     f"(each with its command and commit); curves: `results/{dataset}/curves.csv`, "
-                    f"`results/{dataset}/curves.png`.", ""]
+                    f"`results/{dataset}/curves.png`."]
+            out += [f"{name} was resumed on another machine: {_stretches(r)}." for name, r in recs.items()
+                    if r.get("machine_by_epoch")]
+            out += [""]
         out += mode_lines(dataset, found[dataset], per_user, paired_difference)
         out += curve_lines(results, dataset)
     return "\n".join(out).rstrip() + "\n"
@@ -831,6 +840,14 @@ def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
             lines.append(f"- 2 layers, hit@10 >= TiM4Rec's {TIM4REC_ML1M_HIT}: "
                          f"{'met' if mine >= TIM4REC_ML1M_HIT else '**NOT MET**'} ({mine:.4f})")
     return lines
+
+
+def _stretches(rec) -> str:
+    """"epochs 0-50 on A, 51-87 on B": where each stretch of a resumed row's epochs trained."""
+    parts = rec["machine_by_epoch"]
+    ends = [p["from_epoch"] - 1 for p in parts[1:]] + [(rec.get("epochs_run") or 0) - 1]
+    where = [("a machine not recorded" if p["machine"] == "not recorded" else p["machine"].split(",")[0]) for p in parts]
+    return ", ".join(f"epochs {p['from_epoch']}-{end} on {w}" for p, end, w in zip(parts, ends, where))
 
 
 def write_tables(doc: Path = RESULTS_DOC, results: Path = RESULTS) -> None:

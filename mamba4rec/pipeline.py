@@ -82,6 +82,22 @@ def last_checkpoint_path(config) -> str:
     return os.path.join(config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-last.pth")
 
 
+def machine() -> str:
+    """The hardware and stack this process trains on, in one line (a row's "machine")."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cpus{gpu}, {platform.system()}, python {platform.python_version()}, torch {torch.__version__}"
+
+
 def _save_last(path, trainer, net, train_data, epoch_idx, history) -> None:
     """Everything needed to continue after ``epoch_idx`` exactly as an uninterrupted run would:
     weights, optimizer, early-stopping state, every random state training draws from, and the
@@ -98,7 +114,8 @@ def _save_last(path, trainer, net, train_data, epoch_idx, history) -> None:
         "cur_step": trainer.cur_step, "best_valid_score": trainer.best_valid_score,
         "best_valid_result": trainer.best_valid_result, "train_loss_dict": trainer.train_loss_dict,
         "saved_model_file": trainer.saved_model_file, "buckets": trainer.batch_buckets(),
-        "history": {"valid_scores": list(history["valid_scores"]), "train_seconds": list(history["train_seconds"])},
+        "history": {"valid_scores": list(history["valid_scores"]), "train_seconds": list(history["train_seconds"]),
+                    "machines": [list(m) for m in history.get("machines", [])]},
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "loader": train_data.generator.get_state(),
                 # dropout on a GPU draws from CUDA's generators, which init_seed reseeds on a resume
@@ -152,8 +169,12 @@ def _resume(path, trainer, net, train_data, log) -> dict:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     log.info("resumed from %s after epoch %d", path, state["epoch"])
     history = state.get("history") or {}
+    # (first epoch, machine) of each stretch of training; a file from before they were recorded
+    # trained its epochs so far on a machine nobody wrote down
+    machines = history.get("machines") or ([[0, None]] if state["epoch"] >= 0 else [])
     return {"valid_scores": [tuple(v) for v in history.get("valid_scores", [])],
-            "train_seconds": list(history.get("train_seconds", []))}
+            "train_seconds": list(history.get("train_seconds", [])),
+            "machines": [list(m) for m in machines]}
 
 
 class _RunTrainer:
@@ -175,6 +196,10 @@ class _RunTrainer:
         """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
         if not hasattr(self, "history"):
             self.history = {"valid_scores": [], "train_seconds": []}  # (epoch, score); s per epoch
+        machines = self.history.setdefault("machines", [])  # [first epoch, machine()] per stretch
+        here = machine()
+        if not machines or machines[-1][1] != here:  # a resume on another machine starts a stretch
+            machines.append([self.start_epoch, here])
         self.train_data, self.last_path, self.train_mode = train_data, last_path, train_mode
         self.first_epoch = self.start_epoch
         self.epoch = self.start_epoch - 1
@@ -295,7 +320,8 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     # those before a resume included)
     extra = {"per_user_test": per_user,
              "history": {"valid_scores": [[int(e), float(v)] for e, v in trainer.history["valid_scores"]],
-                         "train_seconds": [float(t) for t in trainer.history["train_seconds"]]}}
+                         "train_seconds": [float(t) for t in trainer.history["train_seconds"]],
+                         "machines": [list(m) for m in trainer.history.get("machines", [])]}}
     if masked is not None:
         extra["test_result_input_masked"], extra["per_user_test_input_masked"] = masked
     if export_path is not None and config["local_rank"] == 0:

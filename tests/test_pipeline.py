@@ -294,6 +294,21 @@ def test_resume_auto_continues_from_the_last_file_or_starts_fresh(in_tmp):
     assert last["epoch"] == 2 and [e for e, _ in last["history"]["valid_scores"]] == [0, 1, 2]
 
 
+def test_a_resume_records_the_machine_of_each_stretch_of_epochs(in_tmp, monkeypatch):
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch", epochs=1, stopping_step=10)
+    last = in_tmp / "saved" / "Mamba4Rec-tiny-last.pth"
+    for epochs, box in ((1, "box A"), (2, "box A"), (3, "box B")):  # the same machine starts no stretch
+        monkeypatch.setattr(pipeline, "machine", lambda box=box: box)
+        result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": epochs}, resume="auto")
+    assert result.extra["history"]["machines"] == [[0, "box A"], [2, "box B"]]
+    assert torch.load(last, weights_only=False)["history"]["machines"] == [[0, "box A"], [2, "box B"]]
+    state = torch.load(last, weights_only=False)  # a file from before machines were recorded
+    del state["history"]["machines"]
+    torch.save(state, last)
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 4}, resume="auto")
+    assert result.extra["history"]["machines"] == [[0, None], [3, "box B"]]
+
+
 def _compare_cfg(tmp):
     return tiny_config_dict(tmp, scan_impl="torch", epochs=3, stopping_step=10, n_layers=1)
 

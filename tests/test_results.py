@@ -82,6 +82,7 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     assert set(rec["test_result"]) == set(results.METRICS) and rec["epochs_run"] == 2
     assert "--train_mode=sequence" in rec["config_overrides"] and rec["data_sha256"]
     assert rec["machine"] and rec["params"] > 0 and rec["train_s_to_stop"] > 0
+    assert "machine_by_epoch" not in rec  # trained in one stretch on one machine
     with np.load(store / "tiny" / "per_user.npz") as data:
         assert set(data.files) == {f"sequence/{m}/{v}{k}" for m in ("Mamba4Rec", "SASRec", "GRU4Rec")
                                    for v in ("", "input_masked_") for k in results.METRICS}
@@ -117,6 +118,19 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
         assert not [k for k in data.files if k.startswith("sequence/SASRec/")] and "sequence/GRU4Rec/hit@10" in data.files
     assert ",SASRec," not in (store / "tiny" / "curves.csv").read_text()
     assert "SASRec: no per-user values" in results.tables(store)
+    # a row resumed on another machine says where each stretch of its epochs trained
+    curve_file = out / "tiny" / "sequence" / "curves" / "GRU4Rec.json"
+    curve = json.loads(curve_file.read_text())
+    curve["machines"] = [[0, None], [1, "Box B, 2 cpus"]]
+    curve_file.write_text(json.dumps(curve))
+    results.export(out, results=store, log=lambda m: None)
+    rec = json.loads((store / "tiny" / "sequence" / "GRU4Rec.json").read_text())
+    assert rec["machine_by_epoch"] == [{"from_epoch": 0, "machine": "not recorded"},
+                                       {"from_epoch": 1, "machine": "Box B, 2 cpus"}]
+    text = results.tables(store)
+    assert "GRU4Rec was resumed on another machine: epochs 0-0 on a machine not recorded, epochs 1-1 on Box B." in text
+    machine_line = text.split("GRU4Rec was resumed", 1)[0].rsplit("Machine: ", 1)[1]
+    assert "Box B, 2 cpus" in machine_line and "not recorded" not in machine_line
 
 
 def test_tables_fill_the_marked_block_of_the_doc(tmp_path):

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..pipeline import last_checkpoint_path
+from ..pipeline import last_checkpoint_path, machine  # noqa: F401 - machine: compare's export
 from ..registry import build_config
 
 METRIC_KEYS = ("hit@10", "ndcg@10", "mrr@10")
@@ -46,22 +46,6 @@ def _row(model, result=None, error=None, peak=None, seconds=None, status=None, e
         "git_commit": None if result is None else (commit or git_commit()),
     })
     return row
-
-
-def machine() -> str:
-    """The hardware and stack a row was trained on, in one line."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cpus{gpu}, {platform.system()}, python {platform.python_version()}, torch {torch.__version__}"
 
 
 def git_commit() -> str | None:
@@ -200,7 +184,8 @@ def _save_curve(out: Path, name, history, config):
         return
     curve = {"metric": str(config["valid_metric"]), "bigger": bool(config["valid_metric_bigger"]),
              "valid_scores": history["valid_scores"],
-             "train_seconds": history.get("train_seconds", [])}
+             "train_seconds": history.get("train_seconds", []),
+             "machines": history.get("machines", [])}
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(curve)))
 
@@ -218,7 +203,8 @@ def _curve_from_checkpoint(out: Path, name, model, dataset, config_files, run_di
         state = torch.load(path, map_location="cpu", weights_only=False)  # our own file (pipeline._save_last)
         history = state.get("history") or {}
         _save_curve(out, name, {"valid_scores": [[int(e), float(v)] for e, v in history.get("valid_scores", [])],
-                                "train_seconds": [float(t) for t in history.get("train_seconds", [])]}, config)
+                                "train_seconds": [float(t) for t in history.get("train_seconds", [])],
+                                "machines": history.get("machines", [])}, config)
     except Exception as exc:  # noqa: BLE001 - the curve is an extra; the row stands without it
         logger.warning("%s: no learning curve from its checkpoint (%s)", name, exc)
 
