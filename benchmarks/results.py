@@ -750,7 +750,7 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
     by = {}
     for c in curves:
         by.setdefault((c["train_mode"], c["model"]), {})[c["epoch"]] = c["valid_ndcg@10"]
-    lines, table = [], {}
+    lines, columns = [], []
     for m in models:
         pre, seq, other = by.get(("prefix", m)), by.get(("sequence", m)), by.get(("sequence", f"{m}-seed2021"))
         if not pre or not seq:
@@ -759,23 +759,24 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
             epochs = [e for e in sorted(set(a) & set(b)) if e < upto]
             d = [abs(a[e] - b[e]) for e in epochs]
             return (f"mean {sum(d) / len(d):.4f}, largest {max(d):.4f} over epochs 0-{epochs[-1]}" if d else "-")
-        noise = gap(seq, other) if other else "not measured yet"
+        seeded = other or any(j.dataset == dataset and j.name == f"{m}-seed2021" for j in JOBS)
+        noise = gap(seq, other) if other else "not measured yet" if seeded else "not run on this data set"
         unfinished = [f"{mode} {name}, its first {len(curve)} epochs" for mode, name, curve in
                       (("prefix", m, pre), ("sequence", m, seq), ("sequence", f"{m}-seed2021", other))
                       if curve and not (results / dataset / mode / f"{name}.json").is_file()]
         partial = f" (runs not yet at their stopping point: {'; '.join(unfinished)})" if unfinished else ""
         lines.append(f"- {m}: |sequence - prefix| {gap(seq, pre)}; run-to-run noise |seed 2020 - seed 2021| "
                      f"(sequence mode) {noise}{partial}")
-        table[m] = (pre, seq, other or {})
+        columns += [(f"{m} prefix", pre), (f"{m} sequence", seq)]
+        columns += [(f"{m} sequence, seed 2021", other or {})] if seeded else []
     if not lines:
         return []
     out = [f"### {dataset}: learning curves, prefix vs sequence mode (seed 2020)", "",
            "Valid NDCG@10 at equal epochs (chart: `results/%s/curves.png`):" % dataset, ""] + lines + [""]
-    head = "| epoch | " + " | ".join(f"{m} prefix | {m} sequence | {m} sequence, seed 2021" for m in table) + " |"
-    out += [head, "|" + "---|" * (1 + 3 * len(table))]
-    last = max(max(max(c) for c in t if c) for t in table.values())
+    out += ["| epoch | " + " | ".join(label for label, _ in columns) + " |", "|" + "---|" * (1 + len(columns))]
+    last = max(max(c) for _, c in columns if c)
     for e in range(min(upto, last + 1)):
-        out.append(f"| {e} | " + " | ".join(" | ".join(_f(c.get(e)) for c in t) for t in table.values()) + " |")
+        out.append(f"| {e} | " + " | ".join(_f(c.get(e)) for _, c in columns) + " |")
     return out + [""]
 
 

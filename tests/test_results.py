@@ -245,6 +245,13 @@ def test_curve_lines_compare_the_modes_beside_the_seed_noise(tmp_path):
     assert "|seed 2020 - seed 2021| (sequence mode) mean 0.0010" in text
     assert "| 2 | 0.0200 | 0.0220 | 0.0210 |" in text
     assert "SASRec" not in text  # no curves of it: no line
+    # a data set without a second-seed job: no seed column, and the noise is "not run", not "not yet"
+    other = tmp_path / "amazon-video-games"
+    other.mkdir()
+    (other / "curves.csv").write_text("\n".join(r for r in rows if "seed2021" not in r) + "\n")
+    text = "\n".join(results.curve_lines(tmp_path, "amazon-video-games"))
+    assert "(sequence mode) not run on this data set" in text and "seed 2021 |" not in text
+    assert "| 2 | 0.0200 | 0.0220 |" in text.splitlines()
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_one_holds_it(tmp_path):
