@@ -642,7 +642,7 @@ def tables(results: Path = RESULTS) -> str:
             out += [f"Machine: {'; '.join(machines)}. Rows: `results/{dataset}/{mode}/*.json` "
                     f"(each with its command and commit); curves: `results/{dataset}/curves.csv`, "
                     f"`results/{dataset}/curves.png`."]
-            out += [f"{name} was resumed on another machine: {_stretches(r)}." for name, r in recs.items()
+            out += [f"{name} trained in stretches (resumed): {_stretches(r)}." for name, r in recs.items()
                     if r.get("machine_by_epoch")]
             out += [""]
         out += mode_lines(dataset, found[dataset], per_user, paired_difference)
@@ -847,7 +847,7 @@ def _stretches(rec) -> str:
     """"epochs 0-50 on A, 51-87 on B": where each stretch of a resumed row's epochs trained."""
     parts = rec["machine_by_epoch"]
     ends = [p["from_epoch"] - 1 for p in parts[1:]] + [(rec.get("epochs_run") or 0) - 1]
-    where = [("a machine not recorded" if p["machine"] == "not recorded" else p["machine"].split(",")[0]) for p in parts]
+    where = [("a machine not recorded" if p["machine"] == "not recorded" else p["machine"]) for p in parts]
     return ", ".join(f"epochs {p['from_epoch']}-{end} on {w}" for p, end, w in zip(parts, ends, where))
 
 

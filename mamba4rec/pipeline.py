@@ -196,10 +196,7 @@ class _RunTrainer:
         """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
         if not hasattr(self, "history"):
             self.history = {"valid_scores": [], "train_seconds": []}  # (epoch, score); s per epoch
-        machines = self.history.setdefault("machines", [])  # [first epoch, machine()] per stretch
-        here = machine()
-        if not machines or machines[-1][1] != here:  # a resume on another machine starts a stretch
-            machines.append([self.start_epoch, here])
+        self.history.setdefault("machines", [])  # [first epoch, machine()] per stretch of training
         self.train_data, self.last_path, self.train_mode = train_data, last_path, train_mode
         self.first_epoch = self.start_epoch
         self.epoch = self.start_epoch - 1
@@ -208,6 +205,9 @@ class _RunTrainer:
         if self.last_path and epoch_idx > self.first_epoch:  # the previous epoch is trained and validated
             _save_last(self.last_path, self, self.model, self.train_data, epoch_idx - 1, self.history)
         self.epoch = epoch_idx
+        machines, here = self.history["machines"], machine()
+        if epoch_idx == self.first_epoch and (not machines or machines[-1][1] != here):
+            machines.append([epoch_idx, here])  # a stretch starts with an epoch trained on another machine
         if loss_func is None and (self.train_mode == "sequence" or self.buckets > 1):
             model, buckets = self.model, self.buckets
             loss = sequence_loss if self.train_mode == "sequence" else prefix_loss

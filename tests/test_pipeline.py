@@ -307,6 +307,9 @@ def test_a_resume_records_the_machine_of_each_stretch_of_epochs(in_tmp, monkeypa
     torch.save(state, last)
     result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 4}, resume="auto")
     assert result.extra["history"]["machines"] == [[0, None], [3, "box B"]]
+    monkeypatch.setattr(pipeline, "machine", lambda: "box C")  # resumed with no epoch left: no stretch
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 4}, resume="auto")
+    assert result.extra["history"]["machines"] == [[0, None], [3, "box B"]]
 
 
 def _compare_cfg(tmp):

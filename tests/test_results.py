@@ -128,8 +128,9 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     assert rec["machine_by_epoch"] == [{"from_epoch": 0, "machine": "not recorded"},
                                        {"from_epoch": 1, "machine": "Box B, 2 cpus"}]
     text = results.tables(store)
-    assert "GRU4Rec was resumed on another machine: epochs 0-0 on a machine not recorded, epochs 1-1 on Box B." in text
-    machine_line = text.split("GRU4Rec was resumed", 1)[0].rsplit("Machine: ", 1)[1]
+    assert ("GRU4Rec trained in stretches (resumed): epochs 0-0 on a machine not recorded, epochs 1-1 on Box B, "
+            "2 cpus.") in text
+    machine_line = text.split("GRU4Rec trained in stretches", 1)[0].rsplit("Machine: ", 1)[1]
     assert "Box B, 2 cpus" in machine_line and "not recorded" not in machine_line
 
 
