@@ -263,7 +263,7 @@ def status(out: Path, results: Path = RESULTS) -> str:
             lines.append(f"{job.key}: in progress, {state['epoch'] + 1} epochs, best valid {best[1]:.4f} at epoch "
                          f"{best[0]}, {sum(secs) / max(len(secs), 1):.0f} s/epoch")
         elif in_results(job, results):
-            lines.append(f"{job.key}: in results/ (trained on an earlier machine; run skips it unless --rerun)")
+            lines.append(f"{job.key}: in results/ (finished earlier; run skips it unless --rerun)")
         else:
             lines.append(f"{job.key}: not started")
     return "\n".join(lines)
