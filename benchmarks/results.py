@@ -759,7 +759,7 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
             epochs = [e for e in sorted(set(a) & set(b)) if e < upto]
             d = [abs(a[e] - b[e]) for e in epochs]
             return (f"mean {sum(d) / len(d):.4f}, largest {max(d):.4f} over epochs 0-{epochs[-1]}" if d else "-")
-        seeded = other or any(j.dataset == dataset and j.name == f"{m}-seed2021" for j in JOBS)
+        seeded = bool(other) or any(j.dataset == dataset and j.name == f"{m}-seed2021" for j in JOBS)
         noise = gap(seq, other) if other else "not measured yet" if seeded else "not run on this data set"
         unfinished = [f"{mode} {name}, its first {len(curve)} epochs" for mode, name, curve in
                       (("prefix", m, pre), ("sequence", m, seq), ("sequence", f"{m}-seed2021", other))

@@ -205,9 +205,10 @@ class _RunTrainer:
         if self.last_path and epoch_idx > self.first_epoch:  # the previous epoch is trained and validated
             _save_last(self.last_path, self, self.model, self.train_data, epoch_idx - 1, self.history)
         self.epoch = epoch_idx
-        machines, here = self.history["machines"], machine()
-        if epoch_idx == self.first_epoch and (not machines or machines[-1][1] != here):
-            machines.append([epoch_idx, here])  # a stretch starts with an epoch trained on another machine
+        if epoch_idx == self.first_epoch:  # a stretch starts with the first epoch trained on another machine
+            machines, here = self.history["machines"], machine()
+            if not machines or machines[-1][1] != here:
+                machines.append([epoch_idx, here])
         if loss_func is None and (self.train_mode == "sequence" or self.buckets > 1):
             model, buckets = self.model, self.buckets
             loss = sequence_loss if self.train_mode == "sequence" else prefix_loss
