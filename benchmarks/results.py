@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """The converged comparison on the paper's data sets, trained to early stopping and kept in git.
 
-    python benchmarks/results.py run OUT [--lanes 2] [--only DATASET/MODE/MODEL ...]
+    python benchmarks/results.py run OUT [--lanes 2] [--threads 1] [--only DATASET/MODE/MODEL ...]
     python benchmarks/results.py status OUT
     python benchmarks/results.py export OUT      # OUT's finished rows -> results/
     python benchmarks/results.py curves OUT      # OUT's unfinished runs' curves so far -> results/
     python benchmarks/results.py tables          # results/ -> docs/RESULTS.md's tables
 
 ``run`` works through :data:`JOBS` in order, ``--lanes`` at a time (default 2: one-thread
-processes on a 2-core machine), each job one ``run_recbole.py --compare ... --compare_run=MODEL
+processes on a 2-core machine; ``--threads`` gives each process more, e.g. ``--lanes 1 --threads 2``
+for one job on the whole machine), each job one ``run_recbole.py --compare ... --compare_run=MODEL
 --resume`` process: a stopped job continues exactly from its last epoch when ``run`` is started
 again. It prepares the data sets from ../shared/datasets into OUT/dataset first. Each finished
 job is exported at once: ``results/<dataset>/<train_mode>/<model>.json`` (metrics, epochs, how it
@@ -148,7 +149,8 @@ def in_results(job: Job, results: Path = RESULTS) -> bool:
 
 
 def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path = RESULTS,
-              rerun: bool = False, seconds: float | None = None, grace: float = 30.0) -> int:
+              rerun: bool = False, seconds: float | None = None, grace: float = 30.0,
+              threads: int = 1) -> int:
     """Train ``jobs`` ``lanes`` at a time; export each job as it finishes. Returns the number of
     jobs that failed, or -signal when SIGTERM / SIGINT stopped it (the running trainings are
     stopped too, and resume on the next run). Jobs finished earlier are exported again first,
@@ -156,7 +158,8 @@ def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path
     results/ already holds, but that OUT does not (an OUT lost with its machine), is not
     trained again unless ``rerun``. ``seconds``: after that long the queue stops as a SIGTERM
     would stop it (no job fails by it; they resume on the next run), and returns the number of
-    failures. A training still running ``grace`` seconds after a stop is killed."""
+    failures. A training still running ``grace`` seconds after a stop is killed. ``threads``: the
+    torch / OpenMP / numba threads of each training process."""
     done_before = [j for j in jobs if finished(j, out) is not None]
     kept = [j for j in jobs if j not in done_before and not rerun and in_results(j, results)]
     pending = [j for j in jobs if j not in done_before and j not in kept]
@@ -183,7 +186,8 @@ def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path
         logfile = job.compare_dir(out).parent / f"{job.mode}-{job.name}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
         log(f"lane {n}: {job.key} ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, log {logfile})")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   NUMBA_NUM_THREADS=str(threads))
         with open(logfile, "a") as fh:
             with lock:
                 if stopped:
@@ -218,11 +222,11 @@ def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path
     start = time.monotonic()
     kill_at = None
     try:
-        threads = [threading.Thread(target=lane, args=(n + 1,)) for n in range(lanes)]
-        for t in threads:
+        workers = [threading.Thread(target=lane, args=(n + 1,)) for n in range(lanes)]
+        for t in workers:
             t.start()
-        while any(t.is_alive() for t in threads):
-            next(t for t in threads if t.is_alive()).join(0.5)  # wakes for a signal, the time limit
+        while any(t.is_alive() for t in workers):
+            next(t for t in workers if t.is_alive()).join(0.5)  # wakes for a signal, the time limit
             now = time.monotonic()
             if seconds is not None and not stopped and now - start >= seconds:
                 log(f"{seconds:.0f} s are up: stopping the trainings still running (they resume on the next run)")
@@ -300,7 +304,8 @@ def result_record(job: Job, saved: dict, curve: dict | None) -> dict:
         "peak_rss_mib": r.get("peak_rss_mib"), "peak_cuda_mib": r.get("peak_cuda_mib"),
         "params": r.get("params"), "threads": r.get("threads"), "machine": r.get("machine"),
         # a run resumed on another machine: where each stretch of its epochs trained
-        **({"machine_by_epoch": [{"from_epoch": int(e), "machine": m or "not recorded"} for e, m in stretches]}
+        **({"machine_by_epoch": [{"from_epoch": int(s[0]), "machine": s[1] or "not recorded",
+                                  **({"threads": s[2]} if len(s) > 2 else {})} for s in stretches]}
            if len(stretches) > 1 else {}),
         "git_commit": r.get("git_commit"), "data_sha256": saved.get("data"),
         "config_overrides": sorted(a for a in settings.get("cmd_args", []) if not a.startswith(_NOT_OVERRIDES))
@@ -844,10 +849,13 @@ def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
 
 
 def _stretches(rec) -> str:
-    """"epochs 0-50 on A, 51-87 on B": where each stretch of a resumed row's epochs trained."""
+    """"epochs 0-50 on A (1 thread), 51-87 on B (2 threads)": where each stretch of a resumed row's
+    epochs trained."""
     parts = rec["machine_by_epoch"]
     ends = [p["from_epoch"] - 1 for p in parts[1:]] + [(rec.get("epochs_run") or 0) - 1]
-    where = [("a machine not recorded" if p["machine"] == "not recorded" else p["machine"]) for p in parts]
+    where = [("a machine not recorded" if p["machine"] == "not recorded" else p["machine"])
+             + (f" ({p['threads']} thread{'s' if p['threads'] != 1 else ''})" if p.get("threads") else "")
+             for p in parts]
     return ", ".join(f"epochs {p['from_epoch']}-{end} on {w}" for p, end, w in zip(parts, ends, where))
 
 
@@ -867,6 +875,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="train the queue (resumes)")
     r.add_argument("out", type=Path)
     r.add_argument("--lanes", type=int, default=2)
+    r.add_argument("--threads", type=int, default=1, help="threads of each training process (default 1)")
     r.add_argument("--only", nargs="*", default=None, metavar="DATASET/MODE/MODEL")
     r.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
     r.add_argument("--python", default=sys.executable)
@@ -906,13 +915,18 @@ def main(argv=None) -> int:
     if args.cmd == "masked":
         masked_from_checkpoints(out, jobs if args.only is not None else [j for j in JOBS if finished(j, out)])
         return 0
-    if args.lanes < 1:
-        print(f"error: --lanes={args.lanes}: it must be >= 1", file=sys.stderr)
-        return 2
+    for flag in ("lanes", "threads"):
+        if getattr(args, flag) < 1:
+            print(f"error: --{flag}={getattr(args, flag)}: it must be >= 1", file=sys.stderr)
+            return 2
+    cores = os.cpu_count() or 1
+    if args.lanes * args.threads > cores:
+        print(f"warning: --lanes {args.lanes} x --threads {args.threads} = {args.lanes * args.threads} threads "
+              f"on {cores} cores: the trainings will slow each other down", file=sys.stderr)
     with queue_lock(out):
         prepare(out, args.shared, args.python, dict.fromkeys(j.dataset for j in jobs))
         failed = run_queue(out, jobs, args.lanes, args.python, log=lambda m: print(m, flush=True),
-                           rerun=args.rerun)
+                           rerun=args.rerun, threads=args.threads)
     return 128 - failed if failed < 0 else (1 if failed else 0)
 
 

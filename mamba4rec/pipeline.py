@@ -169,8 +169,9 @@ def _resume(path, trainer, net, train_data, log) -> dict:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     log.info("resumed from %s after epoch %d", path, state["epoch"])
     history = state.get("history") or {}
-    # (first epoch, machine) of each stretch of training; a file from before they were recorded
-    # trained its epochs so far on a machine nobody wrote down
+    # (first epoch, machine, threads) of each stretch of training; a file from before they were
+    # recorded trained its epochs so far on a machine nobody wrote down (and from before the
+    # threads were, with threads nobody wrote down: [epoch, machine] only)
     machines = history.get("machines") or ([[0, None]] if state["epoch"] >= 0 else [])
     return {"valid_scores": [tuple(v) for v in history.get("valid_scores", [])],
             "train_seconds": list(history.get("train_seconds", [])),
@@ -196,7 +197,7 @@ class _RunTrainer:
         """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
         if not hasattr(self, "history"):
             self.history = {"valid_scores": [], "train_seconds": []}  # (epoch, score); s per epoch
-        self.history.setdefault("machines", [])  # [first epoch, machine()] per stretch of training
+        self.history.setdefault("machines", [])  # [first epoch, machine(), threads] per stretch of training
         self.train_data, self.last_path, self.train_mode = train_data, last_path, train_mode
         self.first_epoch = self.start_epoch
         self.epoch = self.start_epoch - 1
@@ -206,9 +207,11 @@ class _RunTrainer:
             _save_last(self.last_path, self, self.model, self.train_data, epoch_idx - 1, self.history)
         self.epoch = epoch_idx
         if epoch_idx == self.first_epoch:  # a stretch starts with the first epoch trained on another machine
-            machines, here = self.history["machines"], machine()
-            if not machines or machines[-1][1] != here:
-                machines.append([epoch_idx, here])
+            import torch  # (or with another number of threads)
+
+            machines, here = self.history["machines"], [machine(), torch.get_num_threads()]
+            if not machines or list(machines[-1][1:]) != here:
+                machines.append([epoch_idx, *here])
         if loss_func is None and (self.train_mode == "sequence" or self.buckets > 1):
             model, buckets = self.model, self.buckets
             loss = sequence_loss if self.train_mode == "sequence" else prefix_loss

@@ -297,19 +297,26 @@ def test_resume_auto_continues_from_the_last_file_or_starts_fresh(in_tmp):
 def test_a_resume_records_the_machine_of_each_stretch_of_epochs(in_tmp, monkeypatch):
     cfg = tiny_config_dict(in_tmp, scan_impl="torch", epochs=1, stopping_step=10)
     last = in_tmp / "saved" / "Mamba4Rec-tiny-last.pth"
+    t = torch.get_num_threads()
     for epochs, box in ((1, "box A"), (2, "box A"), (3, "box B")):  # the same machine starts no stretch
         monkeypatch.setattr(pipeline, "machine", lambda box=box: box)
         result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": epochs}, resume="auto")
-    assert result.extra["history"]["machines"] == [[0, "box A"], [2, "box B"]]
-    assert torch.load(last, weights_only=False)["history"]["machines"] == [[0, "box A"], [2, "box B"]]
+    assert result.extra["history"]["machines"] == [[0, "box A", t], [2, "box B", t]]
+    assert torch.load(last, weights_only=False)["history"]["machines"] == [[0, "box A", t], [2, "box B", t]]
+    torch.set_num_threads(t + 1)  # the same machine with more threads: a stretch of its own
+    try:
+        result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 4}, resume="auto")
+    finally:
+        torch.set_num_threads(t)
+    assert result.extra["history"]["machines"] == [[0, "box A", t], [2, "box B", t], [3, "box B", t + 1]]
     state = torch.load(last, weights_only=False)  # a file from before machines were recorded
     del state["history"]["machines"]
     torch.save(state, last)
-    result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 4}, resume="auto")
-    assert result.extra["history"]["machines"] == [[0, None], [3, "box B"]]
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 5}, resume="auto")
+    assert result.extra["history"]["machines"] == [[0, None], [4, "box B", t]]
     monkeypatch.setattr(pipeline, "machine", lambda: "box C")  # resumed with no epoch left: no stretch
-    result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 4}, resume="auto")
-    assert result.extra["history"]["machines"] == [[0, None], [3, "box B"]]
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": 5}, resume="auto")
+    assert result.extra["history"]["machines"] == [[0, None], [4, "box B", t]]
 
 
 def _compare_cfg(tmp):

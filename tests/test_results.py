@@ -121,15 +121,15 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     # a row resumed on another machine says where each stretch of its epochs trained
     curve_file = out / "tiny" / "sequence" / "curves" / "GRU4Rec.json"
     curve = json.loads(curve_file.read_text())
-    curve["machines"] = [[0, None], [1, "Box B, 2 cpus"]]
+    curve["machines"] = [[0, None], [1, "Box B, 2 cpus", 2]]
     curve_file.write_text(json.dumps(curve))
     results.export(out, results=store, log=lambda m: None)
     rec = json.loads((store / "tiny" / "sequence" / "GRU4Rec.json").read_text())
     assert rec["machine_by_epoch"] == [{"from_epoch": 0, "machine": "not recorded"},
-                                       {"from_epoch": 1, "machine": "Box B, 2 cpus"}]
+                                       {"from_epoch": 1, "machine": "Box B, 2 cpus", "threads": 2}]
     text = results.tables(store)
     assert ("GRU4Rec trained in stretches (resumed): epochs 0-0 on a machine not recorded, epochs 1-1 on Box B, "
-            "2 cpus.") in text
+            "2 cpus (2 threads).") in text
     machine_line = text.split("GRU4Rec trained in stretches", 1)[0].rsplit("Machine: ", 1)[1]
     assert "Box B, 2 cpus" in machine_line and "not recorded" not in machine_line
 
@@ -231,6 +231,28 @@ def test_cli_refuses_unknown_jobs_and_bad_lanes(capsys):
     assert results.main(["run", "/tmp/x", "--only", "ml-1m/sequence/BERT4Rec"]) == 2
     assert "unknown job(s) ml-1m/sequence/BERT4Rec" in capsys.readouterr().err
     assert results.main(["run", "/tmp/x", "--lanes", "0"]) == 2
+    assert results.main(["run", "/tmp/x", "--threads", "0"]) == 2
+    assert "--threads=0: it must be >= 1" in capsys.readouterr().err
+
+
+def test_run_queue_gives_each_training_the_threads_asked_for(tmp_path, tiny_jobs, monkeypatch):
+    envs = []
+
+    class FakePopen:
+        def __init__(self, cmd, env=None, **kw):
+            envs.append({k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")})
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(results.subprocess, "Popen", FakePopen)
+    results.run_queue(tmp_path / "runs", tiny_jobs[:1], 1, "python", log=lambda m: None,
+                      results=tmp_path / "results", threads=2)
+    assert envs == [dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"), "2")]
+    envs.clear()
+    results.run_queue(tmp_path / "runs2", tiny_jobs[:1], 1, "python", log=lambda m: None,
+                      results=tmp_path / "results")
+    assert envs == [dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"), "1")]
 
 
 def test_curve_lines_compare_the_modes_beside_the_seed_noise(tmp_path):
