@@ -55,8 +55,16 @@ def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_ru
     assert two.compare_dir(Path("/o")) != next(j for j in results.JOBS if j.key == "ml-1m/sequence/SASRec").compare_dir(Path("/o"))
     # Beauty's jobs first (both modes), then Video Games in sequence mode, then ML-1M
     order = [(j.dataset, j.mode) for j in results.JOBS]
-    beauty = [i for i, (d, _) in enumerate(order) if d == "amazon-beauty"]
+    beauty = [i for i, j in enumerate(results.JOBS) if j.dataset == "amazon-beauty" and j.name not in results.ABLATIONS]
     assert beauty == list(range(len(beauty))) and len(beauty) == 9
+    # the ablations (one layer with the block residual) after the table's rows, before the optional
+    # Video Games prefix runs; a comparison of their own, with the variant's key
+    residual = [i for i, j in enumerate(results.JOBS) if j.name == "Mamba4Rec-residual"]
+    assert len(residual) == 2 and min(residual) > max(i for i, (d, _) in enumerate(order) if d == "ml-1m")
+    assert max(residual) < order.index(("amazon-video-games", "prefix"))
+    ablation = results.JOBS[residual[0]]
+    assert "--block_residual=True" in ablation.command(Path("/o")) and "--compare_run=Mamba4Rec" in ablation.command(Path("/o"))
+    assert ablation.compare_dir(Path("/o")).name == "sequence-residual"
     # the seed-2021 run and the prefix run of Mamba4Rec (its learning curves) before the long 2-layer run
     names = [(j.mode, j.name) for j in results.JOBS]
     assert names.index(("sequence", "Mamba4Rec-seed2021")) < names.index(("sequence", "Mamba4Rec-2layers"))
@@ -149,7 +157,7 @@ def test_tables_fill_the_marked_block_of_the_doc(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\n\nintro\n\n") and text.endswith(f"{results.END}\n\nafter\n")
     assert "old" not in text and "| *Mamba4Rec, paper* | 0.3121 | 0.1822 | 0.1425 |" in text
-    assert "hit@10 >= Mamba4Rec, paper 0.3121: met (0.3300)" in text
+    assert "hit@10 >= Mamba4Rec, paper 0.3121 (Mamba4Rec): met (0.3300)" in text
     assert "2 layers, hit@10 >= TiM4Rec's 0.3253: met (0.3300)" in text
     assert "Not finished yet: SASRec, GRU4Rec." in text
     bare = tmp_path / "bare.md"
@@ -356,6 +364,43 @@ def test_goal_lines_judge_the_chosen_variant_and_show_the_other_beside_it():
     assert "Mamba4Rec-2layers (not chosen: valid NDCG@10 0.0500 against 0.0600)" in text
     assert "- hit@10: Mamba4Rec-2layers - SASRec = -0.0500 [-0.0500, -0.0500]: behind beyond the noise" in text
     assert text.count("NOT MET") == 0  # the variant not chosen gets no verdict
+
+
+def test_published_figures_are_judged_on_the_chosen_variant_under_its_own_lines():
+    from mamba4rec.significance import paired_difference
+
+    recs = {"Mamba4Rec": {"valid_result": {"ndcg@10": 0.13}, "test_result": {"hit@10": 0.25}},
+            "Mamba4Rec-2layers": {"valid_result": {"ndcg@10": 0.14}, "test_result": {"hit@10": 0.33}}}
+    lines = results._goal_lines("ml-1m", "sequence", recs, {}, paired_difference)
+    paper = next(i for i, line in enumerate(lines) if "paper 0.3121" in line)
+    assert lines[paper] == "- hit@10 >= Mamba4Rec, paper 0.3121 (Mamba4Rec-2layers): met (0.3300)"
+    # before the block of the variant not chosen, which would otherwise seem to own them
+    assert paper < next(i for i, line in enumerate(lines) if line.startswith("Mamba4Rec (not chosen"))
+
+
+def test_an_ablation_is_paired_with_the_variants_it_takes_apart_and_never_chosen_for_the_goal():
+    from mamba4rec.significance import paired_difference
+
+    rng = np.random.default_rng(1)
+    base = rng.random(400)
+    shifts = {"Mamba4Rec": 0.0, "Mamba4Rec-2layers": 0.02, "Mamba4Rec-residual": 0.03, "SASRec": 0.01}
+    per_user = {f"sequence/{n}/{values}{m}": base + s + (0.1 if values else 0.0)
+                for n, s in shifts.items() for m in results.METRICS for values in ("", "input_masked_")}
+    recs = {n: {"valid_result": {"ndcg@10": 0.05 + s}, "test_result": dict.fromkeys(results.METRICS, 0.05 + s),
+                "test_result_input_masked": dict.fromkeys(results.METRICS, 0.15 + s)} for n, s in shifts.items()}
+    text = "\n".join(results._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference))
+    # the best valid NDCG@10 is the ablation's, yet the goal judges the better of 1 and 2 layers
+    assert "by valid NDCG@10: **Mamba4Rec-2layers**" in text
+    assert "Mamba4Rec-residual, one layer with the residual" in text and "outside the goal's choice" in text
+    assert "- hit@10: Mamba4Rec-residual - SASRec = +0.0200 [+0.0200, +0.0200]: ahead beyond the noise" in text
+    assert "- ndcg@10: Mamba4Rec-residual - Mamba4Rec = +0.0300 [+0.0300, +0.0300]: ahead beyond the noise" in text
+    assert "- mrr@10: Mamba4Rec-residual - Mamba4Rec-2layers = +0.0100 [+0.0100, +0.0100]" in text
+    assert "Mamba4Rec-residual - GRU4Rec" not in text  # no GRU4Rec row: no line for it
+    assert "Mamba4Rec-residual - SASRec" not in text.split("outside the goal's choice")[0]  # no verdict lines for it
+    masked = "\n".join(results._masked_lines(recs, "sequence", per_user, paired_difference))
+    assert "| Mamba4Rec-residual | 0.1800 | 0.1800 | 0.1800 | +0.1000 | +0.1000 | +0.1000 |" in masked
+    assert "paired the same way on the masked test values, for reference" in masked
+    assert "- hit@10: Mamba4Rec-residual - Mamba4Rec = +0.0300 [+0.0300, +0.0300]" in masked
 
 
 def test_masked_values_of_an_older_row_come_from_its_best_checkpoint(in_tmp, tiny_jobs):
