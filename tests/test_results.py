@@ -62,6 +62,8 @@ def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_ru
     residual = [i for i, j in enumerate(results.JOBS) if j.name == "Mamba4Rec-residual"]
     assert len(residual) == 2 and min(residual) > max(i for i, (d, _) in enumerate(order) if d == "ml-1m")
     assert max(residual) < order.index(("amazon-video-games", "prefix"))
+    assert {(results.JOBS[i].dataset, results.JOBS[i].mode) for i in residual} == {
+        ("amazon-video-games", "sequence"), ("amazon-beauty", "sequence")}
     ablation = results.JOBS[residual[0]]
     assert "--block_residual=True" in ablation.command(Path("/o")) and "--compare_run=Mamba4Rec" in ablation.command(Path("/o"))
     assert ablation.compare_dir(Path("/o")).name == "sequence-residual"
@@ -384,10 +386,11 @@ def test_an_ablation_is_paired_with_the_variants_it_takes_apart_and_never_chosen
     rng = np.random.default_rng(1)
     base = rng.random(400)
     shifts = {"Mamba4Rec": 0.0, "Mamba4Rec-2layers": 0.02, "Mamba4Rec-residual": 0.03, "SASRec": 0.01}
-    per_user = {f"sequence/{n}/{values}{m}": base + s + (0.1 if values else 0.0)
+    # masked values move twice as far as RecBole's: a masked line that read the unmasked ones is seen
+    per_user = {f"sequence/{n}/{values}{m}": base + (2 * s + 0.1 if values else s)
                 for n, s in shifts.items() for m in results.METRICS for values in ("", "input_masked_")}
     recs = {n: {"valid_result": {"ndcg@10": 0.05 + s}, "test_result": dict.fromkeys(results.METRICS, 0.05 + s),
-                "test_result_input_masked": dict.fromkeys(results.METRICS, 0.15 + s)} for n, s in shifts.items()}
+                "test_result_input_masked": dict.fromkeys(results.METRICS, 0.15 + 2 * s)} for n, s in shifts.items()}
     text = "\n".join(results._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference))
     # the best valid NDCG@10 is the ablation's, yet the goal judges the better of 1 and 2 layers
     assert "by valid NDCG@10: **Mamba4Rec-2layers**" in text
@@ -398,9 +401,41 @@ def test_an_ablation_is_paired_with_the_variants_it_takes_apart_and_never_chosen
     assert "Mamba4Rec-residual - GRU4Rec" not in text  # no GRU4Rec row: no line for it
     assert "Mamba4Rec-residual - SASRec" not in text.split("outside the goal's choice")[0]  # no verdict lines for it
     masked = "\n".join(results._masked_lines(recs, "sequence", per_user, paired_difference))
-    assert "| Mamba4Rec-residual | 0.1800 | 0.1800 | 0.1800 | +0.1000 | +0.1000 | +0.1000 |" in masked
+    assert "| Mamba4Rec-residual | 0.2100 | 0.2100 | 0.2100 | +0.1300 | +0.1300 | +0.1300 |" in masked
     assert "paired the same way on the masked test values, for reference" in masked
-    assert "- hit@10: Mamba4Rec-residual - Mamba4Rec = +0.0300 [+0.0300, +0.0300]" in masked
+    assert "- hit@10: Mamba4Rec-residual - Mamba4Rec = +0.0600 [+0.0600, +0.0600]" in masked
+    assert "- mrr@10: Mamba4Rec-residual - SASRec = +0.0400 [+0.0400, +0.0400]" in masked
+
+
+def test_an_ablation_without_partners_or_without_a_goal_row_is_still_shown_right():
+    from mamba4rec.significance import paired_difference
+
+    base = np.random.default_rng(2).random(300)
+    per_user = {f"sequence/{n}/{m}": base + s for n, s in (("Mamba4Rec-residual", 0.01), ("SASRec", 0.0))
+                for m in results.METRICS}
+    per_user.update({f"sequence/Mamba4Rec-residual/input_masked_{m}": base + 0.2 for m in results.METRICS})
+    recs = {"Mamba4Rec-residual": {"valid_result": {"ndcg@10": 0.05}, "test_result": dict.fromkeys(results.METRICS, 0.1),
+                                   "test_result_input_masked": dict.fromkeys(results.METRICS, 0.3)},
+            "SASRec": {"valid_result": {"ndcg@10": 0.04}, "test_result": dict.fromkeys(results.METRICS, 0.09)}}
+    # no Mamba4Rec row of 1 or 2 layers yet (a run of --only the ablation): its pairs with SASRec still show
+    goal = results._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference)
+    assert goal[0].startswith("Mamba4Rec-residual, one layer with the residual")
+    assert "- hit@10: Mamba4Rec-residual - SASRec = +0.0100 [+0.0100, +0.0100]: ahead beyond the noise" in goal
+    # masked values only for the ablation: nothing to pair them with, so no heading over an empty list
+    masked = "\n".join(results._masked_lines(recs, "sequence", per_user, paired_difference))
+    assert "| Mamba4Rec-residual | 0.3000 |" in masked and "for reference" not in masked
+
+
+def test_the_tim4rec_check_sits_under_the_2_layer_lines_whichever_variant_is_chosen():
+    from mamba4rec.significance import paired_difference
+
+    recs = {"Mamba4Rec": {"valid_result": {"ndcg@10": 0.14}, "test_result": {"hit@10": 0.25}},
+            "Mamba4Rec-2layers": {"valid_result": {"ndcg@10": 0.13}, "test_result": {"hit@10": 0.26}}}
+    lines = results._goal_lines("ml-1m", "sequence", recs, {}, paired_difference)
+    tim = lines.index("- 2 layers, hit@10 >= TiM4Rec's 0.3253: **NOT MET** (0.2600)")
+    assert tim > lines.index("Mamba4Rec-2layers (not chosen: valid NDCG@10 0.1300 against 0.1400), paired the same "
+                             "way, for reference:")
+    assert "- hit@10 >= Mamba4Rec, paper 0.3121 (Mamba4Rec): **NOT MET** (0.2500)" in lines[:tim]
 
 
 def test_masked_values_of_an_older_row_come_from_its_best_checkpoint(in_tmp, tiny_jobs):
