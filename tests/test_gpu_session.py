@@ -148,7 +148,8 @@ def test_compare_trains_at_once_stops_at_the_limit_packs_resumes_on_a_bare_machi
     # the failed one's too: it is trained again, from its checkpoint
     ckpts = sorted(n for n in got if "/checkpoints/" in n)
     assert ckpts == sorted(f"video-games/{sub}/checkpoints/{m}-{s}" for sub, m in
-                           (("sequence", "Mamba4Rec"), ("sequence-2layers", "Mamba4Rec"), ("sequence", "GRU4Rec"))
+                           (("sequence", "Mamba4Rec"), ("sequence-2layers", "Mamba4Rec"), ("sequence", "GRU4Rec"),
+                            ("sequence-residual", "Mamba4Rec"))
                            for s in ("amazon-video-games-last.pth", "amazon-video-games-last.pth.data.json",
                                      "Dec-01-2026_10-00-00.pth"))
     best = torch.load(io.BytesIO(got["video-games/sequence/checkpoints/Mamba4Rec-Dec-01-2026_10-00-00.pth"]),
@@ -183,7 +184,7 @@ def test_compare_trains_at_once_stops_at_the_limit_packs_resumes_on_a_bare_machi
     by_job = {tuple(j.command(device["state"])): j.name for j in VG}
     trains = {by_job[tuple(c["argv"])]: c["had_last"] for c in device["calls"]() if "argv" in c}
     # SASRec's row came back finished: not trained again; the others continue from their checkpoints
-    assert trains == {"Mamba4Rec": True, "GRU4Rec": True, "Mamba4Rec-2layers": True}
+    assert trains == {"Mamba4Rec": True, "GRU4Rec": True, "Mamba4Rec-2layers": True, "Mamba4Rec-residual": True}
     assert not [n for n in _members(back2) if "/checkpoints/" in n]  # all finished: only rows go back
 
     # here: export the finished rows to results/
@@ -250,7 +251,7 @@ def test_a_best_checkpoint_without_its_optimizer_state_still_gives_the_same_test
 
 def test_the_jobs_are_results_py_s_sequence_mode_ones_unless_chosen():
     jobs = gs.select_jobs()
-    assert jobs == [j for j in gs.results.JOBS if j.mode == "sequence"] and len(jobs) == 14
+    assert jobs == [j for j in gs.results.JOBS if j.mode == "sequence"] and len(jobs) == 16
     assert {j.dataset for j in gs.select_jobs(["ml-1m"])} == {"ml-1m"}
     assert gs.select_jobs(only=["amazon-video-games/prefix/Mamba4Rec"]) == [
         gs.results.Job("amazon-video-games", "prefix", "Mamba4Rec")]
