@@ -630,7 +630,8 @@ def tables(results: Path = RESULTS) -> str:
                 t, v = r["test_result"], r["valid_result"]
                 spe = r.get("train_s_per_epoch")
                 mem = r.get("peak_rss_mib")
-                t_ratio = _f(spe / base["train_s_per_epoch"], 2) if base and spe and base.get("train_s_per_epoch") else "-"
+                t_ratio = (_setting_gap(r, base) or _f(spe / base["train_s_per_epoch"], 2)) \
+                    if base and spe and base.get("train_s_per_epoch") else "-"
                 m_ratio = _f(mem / base["peak_rss_mib"], 2) if base and mem and base.get("peak_rss_mib") else "-"
                 out.append(f"| {name} | {_f(t['hit@10'])} | {_f(t['ndcg@10'])} | {_f(t['mrr@10'])} | "
                            f"{_f(v['ndcg@10'])} | {r['best_epoch']} / {r['epochs_run']} | {r['stopped_by'] or '-'} | "
@@ -658,6 +659,21 @@ def tables(results: Path = RESULTS) -> str:
         out += mode_lines(dataset, found[dataset], per_user, paired_difference)
         out += curve_lines(results, dataset)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _setting_gap(a: dict, b: dict) -> str | None:
+    """None when two rows trained every epoch on one machine with the same threads (a ratio of their
+    seconds then compares the models), else what differs: "other machine" or "other threads"."""
+    def setting(r):
+        stretches = r.get("machine_by_epoch") or []
+        machines = {s["machine"] for s in stretches} | {r.get("machine")}
+        threads = {s.get("threads") for s in stretches if s.get("threads")} | {r.get("threads") or 1}
+        return machines, threads
+
+    (ma, ta), (mb, tb) = setting(a), setting(b)
+    if len(ma) > 1 or ma != mb or None in ma or "not recorded" in ma:
+        return "other machine"
+    return "other threads" if len(ta) > 1 or ta != tb else None
 
 
 def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec", "SASRec", "GRU4Rec")) -> list[str]:

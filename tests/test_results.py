@@ -509,3 +509,32 @@ def test_mode_lines_pair_prefix_with_sequence_beside_the_seed_spread():
                                         per_user, paired_difference))
     assert "prefix - sequence: hit@10: not paired" in text
     assert results.mode_lines("d", {"sequence": {"SASRec": rec}}, per_user, paired_difference) == []
+
+
+def test_seconds_are_a_ratio_to_sasrec_only_for_rows_of_one_machine_and_threads(tmp_path):
+    xeon, epyc = "Intel Xeon, 2 cpus", "AMD EPYC, 2 cpus"
+    sasrec = {"machine": xeon, "threads": 1}
+    assert results._setting_gap({"machine": xeon, "threads": 1}, sasrec) is None
+    assert results._setting_gap({"machine": epyc, "threads": 1}, sasrec) == "other machine"
+    assert results._setting_gap({"machine": xeon, "threads": 2}, sasrec) == "other threads"
+    assert results._setting_gap({"machine": None}, {"machine": None}) == "other machine"  # not known: no ratio
+    # a resumed row whose stretches ran on two machines, or with two thread counts, compares with neither
+    moved = {"machine": xeon, "threads": 1, "machine_by_epoch": [{"from_epoch": 0, "machine": epyc},
+                                                                 {"from_epoch": 9, "machine": xeon, "threads": 1}]}
+    assert results._setting_gap(moved, sasrec) == "other machine"
+    rethreaded = {"machine": xeon, "threads": 2, "machine_by_epoch": [{"from_epoch": 0, "machine": xeon, "threads": 1},
+                                                                      {"from_epoch": 5, "machine": xeon, "threads": 2}]}
+    assert results._setting_gap(rethreaded, {"machine": xeon, "threads": 2}) == "other threads"
+    # in the table: the ratio where the setting is SASRec's, the reason where it is not
+    rec = {"dataset": "tiny", "train_mode": "sequence", "valid_result": dict.fromkeys(results.METRICS, 0.1),
+           "test_result": dict.fromkeys(results.METRICS, 0.1), "best_epoch": 1, "epochs_run": 2,
+           "stopped_by": "early stopping", "peak_rss_mib": 100}
+    for name, extra in (("SASRec", {**sasrec, "train_s_per_epoch": 100.0}),
+                        ("GRU4Rec", {"machine": xeon, "threads": 1, "train_s_per_epoch": 50.0}),
+                        ("Mamba4Rec", {"machine": epyc, "threads": 1, "train_s_per_epoch": 20.0})):
+        path = tmp_path / "tiny" / "sequence" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**rec, **extra, "model": name}))
+    text = results.tables(tmp_path)
+    assert "| GRU4Rec | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 1 / 2 | early stopping | 50.0 | 0.50 | 100 | 1.00 |" in text
+    assert "| Mamba4Rec | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 1 / 2 | early stopping | 20.0 | other machine | 100 | 1.00 |" in text
