@@ -504,10 +504,13 @@ def test_mode_lines_pair_prefix_with_sequence_beside_the_seed_spread():
     assert "GRU4Rec" not in text  # no sequence row to pair with
     assert "- SASRec, prefix - sequence: hit@10 +0.0200 [+0.0200, +0.0200] (beyond the users' noise)" in text
     assert "- SASRec, sequence, seed 2021 - seed 2020: hit@10 -0.0100" in text
+    assert "the two seeds of one mode give the run-to-run spread" in text
     other = {**rec, "data_sha256": {"x.inter": "b"}}  # prefix trained on other data files: not paired
     text = "\n".join(results.mode_lines("d", {"prefix": {"SASRec": other}, "sequence": {"SASRec": rec}},
                                         per_user, paired_difference))
     assert "prefix - sequence: hit@10: not paired" in text
+    # no second seed on this data set: the text does not claim a spread it has not got
+    assert "no second seed ran on this data set" in text and "the two seeds" not in text
     assert results.mode_lines("d", {"sequence": {"SASRec": rec}}, per_user, paired_difference) == []
 
 
