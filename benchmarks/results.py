@@ -680,7 +680,7 @@ def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec
     """Prefix vs sequence mode at their stopping points, per model with both rows: the test values,
     prefix minus sequence paired over the same test users, and for scale the same model's two
     sequence-mode seeds paired the same way."""
-    rows, lines = [], []
+    rows, lines, seeded = [], [], False
     for m in models:
         pre, seq = by_mode.get("prefix", {}).get(m), by_mode.get("sequence", {}).get(m)
         if not pre or not seq:
@@ -694,6 +694,7 @@ def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec
         pairs = [("prefix - sequence", f"prefix/{m}/", f"sequence/{m}/", same_data)]
         other = by_mode.get("sequence", {}).get(f"{m}-seed2021")
         if other and (seq.get("best_epoch") or 0) < (other.get("epochs_run") or 0):  # a seed run that got as far
+            seeded = True
             pairs.append(("sequence, seed 2021 - seed 2020", f"sequence/{m}-seed2021/", f"sequence/{m}/",
                           other.get("data_sha256") == seq.get("data_sha256")))
         for label, a_key, b_key, paired in pairs:
@@ -713,7 +714,7 @@ def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec
              "train h to stop |", "|---|---|---|---|---|---|---|---|"] + rows
             + ["", "Paired over the same test users (difference, 95% interval); "
                    + ("the two seeds of one mode give the run-to-run spread the modes' difference compares with:"
-                      if any(", sequence, seed 2021 - seed 2020: " in line for line in lines) else
+                      if seeded else
                       "no second seed ran on this data set, so the run-to-run spread is not measured here:"),
                ""] + lines + [""])
 
@@ -842,7 +843,7 @@ def _paired_lines(name, mode, recs, per_user, paired_difference, goal, values=""
 #: variants outside the goal's choice of 1 or 2 layers, run to find out why a goal is not met: shown
 #: beside the rows, paired with the baselines and with the variants they take apart
 ABLATIONS = {"Mamba4Rec-residual": "one layer with the residual around its block that two layers have "
-                                   "(`--block_residual=True`)"}
+                                   f"(`{' '.join(VARIANTS['residual'])}`)"}
 
 
 def _ablation_lines(recs, mode, per_user, paired_difference, values="") -> list[str]:
