@@ -1,7 +1,7 @@
 """Selective-scan benchmark: forward, backward and forward+backward per provider and shape.
 
-Providers: triton (kernels/selective_scan.py), torch (kernels.get_scan_fn("torch"), skipped until
-that path exists), ref (kernels/reference.py, the loop the tests trust), and, only when they
+Providers: triton (mamba4rec/kernels/selective_scan.py), torch (kernels.get_scan_fn("torch"), skipped until
+that path exists), ref (mamba4rec/kernels/reference.py, the loop the tests trust), and, only when they
 import, mambapy (pure-torch parallel scan) and mamba_ssm (the CUDA kernels).
 
 Shapes are Mamba4Rec's scan (hidden 64, expand 2 -> dim 128, d_state N 32, B and C shared by
@@ -78,8 +78,8 @@ if ARGS is not None and ARGS.device == "cpu" and os.environ.get("TRITON_INTERPRE
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-import kernels  # noqa: E402
-from kernels.reference import selective_scan_ref  # noqa: E402
+import mamba4rec.kernels as kernels  # noqa: E402
+from mamba4rec.kernels.reference import selective_scan_ref  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- providers

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import torch_scan  # noqa: E402
-from kernels.reference import selective_scan_ref  # noqa: E402
+from mamba4rec.kernels import torch_scan  # noqa: E402
+from mamba4rec.kernels.reference import selective_scan_ref  # noqa: E402
 from mamba4rec.memory import PeakMemory  # noqa: E402
 
 DEFAULT_SHAPES = "2048x128x32x50,2048x128x32x200,64x64x16x50"

@@ -59,7 +59,7 @@ def _cpu_name() -> str:
 
 
 def environment(device) -> str:
-    from kernels import resolve_scan_impl
+    from mamba4rec.kernels import resolve_scan_impl
 
     import mamba4rec
 

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from triton.compiler import ASTSource
 
     sys.path.insert(0, str(ROOT))
-    from kernels import selective_scan as ts
+    from mamba4rec.kernels import selective_scan as ts
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     io_ptrs = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "dz_ptr"}

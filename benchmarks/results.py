@@ -568,7 +568,8 @@ def _write_curves(folder: Path, dataset: str, curves: list[dict]) -> None:
     ax.set_title(f"{dataset}: validation NDCG@10 per epoch (solid: sequence mode, dashed: prefix)")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if curves:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

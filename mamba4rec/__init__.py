@@ -1,29 +1,64 @@
-"""mamba4rec: Mamba4Rec for RecBole, with a pure-torch CPU scan and a Triton GPU scan.
+"""mamba4rec: Mamba4Rec for RecBole, with compiled CPU scans and a Triton GPU scan.
 
 ``from mamba4rec import Mamba4Rec`` gives a RecBole SequentialRecommender. Importing the
-package applies the RecBole compatibility shims (mamba4rec/compat.py) and checks that the
-``kernels`` package found is this project's. ``config_files(model, dataset)`` and
-``config_dict(model, dataset)`` give the paper's settings as shipped (mamba4rec/defaults.py);
+package checks that RecBole 1.2.1 is installed and importable (else an ImportError that prints
+the command that installs it: :data:`RECBOLE_INSTALL`), then applies the RecBole compatibility
+shims (mamba4rec/compat.py). ``config_files(model, dataset)`` and ``config_dict(model,
+dataset)`` give the paper's settings as shipped (mamba4rec/defaults.py);
 ``Config(model=Mamba4Rec, dataset=...)`` reads them by itself.
 """
 
 from ._version import __version__
 
+#: the distribution that installs this package (``pip install mamba4rec-recbole``)
+DISTRIBUTION = "mamba4rec-recbole"
+#: the RecBole release the shims are written for and tested against
+RECBOLE_VERSION = "1.2.1"
+#: RecBole without its requirement of ray (which has no wheel past Python 3.11 and which only
+#: recbole.quick_start imports); mamba4rec's own install brings RecBole's other requirements
+RECBOLE_INSTALL = f'pip install --no-deps "recbole=={RECBOLE_VERSION}"'
 
-def _check_kernels_package():
+
+def _check_recbole():
+    """Fail here, with the fix, rather than deep inside RecBole or the shims."""
     import importlib
 
-    kernels = importlib.import_module("kernels")
-    if getattr(kernels, "__kernels_project__", None) != "mamba4rec":
-        where = getattr(kernels, "__file__", None) or list(getattr(kernels, "__path__", []))
+    why = ("(--no-deps: RecBole's metadata requires ray<=2.6.3, which has no wheel past Python 3.11 "
+           f"and which mamba4rec never imports; {DISTRIBUTION} brings RecBole's other requirements.)")
+    try:
+        recbole = importlib.import_module("recbole")
+    except ModuleNotFoundError as exc:
+        if exc.name != "recbole":
+            raise
         raise ImportError(
-            f"the 'kernels' package found at {where} is not mamba4rec's (PyPI has an unrelated "
-            f"package of that name). Uninstall it (pip uninstall kernels) or put mamba4rec's "
-            f"checkout first on sys.path, then reinstall mamba4rec (pip install -e .)."
-        )
+            f"mamba4rec needs RecBole {RECBOLE_VERSION}, which is not installed. Install it with:\n\n"
+            f"    {RECBOLE_INSTALL}\n\n{why}") from None
+    version = getattr(recbole, "__version__", None)
+    if version != RECBOLE_VERSION:
+        where = getattr(recbole, "__file__", None) or list(getattr(recbole, "__path__", []))
+        raise ImportError(
+            f"mamba4rec needs RecBole {RECBOLE_VERSION}, but the recbole found at {where} is version "
+            f"{version}: the shims in mamba4rec.compat change RecBole {RECBOLE_VERSION}'s internals "
+            f"and are tested on that release only. Install it with:\n\n    {RECBOLE_INSTALL}\n\n{why}")
+    try:
+        for name in ("recbole.config", "recbole.data", "recbole.trainer", "recbole.utils"):
+            importlib.import_module(name)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing and missing.split(".")[0] != "recbole":
+            fix = (f"{missing!r} is missing: RecBole needs it, and {DISTRIBUTION} installs all of RecBole's "
+                   f"requirements but ray (pip install {DISTRIBUTION}; in a checkout, pip install -e .)")
+        elif missing:
+            fix = "The install of RecBole is incomplete: reinstall it, adding --force-reinstall to the command below"
+        else:
+            fix = ("A package it imports fails to load (the traceback above says which); "
+                   "pip check lists installed packages whose requirements are not met")
+        raise ImportError(
+            f"RecBole {RECBOLE_VERSION} is installed but does not import ({type(exc).__name__}: {exc}). "
+            f"{fix}. RecBole itself is installed with:\n\n    {RECBOLE_INSTALL}\n") from exc
 
 
-_check_kernels_package()
+_check_recbole()
 
 from . import compat  # noqa: E402
 
@@ -49,4 +84,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Mamba4Rec", "MODEL_DEFAULTS", "resolve_model_config", "config_files", "config_dict", "__version__"]
+__all__ = ["Mamba4Rec", "DISTRIBUTION", "RECBOLE_VERSION", "RECBOLE_INSTALL", "MODEL_DEFAULTS", "resolve_model_config", "config_files", "config_dict", "__version__"]

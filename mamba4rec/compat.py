@@ -1,14 +1,11 @@
-"""The few shims that make RecBole 1.2.1 run on today's torch / numpy / pandas / setuptools.
+"""The few shims that make RecBole 1.2.1 run on today's torch, numpy and pandas, without ray.
 
 Each entry says what breaks without it; tests/test_compat.py shows each failure it prevents.
 
 1. numpy 2. RecBole's ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and
    friends (its metrics use ``np.float``), and ``np.float_`` no longer exists in numpy 2: every
    ``Config(...)`` would raise AttributeError. :func:`install_numpy2_fix` makes the same aliases
-   from names numpy 2 keeps (``np.float64`` for ``np.float_``, ...). setup.cfg still pins
-   numpy < 2 for a plain ``pip install``: RecBole requires ray 2.6.3 (imported by
-   ``recbole.quick_start``), which is built against numpy 1. Where RecBole was installed without
-   ray (``--no-deps``: Python 3.12 has no ray 2.6.3 wheel), numpy 2 works, with one warning.
+   from names numpy 2 keeps (``np.float64`` for ``np.float_``, ...). numpy 1 keeps RecBole's own.
 2. pandas 3. RecBole fills missing values with ``df[field].fillna(..., inplace=True)`` on a
    column, which under copy-on-write (pandas 3's only mode) writes into a temporary copy and
    is lost: in ``Dataset._fill_nan`` (note 5) and, for sequence fields, in ``Dataset._load_feat``,
@@ -18,10 +15,11 @@ Each entry says what breaks without it; tests/test_compat.py shows each failure 
    pandas 3 further on (``Series.agg(len)``, used to split them back per row, measures the whole
    column there), so under pandas 3 that ``read_csv`` refuses them with the fix; data sets of
    user, item, rating and time fields (all that Mamba4Rec and the baselines here use) load and
-   train. setup.cfg pins pandas < 3 for a plain install.
-3. setuptools < 80 (pinned). ``recbole.quick_start`` imports ray 2.6.3, which imports
-   ``pkg_resources``; recent setuptools no longer provides it. mamba4rec itself never imports
-   quick_start, but users' own pipelines often do. Checked (warning only) by :func:`check_stack`.
+   train.
+3. ray. RecBole 1.2.1 requires ray<=2.6.3, which has no wheel past Python 3.11 and is built
+   against numpy 1; only ``recbole.quick_start`` imports it, and mamba4rec never does. So RecBole
+   is installed without it (``pip install --no-deps``, see ``mamba4rec.RECBOLE_INSTALL``), and
+   nothing here depends on ray, numpy 1 or ``pkg_resources``.
 4. torch >= 2.6 loads with ``weights_only=True`` by default, and RecBole's checkpoints pickle the
    whole ``Config``: ``Trainer.evaluate(load_best_model=True)`` and ``resume_checkpoint`` fail for
    every model. :func:`install_checkpoint_shim` records the sha256 of every checkpoint the
@@ -42,16 +40,27 @@ Each entry says what breaks without it; tests/test_compat.py shows each failure 
 8. RecBole's ``ensure_dir`` checks ``os.path.exists`` then calls ``os.makedirs``: two ranks
    creating ./log or the checkpoint folder at once crash with FileExistsError. The copies of
    that name inside RecBole's modules are replaced by ``os.makedirs(..., exist_ok=True)``.
+9. pandas 3 (copy-on-write) hands out column ``.values`` read-only, and RecBole's
+   ``Dataset._dataframe_to_interaction`` wraps them with ``torch.LongTensor(values)``, which
+   shares the memory: torch warns once a run that the array is not writable. The DataFrame is
+   dropped right after (the Interaction replaces it), so nothing else reads that memory; the
+   warning, raised from that RecBole module only, is filtered (:data:`WARNING_FILTERS`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import os
 import threading
 import types
 import warnings
+
+#: (message, category, module) of the warnings RecBole 1.2.1 raises on every run that a user can
+#: do nothing about: notes 6 and 9. Nothing else is filtered.
+WARNING_FILTERS = (
+    (r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated.*", FutureWarning, ""),
+    (r"The given NumPy array is not writable", UserWarning, r"recbole\.data\.dataset\.dataset$"),
+)
 
 _REGISTRY_LOCK = threading.Lock()
 #: realpath -> sha256 of checkpoints written by a RecBole trainer in this process (or trusted).
@@ -61,39 +70,6 @@ _INSTALLED = False
 
 def _major(version: str) -> int:
     return int(version.split(".")[0])
-
-
-def check_stack(versions: dict | None = None) -> list[str]:
-    """Warn where the installed stack would break ``recbole.quick_start`` (ray 2.6.3), which
-    mamba4rec does not use; with the shims below mamba4rec runs on numpy 1 or 2, pandas 2 or 3.
-
-    ``versions`` (name -> version string) replaces the installed versions, for tests.
-    Returns the list of warnings it issued.
-    """
-    def ver(name):
-        if versions is not None:
-            return versions.get(name)
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    fix = 'reinstall with: pip install "numpy<2" "pandas<3" "setuptools<80"'
-    numpy_v = ver("numpy")
-    issued = []
-    if numpy_v and _major(numpy_v) >= 2:
-        msg = (f"numpy {numpy_v}: mamba4rec and RecBole's models, data and trainer work (see "
-               f"mamba4rec.compat, note 1), but recbole.quick_start imports ray 2.6.3, built against "
-               f"numpy 1; for quick_start {fix}")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        issued.append(msg)
-    setuptools_v = ver("setuptools")
-    if setuptools_v and _major(setuptools_v) >= 80:
-        msg = (f"setuptools {setuptools_v} may lack pkg_resources, which ray 2.6.3 (imported by "
-               f"recbole.quick_start) needs; mamba4rec works without it, but for quick_start {fix}")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        issued.append(msg)
-    return issued
 
 
 def file_sha256(path) -> str:
@@ -332,11 +308,8 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    check_stack()
-    warnings.filterwarnings(
-        "ignore", message=r".*torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated.*",
-        category=FutureWarning,
-    )
+    for message, category, module in WARNING_FILTERS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     install_numpy2_fix()
     install_checkpoint_shim()
     install_fill_nan_fix()

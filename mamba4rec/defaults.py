@@ -52,7 +52,7 @@ def config_dir() -> Path:
         raise FileNotFoundError(
             f"mamba4rec's configs (overall.yaml, model/{MODEL}.yaml) are not in {where}: this install "
             f"is incomplete, and without them RecBole's default evaluation would replace the paper's. "
-            f"Reinstall it (pip install --force-reinstall --no-deps mamba4rec, or pip install -e . in a checkout).")
+            f"Reinstall it (pip install --force-reinstall --no-deps mamba4rec-recbole, or pip install -e . in a checkout).")
     return CONFIG_DIR
 
 
@@ -153,10 +153,12 @@ def install() -> None:
     global _RECBOLE_LOAD_INTERNAL
     from recbole.config import Config
 
+    from . import RECBOLE_INSTALL
+
     for name in ("_load_internal_config_dict", "_update_internal_config_dict"):
         if not callable(getattr(Config, name, None)):
             raise ImportError(f"recbole.config.Config has no {name}: this RecBole is not the 1.2.1 that "
-                              f"mamba4rec is built for (pip install recbole==1.2.1)")
+                              f"mamba4rec is built for ({RECBOLE_INSTALL})")
     if Config._load_internal_config_dict is not _load_internal_config_dict:
         _RECBOLE_LOAD_INTERNAL = Config._load_internal_config_dict
         Config._load_internal_config_dict = _load_internal_config_dict

@@ -436,7 +436,7 @@ def _import_hyperopt():
     try:
         import hyperopt  # noqa: F401
     except ImportError:
-        raise SpaceError("random and bayes searches need hyperopt: pip install \"mamba4rec[hyper]\" (or pip install "
+        raise SpaceError("random and bayes searches need hyperopt: pip install \"mamba4rec-recbole[hyper]\" (or pip install "
                          "hyperopt); an all-choice space runs exhaustively without it") from None
     return hyperopt
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import get_scan_fn, resolve_scan_impl, update_state
+from mamba4rec.kernels import get_scan_fn, resolve_scan_impl, update_state
 
-from kernels.fast_dropout import FastDropout
+from mamba4rec.kernels.fast_dropout import FastDropout
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 
-from kernels import SCAN_IMPLS
+from mamba4rec.kernels import SCAN_IMPLS
 
-from kernels.fast_dropout import FastDropout
+from mamba4rec.kernels.fast_dropout import FastDropout
 from .layers import DT_INITS, MambaLayer
 from .loss import CPU_CHUNK_ROWS, full_softmax_ce
 from .numpy_step import NumpyStep
@@ -337,7 +337,7 @@ class Mamba4Rec(SequentialRecommender):
         if path == "numba":
             fn = steps.get("numba")
             if fn is None:
-                from kernels.numba_step import NumbaStep  # imports numba: only when this path is taken
+                from mamba4rec.kernels.numba_step import NumbaStep  # imports numba: only when this path is taken
 
                 steps["numba"] = fn = NumbaStep(prepared)
         pos = state.steps.numpy() if self.position_embedding is not None else None

@@ -317,8 +317,9 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
 
             shutil.rmtree(private_copy, ignore_errors=True)
     eval_seconds = time.perf_counter() - t0
-    log.info("best valid : %s", dict(best_valid_result))
-    log.info("test result: %s", dict(test_result))
+    best_valid_result, test_result = _plain(best_valid_result), _plain(test_result)
+    log.info("best valid : %s", best_valid_result)
+    log.info("test result: %s", test_result)
     masked = _masked_test(trainer, test_data, config, log)
     # the learning curve: (epoch, valid score) per validation, train seconds per epoch (all epochs,
     # those before a resume included)
@@ -369,8 +370,14 @@ def _masked_test(trainer, test_data, config, log):
             result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
     finally:
         trainer.mask_input = False
-    log.info("test result, input sequence masked: %s", dict(result))
-    return dict(result), per_user
+    result = _plain(result)
+    log.info("test result, input sequence masked: %s", result)
+    return result, per_user
+
+
+def _plain(result) -> dict:
+    """RecBole's metrics (numpy scalars, which numpy 2 prints as ``np.float64(...)``) as floats."""
+    return {k: float(v) for k, v in result.items()}
 
 
 def _is_global_rank0(config) -> bool:

@@ -1,7 +1,7 @@
 """Streaming: the state Mamba4Rec keeps per user, and which step path a call takes.
 
 ``Mamba4Rec.init_state`` / ``prefill`` / ``step`` (mamba4rec/model.py) use these; the step
-paths themselves are mamba4rec/numpy_step.py (numpy) and kernels/numba_step.py (numba), and the
+paths themselves are mamba4rec/numpy_step.py (numpy) and mamba4rec/kernels/numba_step.py (numba), and the
 torch step in the model. docs/STREAMING.md has the API and the measured latency.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import numba_step
+from mamba4rec.kernels import numba_step
 
 from . import numpy_step
 
@@ -80,7 +80,7 @@ def step_path(model, batch: int, state) -> str:
             raise ValueError(f"step_impl={impl!r} needs a float32 model and state on the CPU; use 'auto' or 'torch'")
         if impl == "numba" and not numba_step.available():
             raise ImportError("step_impl='numba' needs numba, which is not installed: "
-                              "pip install \"mamba4rec[fast]\" (or use step_impl='auto', 'numpy' or 'torch')")
+                              "pip install \"mamba4rec-recbole[fast]\" (or use step_impl='auto', 'numpy' or 'torch')")
         return impl
     if not usable:
         return "torch"

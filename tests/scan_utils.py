@@ -270,7 +270,7 @@ def compare_with_reference(path: str, fn, x, case: Case, return_last_state: bool
                            **kw):
     """fn (with **kw) and selective_scan_ref on copies of the same inputs, backpropagating the
     same upstream gradients: output, last state and every gradient within tol(path, case.dtype)."""
-    from kernels.reference import selective_scan_ref
+    from mamba4rec.kernels.reference import selective_scan_ref
 
     opts = dict(return_last_state=return_last_state, strided_gout=strided_gout)
     got = run_scan(fn, x, case, **opts, **kw)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fast_dropout
-from kernels.fast_dropout import FastDropout
+from mamba4rec.kernels import fast_dropout
+from mamba4rec.kernels.fast_dropout import FastDropout
 
 pytest.importorskip("numba", reason="the compiled dropout needs numba (the fast extra)")
 #: The compiled kernels run in parallel: two threads, as the numba path gets on a 2-core machine.

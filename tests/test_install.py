@@ -8,7 +8,7 @@ and installed with --no-deps --no-index by the fresh venv's own pip; only then d
 give that venv the running one's site-packages, so torch, RecBole and the rest are found
 without being installed again. A .pth line only adds its folder to sys.path (the .pth files
 inside it are not run), so an editable mamba4rec of the running venv is not picked up: the child
-asserts that mamba4rec, kernels and the configs all come from the fresh venv.
+asserts that mamba4rec, its kernels and the configs all come from the fresh venv.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from tests.conftest import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 #: what the build reads (setup.cfg: packages, package data, README.md as long description)
-BUILD_INPUTS = ("setup.cfg", "pyproject.toml", "README.md", "mamba4rec", "kernels", "configs")
+BUILD_INPUTS = ("setup.cfg", "pyproject.toml", "README.md", "mamba4rec", "configs")
 
 CHILD = r'''
 import json, sys
 import torch
 torch.set_num_threads(1)
-import kernels, mamba4rec
+import mamba4rec
+import mamba4rec.kernels as kernels
 from mamba4rec import Mamba4Rec, pipeline
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
@@ -119,8 +120,13 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
             shutil.copy2(path, src / name)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
           "-w", dist, src])
-    wheel = next(dist.glob("mamba4rec-*.whl"))
+    wheel = next(dist.glob("mamba4rec_recbole-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
+    # one top-level import package, mamba4rec (PyPI's `kernels` is another project's)
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"mamba4rec"}
+    info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    assert zipfile.ZipFile(wheel).read(f"{info}/top_level.txt").decode().split() == ["mamba4rec"]
+    assert "mamba4rec/kernels/selective_scan.py" in names
     shipped = {f"mamba4rec/configs/{p.relative_to(REPO / 'configs').as_posix()}"
                for p in (REPO / "configs").rglob("*") if p.is_file()}
     assert shipped <= names, f"not in the wheel: {sorted(shipped - names)}"

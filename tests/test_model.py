@@ -190,7 +190,7 @@ def test_missing_keys_fall_back_to_defaults():
 def test_scan_path_env_override_and_log_line(monkeypatch, caplog):
     import logging
 
-    from kernels import SCAN_IMPL_ENV, resolve_scan_impl
+    from mamba4rec.kernels import SCAN_IMPL_ENV, resolve_scan_impl
 
     monkeypatch.setenv(SCAN_IMPL_ENV, "ref")
     assert resolve_scan_impl("torch", torch.device("cpu")) == ("ref", f"{SCAN_IMPL_ENV}=ref")

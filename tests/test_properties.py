@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kernels.reference import selective_scan_ref
-from kernels.torch_scan import selective_scan_torch
+from mamba4rec.kernels.reference import selective_scan_ref
+from mamba4rec.kernels.torch_scan import selective_scan_torch
 from mamba4rec import data_prep
 from tests.scan_utils import Case, assert_close, call_scan, make_inputs
 

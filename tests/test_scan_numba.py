@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import numba_scan
-from kernels.reference import selective_scan_ref
-from kernels.torch_scan import selective_scan_torch
+import mamba4rec.kernels as kernels
+from mamba4rec.kernels import numba_scan
+from mamba4rec.kernels.reference import selective_scan_ref
+from mamba4rec.kernels.torch_scan import selective_scan_torch
 from tests.scan_utils import Case, assert_close, compare_with_reference, detached_copy, make_inputs, run_scan
 
 pytest.importorskip("numba", reason="the numba scan needs numba (the fast extra)")
@@ -132,7 +132,7 @@ def test_the_scan_leaves_torchs_thread_count_as_the_user_set_it():
     must go on using one, in torch and in the scan. A fresh process: the threads start once."""
     code = (
         "import torch\n"
-        "from kernels.numba_scan import selective_scan_numba\n"
+        "from mamba4rec.kernels.numba_scan import selective_scan_numba\n"
         "u, dt = torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 8, 16)\n"
         "A, B, C = -torch.rand(8, 4), torch.randn(4, 4, 16), torch.randn(4, 4, 16)\n"
         "selective_scan_numba(u, dt, A, B, C, delta_softplus=True).sum().backward()\n"

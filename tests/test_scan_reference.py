@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import selective_scan_ref
+from mamba4rec.kernels.reference import selective_scan_ref
 from tests.scan_utils import Case, compare, detached_copy, gradcheck_scan, make_inputs, run_scan
 
 

@@ -11,10 +11,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import kernels
-from kernels import torch_scan
-from kernels.reference import selective_scan_ref
-from kernels.torch_scan import selective_scan_torch
+import mamba4rec.kernels as kernels
+from mamba4rec.kernels import torch_scan
+from mamba4rec.kernels.reference import selective_scan_ref
+from mamba4rec.kernels.torch_scan import selective_scan_torch
 from tests.scan_utils import (Case, assert_close, call_scan, compare_with_reference, detached_copy, gradcheck_scan,
                               make_inputs)
 

@@ -1,4 +1,4 @@
-"""Triton selective scan (kernels/selective_scan.py) against selective_scan_ref.
+"""Triton selective scan (mamba4rec/kernels/selective_scan.py) against selective_scan_ref.
 
 Without CUDA the kernels run on CPU through Triton's interpreter: tests/scan_utils.py sets
 TRITON_INTERPRET=1 before triton is imported (see enable_triton_interpreter there).
@@ -24,9 +24,9 @@ _SKIP = enable_triton_interpreter()
 if _SKIP:
     pytest.skip(_SKIP, allow_module_level=True)
 
-import kernels  # noqa: E402
-from kernels import selective_scan as ss  # noqa: E402
-from kernels.reference import selective_scan_ref  # noqa: E402
+import mamba4rec.kernels as kernels  # noqa: E402
+from mamba4rec.kernels import selective_scan as ss  # noqa: E402
+from mamba4rec.kernels.reference import selective_scan_ref  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -159,8 +159,8 @@ def test_dispatch_picks_triton(monkeypatch):
     assert path == "triton", why
     assert kernels.get_scan_fn(path) is ss.selective_scan_fn
     # the dispatch is kernels.scan: a function named kernels.selective_scan would be replaced by
-    # the submodule kernels/selective_scan.py as soon as the Triton path is imported
-    assert callable(kernels.scan) and kernels.scan.__module__ == "kernels"
+    # the submodule mamba4rec/kernels/selective_scan.py as soon as the Triton path is imported
+    assert callable(kernels.scan) and kernels.scan.__module__ == "mamba4rec.kernels"
     inputs = make_inputs(Case(1, 3, 4, 4), device=DEVICE)
     torch.testing.assert_close(kernels.scan(**inputs).detach(), ss.selective_scan_fn(**inputs).detach())
 

@@ -1,4 +1,4 @@
-"""The one-step SSM update (kernels/state_update.py): the Triton kernel against the torch
+"""The one-step SSM update (mamba4rec/kernels/state_update.py): the Triton kernel against the torch
 reference, and the reference stepped over a sequence against the scan.
 
 Without CUDA the Triton kernel runs through Triton's interpreter: tests/scan_utils.py sets
@@ -18,8 +18,8 @@ from tests.scan_utils import Case, assert_close, enable_triton_interpreter, make
 _SKIP_TRITON = enable_triton_interpreter()
 needs_triton = pytest.mark.skipif(_SKIP_TRITON is not None, reason=_SKIP_TRITON or "")
 
-from kernels import selective_state_update_ref, update_state  # noqa: E402
-from kernels.reference import selective_scan_ref  # noqa: E402
+from mamba4rec.kernels import selective_state_update_ref, update_state  # noqa: E402
+from mamba4rec.kernels.reference import selective_scan_ref  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def _scan(x, case):
 @needs_triton
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_triton_kernel_matches_reference(case):
-    from kernels import selective_state_update
+    from mamba4rec.kernels import selective_state_update
 
     args = make_step_inputs(case, device=DEVICE)
     s0 = args.pop("state")
@@ -81,7 +81,7 @@ def test_triton_kernel_matches_reference(case):
 @needs_triton
 def test_triton_kernel_steps_reproduce_the_scan():
     """Twelve kernel steps in a row end in the scan's last state (errors do not pile up)."""
-    from kernels import selective_state_update
+    from mamba4rec.kernels import selective_state_update
 
     case = Case(2, 12, 10, 6, G=2)
     x = make_inputs(case)

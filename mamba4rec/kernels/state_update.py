@@ -76,7 +76,7 @@ _TRITON = None
 
 
 def _triton_update():
-    """kernels/state_update_triton.launch, imported on first use (importing kernels never pulls
+    """mamba4rec/kernels/state_update_triton.launch, imported on first use (importing kernels never pulls
     in triton)."""
     global _TRITON
     if _TRITON is None:

@@ -2,14 +2,14 @@
 
 Public functions share mamba_ssm's ``selective_scan_fn`` signature:
 
-* ``selective_scan_ref``   plain-torch fp32 loop over L, the ground truth (kernels/reference.py)
-* ``selective_scan_torch`` the CPU / no-triton path with its own autograd (kernels/torch_scan.py)
-* ``selective_scan_fn``    the Triton kernels, forward and backward (kernels/selective_scan.py)
+* ``selective_scan_ref``   plain-torch fp32 loop over L, the ground truth (mamba4rec/kernels/reference.py)
+* ``selective_scan_torch`` the CPU / no-triton path with its own autograd (mamba4rec/kernels/torch_scan.py)
+* ``selective_scan_fn``    the Triton kernels, forward and backward (mamba4rec/kernels/selective_scan.py)
 * ``selective_scan_numba`` the CPU scan compiled with numba, forward and backward
-                           (kernels/numba_scan.py; optional: the ``fast`` extra)
+                           (mamba4rec/kernels/numba_scan.py; optional: the ``fast`` extra)
 * ``scan``                 dispatch by ``impl`` = auto | triton | numba | torch | ref
 
-and, for streaming inference, one step of the same recurrence (kernels/state_update.py):
+and, for streaming inference, one step of the same recurrence (mamba4rec/kernels/state_update.py):
 
 * ``selective_state_update_ref`` plain torch, state updated in place (mamba_ssm's signature)
 * ``selective_state_update``     the fused Triton kernel (imported lazily)
@@ -24,8 +24,6 @@ import os
 
 from .reference import selective_scan_ref
 from .state_update import selective_state_update_ref, update_state
-
-__kernels_project__ = "mamba4rec"  # lets mamba4rec tell this package from PyPI's `kernels`
 
 SCAN_IMPLS = ("auto", "triton", "numba", "torch", "ref")
 #: Environment variable that forces a scan path for every call, whatever the config says.
@@ -94,7 +92,7 @@ def resolve_scan_impl(impl: str, device) -> tuple[str, str]:
         if dev_type != "cpu":
             raise ValueError(f"{source} runs on CPU tensors; tensors are on {dev_type}: use scan_impl=auto")
         if not numba_scan.available():
-            raise ValueError(f'{source} was asked for but numba is not installed: pip install "mamba4rec[fast]", '
+            raise ValueError(f'{source} was asked for but numba is not installed: pip install "mamba4rec-recbole[fast]", '
                              f"or use scan_impl=torch")
     return impl, source
 
@@ -122,7 +120,7 @@ def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fals
          return_last_state=False, impl: str = "auto"):
     """Selective scan through the path ``impl`` resolves to for ``u``'s device.
 
-    (Not named ``selective_scan``: that is the submodule kernels/selective_scan.py, and importing
+    (Not named ``selective_scan``: that is the submodule mamba4rec/kernels/selective_scan.py, and importing
     it would replace a package attribute of the same name.)"""
     path, _ = resolve_scan_impl(impl, u.device)
     return get_scan_fn(path)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,

@@ -1,6 +1,6 @@
 """The CPU / no-Triton selective scan: blocked over the batch, with a hand-written backward.
 
-Shapes (mamba_ssm's contract, see kernels/reference.py)::
+Shapes (mamba_ssm's contract, see mamba4rec/kernels/reference.py)::
 
     u, delta, z   : (B D L)          A : (D N)
     B, C          : (B N L) or (B G N L)   channel d reads group d // (D // G)

@@ -1,6 +1,6 @@
 """Selective scan in Triton: one fused forward kernel and one chunked backward kernel.
 
-Shapes (mamba_ssm's ``selective_scan_fn`` contract, see kernels/reference.py)::
+Shapes (mamba_ssm's ``selective_scan_fn`` contract, see mamba4rec/kernels/reference.py)::
 
     u, delta, z   : (B D L)          A : (D N) real
     B, C          : (B N L) or (B G N L)   channel d reads group d // (D // G)

@@ -1,6 +1,6 @@
 """The selective scan on CPU as numba-compiled loops, forward and backward (the `fast` extra).
 
-Why. The torch CPU scan (kernels/torch_scan.py) is bound by memory traffic: every one of its
+Why. The torch CPU scan (mamba4rec/kernels/torch_scan.py) is bound by memory traffic: every one of its
 ~10 passes reads and writes (L, bb, D, N) blocks, and each time step is one more op. Here each
 (sequence, channel) pair is one loop over time whose N-vector of states stays in registers or
 L1; its L x N decays and states (6.4 KiB each at L=50, N=32) are kept for the backward in
@@ -16,7 +16,7 @@ own rounding is 6e-8); below -87 it returns exp(-87) ~ 1.6e-38 instead of a deno
 An argument above 0 (a positive A or dt, which Mamba never makes) is clamped to 0 by the
 same code, so ``selective_scan_numba`` checks for it and hands such calls to the torch scan.
 
-Contract: mamba_ssm's selective_scan_fn (see kernels/reference.py). float32, bfloat16 and
+Contract: mamba_ssm's selective_scan_fn (see mamba4rec/kernels/reference.py). float32, bfloat16 and
 float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
 in float64. Gradients come back in each input's dtype.
 """
@@ -79,7 +79,7 @@ def _exp_nonpos(x, out, bits):
 
 def softplus_f32(v):
     """softplus with torch's threshold, for numba: the one definition the numba scan and the numba
-    step (kernels/numba_step.py) both compile."""
+    step (mamba4rec/kernels/numba_step.py) both compile."""
     return v if v > 20.0 else np.float32(math.log1p(math.exp(v)))
 
 
@@ -357,10 +357,10 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """Selective scan on CPU tensors, compiled with numba; mamba_ssm's selective_scan_fn contract
     (see selective_scan_torch for the arguments). Calls it cannot serve exactly go to the torch
     scan: float64 inputs, and an A with a positive entry (the fast exp covers dt * A <= 0 only;
-    Mamba's A = -exp(A_log) is always negative). Needs numba (``pip install "mamba4rec[fast]"``)."""
+    Mamba's A = -exp(A_log) is always negative). Needs numba (``pip install "mamba4rec-recbole[fast]"``)."""
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not available():
-        raise ImportError('the numba scan needs numba, which is not installed: pip install "mamba4rec[fast]" '
+        raise ImportError('the numba scan needs numba, which is not installed: pip install "mamba4rec-recbole[fast]" '
                           "(or use scan_impl=torch)")
     if u.device.type != "cpu":
         raise ValueError(f"the numba scan runs on CPU tensors; these are on {u.device.type}: use scan_impl=auto")

@@ -1,4 +1,4 @@
-"""The one-step selective state update as a fused Triton kernel (kernels/state_update.py has the
+"""The one-step selective state update as a fused Triton kernel (mamba4rec/kernels/state_update.py has the
 contract, the plain-torch reference and the dispatch). It shares ``_softplus`` with the Triton
 scan, so a step and the scan it continues compute dt the same way.
 
