@@ -436,8 +436,8 @@ def _import_hyperopt():
     try:
         import hyperopt  # noqa: F401
     except ImportError:
-        raise SpaceError("random and bayes searches need hyperopt: pip install \"mamba4rec-recbole[hyper]\" (or pip install "
-                         "hyperopt); an all-choice space runs exhaustively without it") from None
+        raise SpaceError("random and bayes searches need hyperopt: pip install hyperopt (the "
+                         "hyper extra); an all-choice space runs exhaustively without it") from None
     return hyperopt
 
 

@@ -80,7 +80,7 @@ def step_path(model, batch: int, state) -> str:
             raise ValueError(f"step_impl={impl!r} needs a float32 model and state on the CPU; use 'auto' or 'torch'")
         if impl == "numba" and not numba_step.available():
             raise ImportError("step_impl='numba' needs numba, which is not installed: "
-                              "pip install \"mamba4rec-recbole[fast]\" (or use step_impl='auto', 'numpy' or 'torch')")
+                              "pip install numba (or use step_impl='auto', 'numpy' or 'torch')")
         return impl
     if not usable:
         return "torch"

@@ -92,7 +92,7 @@ def resolve_scan_impl(impl: str, device) -> tuple[str, str]:
         if dev_type != "cpu":
             raise ValueError(f"{source} runs on CPU tensors; tensors are on {dev_type}: use scan_impl=auto")
         if not numba_scan.available():
-            raise ValueError(f'{source} was asked for but numba is not installed: pip install "mamba4rec-recbole[fast]", '
+            raise ValueError(f'{source} was asked for but numba is not installed: pip install numba, '
                              f"or use scan_impl=torch")
     return impl, source
 

@@ -357,10 +357,10 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """Selective scan on CPU tensors, compiled with numba; mamba_ssm's selective_scan_fn contract
     (see selective_scan_torch for the arguments). Calls it cannot serve exactly go to the torch
     scan: float64 inputs, and an A with a positive entry (the fast exp covers dt * A <= 0 only;
-    Mamba's A = -exp(A_log) is always negative). Needs numba (``pip install "mamba4rec-recbole[fast]"``)."""
+    Mamba's A = -exp(A_log) is always negative). Needs numba (``pip install numba``)."""
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not available():
-        raise ImportError('the numba scan needs numba, which is not installed: pip install "mamba4rec-recbole[fast]" '
+        raise ImportError('the numba scan needs numba, which is not installed: pip install numba '
                           "(or use scan_impl=torch)")
     if u.device.type != "cpu":
         raise ValueError(f"the numba scan runs on CPU tensors; these are on {u.device.type}: use scan_impl=auto")

@@ -7,7 +7,7 @@ every row, reading the same prepared weights as the numpy step (NumpyStep builds
 into x_proj, per-item tables, transposed matrices), and updates the caller's state arrays in
 place.
 
-numba is optional (``pip install "mamba4rec-recbole[fast]"``, also in the test extra): without it
+numba is optional (``pip install numba``, the ``fast`` extra, also in the test extra): without it
 ``step_impl="auto"`` uses the numpy step and ``"numba"`` says how to install it. numba is
 imported only when this path is first taken. The first call on a machine compiles (2-4 s;
 ``cache=True`` keeps the machine code on disk, so later processes load it in well under a
