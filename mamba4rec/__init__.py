@@ -35,45 +35,45 @@ def _check_recbole():
             f"    {RECBOLE_INSTALL}\n\n{why}") from None
     version = getattr(recbole, "__version__", None)
     if version != RECBOLE_VERSION:
-        where = getattr(recbole, "__file__", None) or list(getattr(recbole, "__path__", []))
+        where = getattr(recbole, "__file__", None) or ", ".join(getattr(recbole, "__path__", []))
+        found = (f"is version {version}" if version is not None else
+                 "has no __version__ (not RecBole, or a folder named recbole without __init__.py)")
         raise ImportError(
-            f"mamba4rec needs RecBole {RECBOLE_VERSION}, but the recbole found at {where} is version "
-            f"{version}: the shims in mamba4rec.compat change RecBole {RECBOLE_VERSION}'s internals "
-            f"and are tested on that release only. Install it with:\n\n    {RECBOLE_INSTALL}\n\n{why}")
+            f"mamba4rec needs RecBole {RECBOLE_VERSION}, but the recbole found at {where} {found}: the "
+            f"shims in mamba4rec.compat change RecBole {RECBOLE_VERSION}'s internals and are tested on "
+            f"that release only. Install it with:\n\n    {RECBOLE_INSTALL}\n\n{why}")
     try:
         for name in ("recbole.config", "recbole.data", "recbole.trainer", "recbole.utils"):
             importlib.import_module(name)
     except ImportError as exc:
-        missing = getattr(exc, "name", None)
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        reinstall = (f"reinstall {DISTRIBUTION}, which installs all of RecBole's requirements but ray "
+                     f"(in a checkout: pip install -e .; from a wheel: pip install --force-reinstall WHEEL)")
         if missing and missing.split(".")[0] != "recbole":
-            fix = (f"{missing!r} is missing: RecBole needs it, and {DISTRIBUTION} installs all of RecBole's "
-                   f"requirements but ray (pip install {DISTRIBUTION}; in a checkout, pip install -e .)")
+            fix = f"The module {missing!r} is missing: RecBole needs it. pip install {missing.split('.')[0]}, or {reinstall}"
         elif missing:
             fix = "The install of RecBole is incomplete: reinstall it, adding --force-reinstall to the command below"
-        else:
-            fix = ("A package it imports fails to load (the traceback above says which); "
-                   "pip check lists installed packages whose requirements are not met")
+        else:  # a module that is there but too old or too new, or broken (traceback above)
+            fix = (f"A package it imports is there but does not load (another version than RecBole "
+                   f"{RECBOLE_VERSION} was written for, or a broken install; the traceback above says "
+                   f"which): pip check lists unmet requirements; or {reinstall}")
         raise ImportError(
             f"RecBole {RECBOLE_VERSION} is installed but does not import ({type(exc).__name__}: {exc}). "
-            f"{fix}. RecBole itself is installed with:\n\n    {RECBOLE_INSTALL}\n") from exc
+            f"{fix}. RecBole itself is installed with:\n\n    {RECBOLE_INSTALL}\n") from (None if missing else exc)
 
 
 _check_recbole()
 
 from . import compat  # noqa: E402
 
-compat.install()
-
-from . import defaults  # noqa: E402
-
-defaults.install()  # RecBole's Config reads Mamba4Rec's packaged configs as its defaults
+compat.install()  # every change to RecBole (mamba4rec.compat.PATCHES), once
 
 from .defaults import config_dict, config_files  # noqa: E402
 from .model import MODEL_DEFAULTS, Mamba4Rec, resolve_model_config  # noqa: E402
 
 #: submodules reachable as attributes after a bare ``import mamba4rec`` (imported on first use:
 #: ``mamba4rec.pipeline.run(...)``), without making every import pay for them
-_LAZY_SUBMODULES = ("pipeline", "compare", "serving", "streaming", "significance", "hyper")
+_LAZY_SUBMODULES = ("pipeline", "compare", "serving", "streaming", "significance", "hyper", "quick_start")
 
 
 def __getattr__(name):

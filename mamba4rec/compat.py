@@ -1,6 +1,11 @@
-"""The few shims that make RecBole 1.2.1 run on today's torch, numpy and pandas, without ray.
+"""The one door to RecBole: every change mamba4rec makes to RecBole's classes, modules or
+process state is made in this module, and each is listed in :data:`PATCHES` (what, when, why,
+the test that shows it; docs/ARCHITECTURE.md prints the same table, and
+tests/test_compat.py fails if RecBole changes in a way the table lacks).
 
-Each entry says what breaks without it; tests/test_compat.py shows each failure it prevents.
+``import mamba4rec`` calls :func:`install` once (idempotent): the permanent changes below. The
+temporary ones are context managers that put back what they changed: :func:`recbole_argv`,
+:func:`metric_info_hook`, :func:`instance_attributes`. Each note says what breaks without it.
 
 1. numpy 2. RecBole's ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and
    friends (its metrics use ``np.float``), and ``np.float_`` no longer exists in numpy 2: every
@@ -45,15 +50,30 @@ Each entry says what breaks without it; tests/test_compat.py shows each failure 
    shares the memory: torch warns once a run that the array is not writable. The DataFrame is
    dropped right after (the Interaction replaces it), so nothing else reads that memory; the
    warning, raised from that RecBole module only, is filtered (:data:`WARNING_FILTERS`).
+10. Defaults of a model. RecBole's ``Config`` reads internal defaults for its own models only;
+   ``Config._load_internal_config_dict`` also reads the files a model class names in
+   ``default_config_files(dataset)`` (mamba4rec.defaults), so ``Config(model=Mamba4Rec, ...)``
+   gets the paper's settings with no file of the user's.
+11. Models by name. RecBole's ``get_model`` looks in its own model packages only and falls
+   through to exlib_recommender, which fails without lightgbm: ``Config(model="Mamba4Rec")``,
+   ``recbole.quick_start.run_recbole(model="Mamba4Rec")`` (and with the class: quick_start looks
+   the name up again) failed with ModuleNotFoundError. The name ``get_model`` in RecBole's
+   modules becomes one that knows this project's models and hands every other name to RecBole's.
+12. Anomaly mode. RecBole's sine.py turns torch's anomaly detection on for the whole process
+   at import (see :func:`import_recbole_models`); it is switched back to what it was.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
+import sys
 import threading
 import types
 import warnings
+from typing import NamedTuple
+
+from .files import atomic_path, file_sha256, is_trusted_checkpoint, trust_checkpoint  # noqa: F401  (API)
 
 #: (message, category, module) of the warnings RecBole 1.2.1 raises on every run that a user can
 #: do nothing about: notes 6 and 9. Nothing else is filtered.
@@ -62,47 +82,11 @@ WARNING_FILTERS = (
     (r"The given NumPy array is not writable", UserWarning, r"recbole\.data\.dataset\.dataset$"),
 )
 
-_REGISTRY_LOCK = threading.Lock()
-#: realpath -> sha256 of checkpoints written by a RecBole trainer in this process (or trusted).
-_TRUSTED: dict[str, str] = {}
 _INSTALLED = False
 
 
 def _major(version: str) -> int:
     return int(version.split(".")[0])
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (checkpoints, data files)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def trust_checkpoint(path) -> None:
-    """Allow RecBole's trainer to unpickle ``path`` (its current bytes) in this process.
-
-    For a RecBole checkpoint you wrote yourself in an earlier run, before
-    ``trainer.resume_checkpoint(path)`` or ``trainer.evaluate(..., model_file=path)``.
-    If the file changes afterwards it is refused again.
-    """
-    real = os.path.realpath(os.fspath(path))
-    if not os.path.isfile(real):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    with _REGISTRY_LOCK:
-        _TRUSTED[real] = file_sha256(real)
-
-
-def is_trusted_checkpoint(path) -> bool:
-    try:
-        real = os.path.realpath(os.fspath(path))
-    except TypeError:  # a file object, a buffer: never trusted implicitly
-        return False
-    with _REGISTRY_LOCK:
-        digest = _TRUSTED.get(real)
-    return digest is not None and os.path.isfile(real) and file_sha256(real) == digest
 
 
 def _trainer_load(f, *args, **kwargs):
@@ -123,17 +107,9 @@ def _trainer_save(obj, f, *args, **kwargs):
 
     if not isinstance(f, (str, os.PathLike)):
         return torch.save(obj, f, *args, **kwargs)
-    path = os.fspath(f)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(f) as tmp:
         torch.save(obj, tmp, *args, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    trust_checkpoint(path)
+    trust_checkpoint(f)
 
 
 class _ModuleProxy(types.ModuleType):
@@ -287,6 +263,119 @@ def install_ensure_dir_fix() -> None:
             module.ensure_dir = _ensure_dir
 
 
+def install_config_defaults() -> None:
+    """Note 10: RecBole's Config reads a model's ``default_config_files`` as internal defaults."""
+    from recbole.config import Config
+
+    from . import defaults
+
+    defaults.check_recbole_config(Config)
+    if Config._load_internal_config_dict is not defaults.load_internal_config_dict:
+        defaults.RECBOLE_LOAD_INTERNAL = Config._load_internal_config_dict
+        Config._load_internal_config_dict = defaults.load_internal_config_dict
+
+
+_RECBOLE_GET_MODEL = None  # RecBole's own recbole.utils.utils.get_model
+
+
+def get_model(model_name):
+    """RecBole's ``get_model`` that also knows this project's models (note 11); a model class is
+    returned as it is. Every other name goes to RecBole's own lookup, errors included."""
+    if isinstance(model_name, type):
+        return model_name
+    from .registry import OUR_MODELS
+
+    if model_name in OUR_MODELS:
+        return OUR_MODELS[model_name]
+    try:
+        return _RECBOLE_GET_MODEL(model_name)
+    except ModuleNotFoundError:
+        # RecBole looks in exlib_recommender last, and importing it needs lightgbm and xgboost:
+        # for a name of no model that error would hide RecBole's own message
+        import importlib.util
+
+        exlib = importlib.util.find_spec("recbole.model.exlib_recommender")
+        if any(os.path.isfile(os.path.join(d, f"{str(model_name).lower()}.py"))
+               for d in exlib.submodule_search_locations or []):
+            raise
+        raise ValueError(f"`model_name` [{model_name}] is not the name of an existing model.") from None
+
+
+def install_get_model() -> None:
+    """Give every loaded RecBole module that imported ``get_model`` this one (note 11). A module
+    loaded later (``recbole.quick_start``) imports it from ``recbole.utils``, which has it."""
+    global _RECBOLE_GET_MODEL
+    import recbole.utils.utils as rb_utils
+
+    if _RECBOLE_GET_MODEL is None:
+        _RECBOLE_GET_MODEL = rb_utils.get_model
+    for name, module in list(sys.modules.items()):
+        if name.startswith("recbole") and getattr(module, "get_model", None) is _RECBOLE_GET_MODEL:
+            module.get_model = get_model
+
+
+_ARGV_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def recbole_argv(cmd_args):
+    """Temporary: ``sys.argv`` holds exactly ``cmd_args`` while the block runs. RecBole's Config
+    reads ``--key=value`` overrides from ``sys.argv`` itself, which in-process use (a caller's
+    own argv, tests, searches) must not leak into."""
+    with _ARGV_LOCK:
+        saved = sys.argv
+        sys.argv = [saved[0] if saved else "mamba4rec", *cmd_args]
+        try:
+            yield
+        finally:
+            sys.argv = saved
+
+
+_METRIC_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def metric_info_hook(classes, on_result):
+    """Temporary: while the block runs, each RecBole metric class in ``classes`` reports what its
+    ``metric_info`` returns (the per-user values behind the mean) to ``on_result(cls, result)``.
+    RecBole keeps only the means; paired intervals need the per-user values."""
+    with _METRIC_LOCK:
+        own = {cls: cls.__dict__.get("metric_info") for cls in classes}  # None: inherited
+        for cls in classes:
+            def metric_info(self, *args, _inner=cls.metric_info, _cls=cls):
+                result = _inner(self, *args)
+                on_result(_cls, result)
+                return result
+
+            cls.metric_info = metric_info
+        try:
+            yield
+        finally:
+            for cls, inner in own.items():
+                if inner is None:
+                    del cls.metric_info
+                else:
+                    cls.metric_info = inner
+
+
+@contextlib.contextmanager
+def instance_attributes(obj, **attrs):
+    """Temporary: set attributes on one object (a RecBole model instance: its ``forward``, its
+    ``gather_indexes``) for the duration, putting back an instance attribute that was there.
+    Its class, and every other instance, are untouched."""
+    saved = {k: obj.__dict__[k] for k in attrs if k in obj.__dict__}
+    try:
+        for k, v in attrs.items():
+            object.__setattr__(obj, k, v)
+        yield
+    finally:
+        for k in attrs:
+            if k in saved:
+                object.__setattr__(obj, k, saved[k])
+            else:
+                obj.__dict__.pop(k, None)
+
+
 def import_recbole_models() -> None:
     """Import RecBole's sequential models with torch's anomaly detection left as it was.
 
@@ -303,8 +392,40 @@ def import_recbole_models() -> None:
     torch.autograd.set_detect_anomaly(enabled)
 
 
+class Patch(NamedTuple):
+    """One change to RecBole: ``target`` is ``module:attribute`` or ``module:Class.attribute``
+    (``*``: any module); ``when`` "import" (made by :func:`install`, kept) or "temporary" (a
+    context manager here); ``note``: this docstring's note (0: the context manager's); ``test``."""
+
+    target: str
+    when: str
+    note: int
+    test: str
+
+
+#: Every change to RecBole (docs/ARCHITECTURE.md has the table with what each does and why);
+#: tests/test_compat.py checks that ``import mamba4rec`` changes exactly the "import" targets.
+PATCHES = (
+    Patch("recbole.config.configurator:Config.compatibility_settings", "import", 1,
+          "test_config_builds_without_the_aliases_numpy2_removed"),
+    Patch("recbole.data.dataset.dataset:pd", "import", 2, "test_missing_sequence_values_load_under_copy_on_write"),
+    Patch("recbole.trainer.trainer:torch", "import", 4, "test_trainer_checkpoints_load_but_foreign_pickles_do_not"),
+    Patch("recbole.data.dataset.dataset:Dataset._fill_nan", "import", 5, "test_fill_nan_survives_copy_on_write"),
+    Patch("recbole.trainer.trainer:DistributedDataParallel", "import", 7, "tests/test_distributed.py"),
+    Patch("recbole.*:ensure_dir", "import", 8, "tests/test_distributed.py"),
+    Patch("recbole.config.configurator:Config._load_internal_config_dict", "import", 10, "tests/test_defaults.py"),
+    Patch("recbole.*:get_model", "import", 11, "test_recbole_finds_mamba4rec_by_name"),
+    Patch("torch.autograd:anomaly mode", "import", 12,
+          "test_importing_recbole_models_leaves_anomaly_detection_as_it_was"),
+    Patch("warnings:filters", "import", 9, "test_a_run_prints_plain_metrics_and_no_warning_a_user_cannot_act_on"),
+    Patch("sys:argv", "temporary", 0, "test_temporary_patches_are_put_back"),
+    Patch("recbole.evaluator.metrics:Hit.metric_info", "temporary", 0, "test_temporary_patches_are_put_back"),
+    Patch("<a model instance>:forward", "temporary", 0, "test_temporary_patches_are_put_back"),
+)
+
+
 def install() -> None:
-    """Apply every shim once (called by ``import mamba4rec``)."""
+    """Make every "import" change of :data:`PATCHES` once (called by ``import mamba4rec``)."""
     global _INSTALLED
     if _INSTALLED:
         return
@@ -316,5 +437,7 @@ def install() -> None:
     install_seq_fillna_fix()
     install_ddp_cpu_fix()
     install_ensure_dir_fix()
+    install_config_defaults()
     import_recbole_models()
+    install_get_model()
     _INSTALLED = True

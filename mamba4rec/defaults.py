@@ -6,8 +6,8 @@ The YAML files of the checkout's ``configs/`` are installed as package data
 
     Config(model="SASRec", dataset="ml-100k", config_file_list=mamba4rec.config_files("SASRec", "ml-100k"))
 
-For Mamba4Rec itself no file is needed: :func:`install` (run by ``import mamba4rec``) makes
-RecBole's ``Config`` read them as its *internal* defaults, the place where RecBole puts its own
+For Mamba4Rec itself no file is needed: :func:`load_internal_config_dict`, which
+``import mamba4rec`` makes RecBole's (mamba4rec.compat, note 10), has RecBole's ``Config`` read them as its *internal* defaults, the place where RecBole puts its own
 models' ``properties/model/<Model>.yaml``, so ``Config(model=Mamba4Rec, dataset=...)`` gets the
 paper's model, training and evaluation settings, and every file, dict or command-line key of the
 user still wins over them. Mamba4Rec does not declare ``input_type``: RecBole derives it from
@@ -126,15 +126,16 @@ def _same(key, value):
     return {"valid": value, "test": value} if key == "mode" and isinstance(value, str) else value
 
 
-_RECBOLE_LOAD_INTERNAL = None  # RecBole's own Config._load_internal_config_dict
+RECBOLE_LOAD_INTERNAL = None  # RecBole's own Config._load_internal_config_dict (set by mamba4rec.compat)
 
 
-def _load_internal_config_dict(self, model, model_class, dataset):
+def load_internal_config_dict(self, model, model_class, dataset):
     """RecBole's internal defaults, then those of a model that names its own files
     (``default_config_files(dataset)``, as Mamba4Rec does), then the eval_args check. As in
     mamba4rec.registry.build_config, loss_type BPR without a sampler of the user's gets RecBole's
-    uniform 1:1 negative sampling (CE must have none, and the packaged default is none)."""
-    _RECBOLE_LOAD_INTERNAL(self, model, model_class, dataset)
+    uniform 1:1 negative sampling (CE must have none, and the packaged default is none).
+    mamba4rec.compat makes it RecBole's Config._load_internal_config_dict (its note 10)."""
+    RECBOLE_LOAD_INTERNAL(self, model, model_class, dataset)
     files = getattr(model_class, "default_config_files", None)
     if callable(files):
         for path in files(dataset):
@@ -148,17 +149,11 @@ def _load_internal_config_dict(self, model, model_class, dataset):
                 external["train_neg_sample_args"] = {"distribution": "uniform", "sample_num": 1}
 
 
-def install() -> None:
-    """Let RecBole's Config read a model's ``default_config_files`` as internal defaults (once)."""
-    global _RECBOLE_LOAD_INTERNAL
-    from recbole.config import Config
-
+def check_recbole_config(Config) -> None:
+    """The two Config methods the defaults hook relies on exist (RecBole 1.2.1's)."""
     from . import RECBOLE_INSTALL
 
     for name in ("_load_internal_config_dict", "_update_internal_config_dict"):
         if not callable(getattr(Config, name, None)):
             raise ImportError(f"recbole.config.Config has no {name}: this RecBole is not the 1.2.1 that "
                               f"mamba4rec is built for ({RECBOLE_INSTALL})")
-    if Config._load_internal_config_dict is not _load_internal_config_dict:
-        _RECBOLE_LOAD_INTERNAL = Config._load_internal_config_dict
-        Config._load_internal_config_dict = _load_internal_config_dict

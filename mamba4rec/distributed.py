@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from recbole.config import Config
 
+from .checks import int_in
+
 BACKENDS = ("gloo", "nccl")
 
 
@@ -52,12 +54,12 @@ class DistSpec:
 
 def check_spec(spec: DistSpec) -> DistSpec:
     """Refuse impossible settings before any process starts."""
-    if isinstance(spec.group_offset, bool) or not isinstance(spec.group_offset, int) or spec.group_offset < 0:
+    if not int_in(spec.group_offset, 0):
         raise ValueError(f"--group_offset={spec.group_offset!r} is invalid: it must be an integer >= 0")
     spec = spec.resolved()
     for key in ("nproc", "world_size"):
         value = getattr(spec, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not int_in(value, 1):
             raise ValueError(f"--{key}={value!r} is invalid: it must be an integer >= 1")
     if spec.group_offset + spec.nproc > spec.world_size:
         raise ValueError(
@@ -122,10 +124,9 @@ def _worker(local_rank, spec: DistSpec, run_kwargs: dict, result_path: str):
                             "offset": spec.group_offset, "ip": spec.ip, "port": spec.port})
         result = pipeline.run(config_dict=config_dict, config_class=DistributedConfig, **run_kwargs)
         if rank == 0:
-            tmp = result_path + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(result.as_dict(), fh)
-            os.replace(tmp, result_path)
+            from .files import write_text_atomic
+
+            write_text_atomic(result_path, json.dumps(result.as_dict()))
     finally:
         dist.destroy_process_group()
 

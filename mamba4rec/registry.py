@@ -8,18 +8,16 @@ trains with them; mamba4rec.hyper and mamba4rec.compare check settings with them
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import pkgutil
-import sys
-import threading
 from pathlib import Path
 
 import recbole
 import yaml
 from recbole.config import Config
 
+from .compat import recbole_argv
 from .defaults import check_protocol
 from .defaults import config_files as _packaged_config_files
 from .model import Mamba4Rec, resolve_model_config
@@ -29,7 +27,6 @@ BUNDLED_DATA = Path(recbole.__file__).resolve().parent / "dataset_example"
 OUR_MODELS = {"Mamba4Rec": Mamba4Rec}
 _RECBOLE_MODEL_PACKAGES = ("general_recommender", "sequential_recommender",
                            "context_aware_recommender", "knowledge_aware_recommender")
-_ARGV_LOCK = threading.Lock()
 
 
 def known_models() -> list[str]:
@@ -81,18 +78,6 @@ def default_config_files(model_name: str, dataset: str) -> list[str]:
     return _packaged_config_files(model_name, dataset)
 
 
-@contextlib.contextmanager
-def _recbole_argv(cmd_args):
-    """RecBole's Config reads --key=value overrides from sys.argv; give it exactly ours."""
-    with _ARGV_LOCK:
-        saved = sys.argv
-        sys.argv = [saved[0] if saved else "mamba4rec", *cmd_args]
-        try:
-            yield
-        finally:
-            sys.argv = saved
-
-
 def _check_cmd_args(cmd_args) -> list[str]:
     cmd_args = list(cmd_args or [])
     for arg in cmd_args:
@@ -130,7 +115,7 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
     cmd_args = _check_cmd_args(cmd_args)
     config_dict = dict(config_dict or {})
 
-    with _recbole_argv(cmd_args):
+    with recbole_argv(cmd_args):
         config = config_class(model=model_class, dataset=dataset, config_file_list=files or None,
                               config_dict=config_dict)
         # BPR needs a sampled negative; CE must have none. Give BPR RecBole's uniform 1:1
@@ -147,7 +132,30 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
     resolve_train_mode(config)  # train_mode / sequence_stride: the same
     resolve_buckets(config)  # length_buckets, for every model
     _resolve_data_path(config)
+    check_output_folders(config)
     return config
+
+
+#: the folders RecBole writes into, relative to the working directory (recbole.utils.logger and
+#: get_tensorboard), besides the checkpoint_dir of the config
+_RECBOLE_FOLDERS = ("log", "log_tensorboard")
+
+
+def check_output_folders(config) -> None:
+    """A file where RecBole makes a folder (``log``, ``log_tensorboard``, the checkpoint_dir;
+    e.g. a shell redirect named ``log``) fails here, before any data work, instead of as a
+    FileExistsError from inside RecBole after the data is loaded."""
+    checkpoint_dir = str(config["checkpoint_dir"])
+    for folder in (*_RECBOLE_FOLDERS, os.path.join("log", str(config["model"])), checkpoint_dir):
+        parts = os.path.normpath(folder).split(os.sep)
+        for i in range(1, len(parts) + 1):  # the folder or any folder above it
+            path = os.sep.join(parts[:i]) or os.sep
+            if os.path.exists(path) and not os.path.isdir(path):
+                what = ("checkpoint_dir" if folder == checkpoint_dir else "its log folder")
+                raise ValueError(
+                    f"{os.path.abspath(path)!r} is a file, but RecBole writes {what} ({folder!r}) as a folder "
+                    f"there: move or rename that file, or run from another working directory"
+                    + (" (or set checkpoint_dir to another folder)" if folder == checkpoint_dir else ""))
 
 
 def _resolve_data_path(config) -> None:

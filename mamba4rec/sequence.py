@@ -36,11 +36,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 
 import numpy as np
 import torch
 from recbole.data.interaction import Interaction
+
+from .checks import int_in
+from .compat import instance_attributes
 
 TRAIN_MODES = ("prefix", "sequence")
 #: batches of models without a ``length_buckets`` attribute of their own run in this many buckets
@@ -72,7 +74,7 @@ def resolve_train_mode(config) -> tuple[str, int | None]:
     max_len = _get(config, "MAX_ITEM_LIST_LENGTH")
     if stride is None:
         return mode, (max(1, int(max_len) // 2) if mode == "sequence" else None)
-    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or not 1 <= stride <= max_len:
+    if not int_in(stride, 1, max_len):
         raise ValueError(f"sequence_stride={stride!r} is invalid: it must be an integer from 1 to "
                          f"MAX_ITEM_LIST_LENGTH ({max_len}); 1 trains every target on exactly its prefix "
                          f"sample's history, the default ({max(1, int(max_len) // 2)}) is L // 2.")
@@ -259,22 +261,6 @@ class SequenceTrainDataLoader:
 
 # ---- the model side ------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _patched(model, **attrs):
-    """Set instance attributes for the duration (restoring an instance attribute that was there)."""
-    saved = {k: model.__dict__[k] for k in attrs if k in model.__dict__}
-    try:
-        for k, v in attrs.items():
-            object.__setattr__(model, k, v)
-        yield
-    finally:
-        for k in attrs:
-            if k in saved:
-                object.__setattr__(model, k, saved[k])
-            else:
-                model.__dict__.pop(k, None)
-
-
 def sequence_output(model, item_seq, item_seq_len) -> torch.Tensor:
     """The model's output at every position, [B, L', H] (L' <= item_seq's width: Mamba4Rec
     trims it to the longest sequence).
@@ -284,8 +270,18 @@ def sequence_output(model, item_seq, item_seq_len) -> torch.Tensor:
     own = getattr(type(model), "sequence_output", None)
     if own is not None:
         return model.sequence_output(item_seq, item_seq_len)
-    with _patched(model, gather_indexes=lambda output, gather_index: output):
+    with instance_attributes(model, gather_indexes=lambda output, gather_index: output):
         return type(model).forward(model, item_seq, item_seq_len)
+
+
+def length_buckets(lengths: torch.Tensor, n_buckets: int) -> list:
+    """The rows of a batch in up to ``n_buckets`` groups of similar length (indices, sorted by
+    length, stable; equal counts; none empty). A causal model run over each group cut at its
+    longest row gives the outputs it gives over the whole padded batch, for less work. The one
+    bucketing: Mamba4Rec's forward (its ``length_buckets``) and :func:`target_output` (RecBole's
+    causal models, and sequence batches) both use it."""
+    order = torch.argsort(lengths, stable=True)
+    return [idx for idx in torch.tensor_split(order, max(1, min(int(n_buckets), len(order)))) if len(idx)]
 
 
 def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor:
@@ -298,10 +294,9 @@ def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor
     if n_buckets == 1:
         full = sequence_output(model, item_seq[:, :int(item_len.max())], item_len)
         return full[row, pos]
-    order = torch.argsort(item_len, stable=True)
-    parts = [idx for idx in torch.tensor_split(order, n_buckets) if len(idx)]
-    bucket = torch.empty_like(order)
-    local = torch.empty_like(order)  # a row's index inside its bucket
+    parts = length_buckets(item_len, n_buckets)
+    bucket = torch.empty_like(item_len)
+    local = torch.empty_like(item_len)  # a row's index inside its bucket
     for b, idx in enumerate(parts):
         bucket[idx] = b
         local[idx] = torch.arange(len(idx), device=idx.device)
@@ -367,7 +362,7 @@ def bucketed_forward(model, n_buckets):
     def forward(item_seq, item_seq_len):
         return last_output(model, item_seq, item_seq_len, n_buckets)
 
-    with _patched(model, forward=forward):
+    with instance_attributes(model, forward=forward):
         yield
 
 
@@ -408,7 +403,7 @@ def resolve_buckets(config) -> int:
     value = _get(config, "length_buckets")
     if value is None:
         return DEFAULT_BUCKETS
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not int_in(value, 1):
         raise ValueError(f"length_buckets={value!r} is invalid: it must be an integer >= 1 (the number of "
                          f"length buckets each training batch runs in; 1 = off, default {DEFAULT_BUCKETS}).")
     return int(value)
@@ -427,7 +422,7 @@ def _loss_with(model, interaction, outputs):
                 f"mode cannot answer. Train it with train_mode=prefix (the default).")
         return outputs
 
-    with _patched(model, forward=forward):
+    with instance_attributes(model, forward=forward):
         return model.calculate_loss(interaction)
 
 

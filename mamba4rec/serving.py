@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ._version import __version__
+from .checks import int_in
+from .files import atomic_path
 from .model import MODEL_DEFAULTS, Mamba4Rec, resolve_model_config
 from .streaming import StreamState
 
@@ -102,15 +104,8 @@ def export_checkpoint(model: Mamba4Rec, dataset_or_tokens, path) -> str:
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -286,7 +281,7 @@ class Recommender:
     # scoring
 
     def _top_k(self, seq_output, k, exclude):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        if not int_in(k, 1):
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         with torch.no_grad():
             scores = seq_output.float() @ self.model.item_embedding.weight.float().t()  # [n_items]

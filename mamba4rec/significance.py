@@ -30,23 +30,15 @@ def recording(topk):
     the dict yielded is filled when the block ends ({"ndcg@10": array of one value per user})."""
     from recbole.evaluator import metrics
 
+    from .compat import metric_info_hook
+
     topk = [topk] if isinstance(topk, int) else list(topk)
-    seen, out, originals = {}, {}, {}
-    for name in _METRICS:
-        cls = getattr(metrics, name)
-        originals[cls] = cls.metric_info
-
-        def metric_info(self, *args, _inner=cls.metric_info, _key=name.lower()):
-            result = _inner(self, *args)
-            seen[_key] = result
-            return result
-
-        cls.metric_info = metric_info
+    seen, out = {}, {}
+    classes = [getattr(metrics, name) for name in _METRICS]
     try:
-        yield out
+        with metric_info_hook(classes, lambda cls, result: seen.__setitem__(cls.__name__.lower(), result)):
+            yield out
     finally:
-        for cls, inner in originals.items():
-            cls.metric_info = inner
         for key, result in seen.items():
             for k in topk:
                 if k <= result.shape[1]:

@@ -272,3 +272,125 @@ def test_a_run_prints_plain_metrics_and_no_warning_a_user_cannot_act_on(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "hit@10" in proc.stdout and "np.float" not in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- the door
+
+SNAPSHOT = r"""
+import fnmatch, importlib, json, pkgutil, sys, types
+import recbole
+
+for info in pkgutil.walk_packages(recbole.__path__, "recbole."):
+    if info.name.startswith(("recbole.quick_start", "recbole.model.exlib_recommender")):
+        continue  # ray; lightgbm and xgboost: not installed here
+    try:
+        importlib.import_module(info.name)
+    except Exception:
+        pass
+
+def snapshot():
+    out = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("recbole") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, types.ModuleType) and value.__name__.startswith("recbole."):
+                continue  # a submodule, bound when it was imported
+            out[f"{name}:{attr}"] = value
+            if isinstance(value, type) and value.__module__ == name:
+                for key, member in list(vars(value).items()):
+                    out[f"{name}:{attr}.{key}"] = member
+    return out
+
+before = snapshot()
+import mamba4rec
+after = snapshot()
+changed = sorted(k for k in before.keys() | after.keys() if before.get(k, before) is not after.get(k, after))
+print(json.dumps(changed))
+"""
+
+
+def test_importing_mamba4rec_changes_recbole_exactly_as_the_patch_table_says():
+    """Every attribute of every RecBole module and class, before and after ``import mamba4rec``:
+    each change matches an "import" entry of compat.PATCHES, and each such entry changed
+    something. A patch made anywhere without its entry (or an entry that no longer patches)
+    fails here."""
+    import fnmatch
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run([sys.executable, "-c", SNAPSHOT], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    changed = json.loads(proc.stdout.strip().splitlines()[-1])
+    targets = [p.target for p in compat.PATCHES if p.when == "import" and p.target.startswith("recbole")]
+    unlisted = [c for c in changed if not any(fnmatch.fnmatchcase(c, t) for t in targets)]
+    assert not unlisted, f"changed by import mamba4rec but not in compat.PATCHES: {unlisted}"
+    import numpy as np
+
+    only_if = {"recbole.config.configurator:Config.compatibility_settings": int(np.__version__.split(".")[0]) >= 2}
+    idle = [t for t in targets if only_if.get(t, True) and not any(fnmatch.fnmatchcase(c, t) for c in changed)]
+    assert not idle, f"in compat.PATCHES but unchanged: {idle}"
+    assert len(changed) >= len(targets)
+
+
+def test_the_patch_table_is_the_one_in_the_docs():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    for patch in compat.PATCHES:
+        assert f"`{patch.target}`" in text, f"docs/ARCHITECTURE.md's table lacks {patch.target}"
+        assert patch.when in ("import", "temporary") and patch.test
+
+
+def test_temporary_patches_are_put_back(monkeypatch):
+    import sys
+
+    from recbole.evaluator import metrics
+
+    argv = list(sys.argv)
+    with pytest.raises(RuntimeError):
+        with compat.recbole_argv(["--epochs=2"]):
+            assert sys.argv[1:] == ["--epochs=2"]
+            raise RuntimeError
+    assert sys.argv == argv
+
+    classes = (metrics.Hit, metrics.MRR, metrics.NDCG)
+    own = [cls.__dict__["metric_info"] for cls in classes]
+    seen = []
+    with pytest.raises(RuntimeError):
+        with compat.metric_info_hook(classes, lambda cls, result: seen.append(cls)):
+            with compat.metric_info_hook(classes[:1], lambda cls, result: seen.append("inner")):
+                import numpy as np
+
+                metrics.Hit.metric_info(None, np.array([[True, False]]))
+            raise RuntimeError
+    assert [cls.__dict__["metric_info"] for cls in classes] == own
+    assert seen == [metrics.Hit, "inner"]  # the inner hook wraps the outer one
+
+    class Model:
+        def forward(self):
+            return "class"
+
+    m = Model()
+    with compat.instance_attributes(m, forward=lambda: "instance"):
+        assert m.forward() == "instance" and Model().forward() == "class"
+    assert m.forward() == "class" and "forward" not in m.__dict__
+
+
+def test_recbole_finds_mamba4rec_by_name(in_tmp):
+    """RecBole's own lookup (Config, quick_start) knows Mamba4Rec by name; RecBole's get_model
+    alone falls through to exlib_recommender (lightgbm) and fails."""
+    from recbole.config import Config
+    from recbole.utils import get_model
+
+    from mamba4rec import Mamba4Rec
+
+    with pytest.raises((ModuleNotFoundError, ValueError)):
+        compat._RECBOLE_GET_MODEL("Mamba4Rec")
+    assert get_model("Mamba4Rec") is Mamba4Rec and get_model(Mamba4Rec) is Mamba4Rec
+    assert get_model("SASRec").__name__ == "SASRec"
+    with pytest.raises(ValueError, match="NoSuchModel"):
+        get_model("NoSuchModel")
+    config = Config(model="Mamba4Rec", dataset="tiny", config_dict=tiny_config_dict(in_tmp, scan_impl="torch"))
+    assert config["model"] == "Mamba4Rec" and config["d_conv"] == 4  # the packaged defaults were read

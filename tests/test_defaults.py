@@ -85,7 +85,7 @@ def test_bpr_gets_a_sampler_in_a_plain_config_as_in_the_pipeline(in_tmp):
 
 def test_without_the_hook_recbole_refuses_mamba4rec(in_tmp, monkeypatch):
     """What `import mamba4rec` fixes: RecBole alone finds no loss_type for a model outside it."""
-    monkeypatch.setattr(Config, "_load_internal_config_dict", defaults._RECBOLE_LOAD_INTERNAL)
+    monkeypatch.setattr(Config, "_load_internal_config_dict", defaults.RECBOLE_LOAD_INTERNAL)
     with pytest.raises(ValueError, match="input_type"):
         Config(model=Mamba4Rec, dataset="tiny", config_dict={"data_path": str(TINY_DATA)})
 

@@ -284,3 +284,18 @@ def test_run_hyper_cli_each_trial_in_its_own_process(tiny, capfd, monkeypatch):
     assert len(out) == 6 and out[-1] == "table: cli.md", out  # header, table path, 2 trials, best, table
     table = (folder / "cli.md").read_text()
     assert table.count("| ok |") == 2 and "best: trial" in table and "exhaustive, 2 of 2 trials (done)" in table
+
+
+@pytest.mark.parametrize("name", ["log", "saved"])
+def test_a_file_where_recbole_writes_a_folder_stops_the_search_before_any_trial(tiny, capsys, name):
+    """A file named like one of RecBole's folders (a shell redirect named ``log``, or the
+    checkpoint_dir) is named, with what to do, before any data work: not a FileExistsError
+    from inside RecBole in every trial."""
+    folder = Path(tiny[0]).parent
+    (folder / name).write_text("output of an earlier command\n")
+    code = hyper.main(["-d", "tiny", f"--config_files={tiny[0]}", "--output_file=out.md"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{str(folder / name)!r} is a file, but RecBole writes" in err and "move or rename that file" in err
+    assert "Traceback" not in err and "FileExistsError" not in err and not Path("out.md").exists()
+    assert (folder / name).read_text() == "output of an earlier command\n"  # left as it was

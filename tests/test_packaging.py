@@ -17,10 +17,10 @@ import mamba4rec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _python(code, tmp_path, check=True):
+def _python(code, tmp_path, check=True, flags=()):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(OMP_NUM_THREADS="1", MAMBA4REC_FAST_DROPOUT="0")
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -110,5 +110,22 @@ def test_import_with_a_requirement_of_recbole_missing_names_it(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()
     message = proc.stderr[proc.stderr.rindex("ImportError: RecBole 1.2.1 is installed but does not import"):]
-    assert "No module named 'colorlog'" in message and "'colorlog' is missing: RecBole needs it" in message, last[-6:]
-    assert "pip install mamba4rec-recbole" in message and mamba4rec.RECBOLE_INSTALL in message
+    assert "No module named 'colorlog'" in message and "The module 'colorlog' is missing: RecBole needs it" in message
+    assert "pip install colorlog" in message and "reinstall mamba4rec-recbole" in message, last[-6:]
+    assert mamba4rec.RECBOLE_INSTALL in message
+    assert "Traceback" not in proc.stderr.split("ImportError: RecBole 1.2.1")[0].split("mamba4rec/__init__.py")[-1]
+
+
+def test_import_with_a_recbole_folder_that_is_not_recbole_says_so(tmp_path):
+    """A folder named recbole with no __init__.py (what an uninstall can leave behind) imports as
+    a namespace package where no real RecBole is installed: -S keeps site-packages out."""
+    fake = tmp_path / "site"
+    (fake / "recbole").mkdir(parents=True)
+    proc = _python(f"""
+        import sys
+        sys.path.insert(0, {str(fake)!r})
+        import mamba4rec
+    """, tmp_path, check=False, flags=("-S",))
+    assert proc.returncode != 0
+    assert f"the recbole found at {fake / 'recbole'} has no __version__" in proc.stderr
+    assert mamba4rec.RECBOLE_INSTALL in proc.stderr

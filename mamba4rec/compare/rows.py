@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..files import atomic_path
 from ..pipeline import last_checkpoint_path, machine  # noqa: F401 - machine: compare's export
 from ..registry import build_config
 
@@ -87,7 +88,7 @@ def _data_files(config) -> dict | None:
                    if p.rsplit(".", 1)[-1] in ("inter", "user", "item", "kg", "link", "net"))
     if not files:
         return None
-    from ..compat import file_sha256
+    from ..files import file_sha256
 
     return {os.path.basename(path): file_sha256(path) for path in files}
 
@@ -142,13 +143,9 @@ def _load_rows(rows_dir: Path, names, settings, failed=False, flag="--resume", d
 
 
 def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``write(tmp)`` a temporary Path beside ``path``, renamed onto it once complete."""
+    with atomic_path(path) as tmp:
+        write(Path(tmp))
 
 
 def _save_per_user(out: Path, name, result, config):
