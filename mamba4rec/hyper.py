@@ -26,7 +26,6 @@ import functools
 import itertools
 import logging
 import math
-import numbers
 import os
 import random
 import re
@@ -34,6 +33,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .checks import int_in
 
 TYPES = {"choice": "a Python list of values, e.g. [0.2,0.4]", "uniform": "low,high, e.g. 0.1,0.5",
          "quniform": "low,high,q, e.g. 32,128,32", "loguniform": "low,high as natural logs, e.g. -8,0"}
@@ -202,8 +203,7 @@ def plan(space, algo="auto", max_evals=None) -> tuple[str, int]:
     but run in order); random and bayes need max_evals."""
     if algo not in ALGOS:
         raise SpaceError(f"unknown search {algo!r}; choose one of {', '.join(ALGOS)}")
-    if max_evals is not None and (isinstance(max_evals, bool) or not isinstance(max_evals, numbers.Integral)
-                                  or max_evals < 1):
+    if max_evals is not None and not int_in(max_evals, 1):
         raise SpaceError(f"max_evals must be an integer >= 1, got {max_evals!r}")
     ranged = [p for p in space if p.kind != "choice"]
     if algo == "auto":
@@ -346,7 +346,7 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     space = list(space)
     if not space:
         raise SpaceError("the search space is empty")
-    if isinstance(early_stop, bool) or not isinstance(early_stop, numbers.Integral) or early_stop < 0:
+    if not int_in(early_stop, 0):
         raise SpaceError(f"early_stop must be an integer >= 0 (0: off), got {early_stop!r}")
     algo, planned = plan(space, algo, max_evals)
     if algo in ("random", "bayes"):

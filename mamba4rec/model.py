@@ -21,9 +21,11 @@ from recbole.model.loss import BPRLoss
 from mamba4rec.kernels import SCAN_IMPLS
 
 from mamba4rec.kernels.fast_dropout import FastDropout
+from .checks import int_in
 from .layers import DT_INITS, MambaLayer
 from .loss import CPU_CHUNK_ROWS, full_softmax_ce
 from .numpy_step import NumpyStep
+from .sequence import length_buckets
 from .streaming import STEP_IMPLS, StreamState, step_path
 
 #: Every model key with its default: the single source; configs/model/Mamba4Rec.yaml mirrors it
@@ -67,7 +69,7 @@ def resolve_model_config(config) -> dict:
         out[key] = default if value is None else value
     for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "length_buckets"):
         v = out[key]
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        if not int_in(v, 1):
             raise _bad(key, v, "it must be an integer >= 1")
         out[key] = int(v)
     p = out["dropout_prob"]
@@ -83,7 +85,7 @@ def resolve_model_config(config) -> dict:
     if not isinstance(out["position_embedding"], bool):
         raise _bad("position_embedding", out["position_embedding"], "it must be True or False")
     c = out["ce_chunk_rows"]
-    if c != "auto" and (isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0):
+    if c != "auto" and not int_in(c, 0):
         raise _bad("ce_chunk_rows", c, "it must be auto, 0 (the whole [targets, items] logits at once) or "
                                       "an integer >= 1 (rows of logits per chunk)")
     out["ce_chunk_rows"] = c if c == "auto" else int(c)
@@ -192,16 +194,14 @@ class Mamba4Rec(SequentialRecommender):
         sequence: the same outputs for less work when lengths vary (short Amazon histories
         next to long ones in one batch).
         """
-        batch = item_seq.shape[0]
-        n_buckets = min(self.length_buckets, batch)
-        if n_buckets <= 1:
+        parts = length_buckets(item_seq_len, self.length_buckets)
+        if len(parts) <= 1:
             return self._forward_trimmed(item_seq, item_seq_len)
-        order = torch.argsort(item_seq_len)
         out = None
-        for idx in torch.tensor_split(order, n_buckets):
+        for idx in parts:
             part = self._forward_trimmed(item_seq[idx], item_seq_len[idx])
             if out is None:
-                out = part.new_empty(batch, part.shape[-1])
+                out = part.new_empty(item_seq.shape[0], part.shape[-1])
             out[idx] = part
         return out
 
