@@ -337,7 +337,7 @@ class Mamba4Rec(SequentialRecommender):
         if path == "numba":
             fn = steps.get("numba")
             if fn is None:
-                from mamba4rec.kernels.numba_step import NumbaStep  # imports numba: only when this path is taken
+                from mamba4rec.numba_step import NumbaStep  # imports numba: only when this path is taken
 
                 steps["numba"] = fn = NumbaStep(prepared)
         pos = state.steps.numpy() if self.position_embedding is not None else None

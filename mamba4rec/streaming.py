@@ -1,7 +1,7 @@
 """Streaming: the state Mamba4Rec keeps per user, and which step path a call takes.
 
 ``Mamba4Rec.init_state`` / ``prefill`` / ``step`` (mamba4rec/model.py) use these; the step
-paths themselves are mamba4rec/numpy_step.py (numpy) and mamba4rec/kernels/numba_step.py (numba), and the
+paths themselves are mamba4rec/numpy_step.py (numpy) and mamba4rec/numba_step.py (numba), and the
 torch step in the model. docs/STREAMING.md has the API and the measured latency.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mamba4rec.kernels import numba_step
+from . import numba_step
 
 from . import numpy_step
 

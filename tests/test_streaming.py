@@ -182,7 +182,7 @@ def test_cpu_and_torch_steps_agree_in_place():
 
 
 def test_step_path_auto_picks_by_batch_mode_dtype_and_install(monkeypatch):
-    from mamba4rec.kernels import numba_step
+    from mamba4rec import numba_step
     from mamba4rec import numpy_step
     from mamba4rec.streaming import step_path
 
@@ -218,7 +218,7 @@ def test_step_path_auto_picks_by_batch_mode_dtype_and_install(monkeypatch):
 
 
 def test_model_step_calls_the_path_step_path_names(monkeypatch):
-    from mamba4rec.kernels import numba_step
+    from mamba4rec import numba_step
     from mamba4rec import numpy_step
 
     calls = []

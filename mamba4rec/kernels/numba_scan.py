@@ -79,7 +79,7 @@ def _exp_nonpos(x, out, bits):
 
 def softplus_f32(v):
     """softplus with torch's threshold, for numba: the one definition the numba scan and the numba
-    step (mamba4rec/kernels/numba_step.py) both compile."""
+    step (mamba4rec/numba_step.py) both compile."""
     return v if v > 20.0 else np.float32(math.log1p(math.exp(v)))
 
 

@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from . import numba_scan as _numba_scan
+from .kernels import numba_scan as _numba_scan
 
 #: "auto" uses the compiled step up to this many users per call (one core, rows one after the
 #: other); beyond it torch's batched, threaded kernels win. Measured on 2 CPU cores, history 50:
