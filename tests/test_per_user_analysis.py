@@ -1,29 +1,13 @@
-"""benchmarks/per_user_analysis.py: its numpy parts on synthetic arrays (no RecBole, no real data),
-and its checkpoint mode on two models trained on tests/data/tiny (RecBole imported in that test only)."""
+"""experiments.per_user_analysis: its numpy parts on synthetic arrays (no real data), and
+its checkpoint mode on two models trained on tests/data/tiny."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pua = _load("per_user_analysis_script", REPO / "benchmarks" / "per_user_analysis.py")
-# significance.py alone: importing the mamba4rec package would import RecBole
-paired_difference = _load("significance_alone", REPO / "mamba4rec" / "significance.py").paired_difference
+from experiments import per_user_analysis as pua
+from mamba4rec.significance import paired_difference
 
 
 def _metrics(rank):

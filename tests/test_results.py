@@ -1,8 +1,8 @@
-"""benchmarks/results.py: the queue of result runs, the export to results/ and the tables."""
+"""experiments (plan, runner, export, tables, goals, results): the queue of result runs, the export to
+results/, the tables and the goal checks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,20 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments import export, goals, plan, results, runner, tables
 from tests.conftest import TINY_DATA, tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("results_script", REPO / "benchmarks" / "results.py")
-results = importlib.util.module_from_spec(_spec)
-sys.modules["results_script"] = results
-_spec.loader.exec_module(results)
 
 
 @pytest.fixture
 def tiny_jobs(monkeypatch):
-    monkeypatch.setitem(results.DATASETS, "tiny", ("tiny", "tiny/tiny.inter", []))
-    jobs = [results.Job("tiny", "sequence", n) for n in ("Mamba4Rec", "SASRec", "GRU4Rec", "Mamba4Rec-2layers")]
-    monkeypatch.setattr(results, "JOBS", jobs)
+    monkeypatch.setitem(plan.DATASETS, "tiny", ("tiny", "tiny/tiny.inter", []))
+    jobs = [plan.Job("tiny", "sequence", n) for n in ("Mamba4Rec", "SASRec", "GRU4Rec", "Mamba4Rec-2layers")]
+    monkeypatch.setattr(plan, "JOBS", jobs)
     return jobs
 
 
@@ -45,34 +42,34 @@ def _train(job, out):
 
 
 def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_run():
-    beauty = {j.name: j for j in results.JOBS if j.dataset == "amazon-beauty" and j.mode == "prefix"}
+    beauty = {j.name: j for j in plan.JOBS if j.dataset == "amazon-beauty" and j.mode == "prefix"}
     cmd = beauty["SASRec"].command(Path("/o"))
     # the arguments the prefix Beauty runs were started with: their rows and checkpoints resume under these
     assert cmd == ["run_recbole.py", "-d", "amazon-beauty", "--compare_dir=/o/beauty/out", "--data_path=/o/dataset/",
                    "--show_progress=False", "--resume", "--compare=GRU4Rec,SASRec", "--compare_run=SASRec"]
-    two = next(j for j in results.JOBS if j.name == "Mamba4Rec-2layers" and j.dataset == "ml-1m")
+    two = next(j for j in plan.JOBS if j.name == "Mamba4Rec-2layers" and j.dataset == "ml-1m")
     assert "--num_layers=2" in two.command(Path("/o")) and "--train_mode=sequence" in two.command(Path("/o"))
-    assert two.compare_dir(Path("/o")) != next(j for j in results.JOBS if j.key == "ml-1m/sequence/SASRec").compare_dir(Path("/o"))
+    assert two.compare_dir(Path("/o")) != next(j for j in plan.JOBS if j.key == "ml-1m/sequence/SASRec").compare_dir(Path("/o"))
     # Beauty's jobs first (both modes), then Video Games in sequence mode, then ML-1M
-    order = [(j.dataset, j.mode) for j in results.JOBS]
-    beauty = [i for i, j in enumerate(results.JOBS) if j.dataset == "amazon-beauty" and j.name not in results.ABLATIONS]
+    order = [(j.dataset, j.mode) for j in plan.JOBS]
+    beauty = [i for i, j in enumerate(plan.JOBS) if j.dataset == "amazon-beauty" and j.name not in goals.ABLATIONS]
     assert beauty == list(range(len(beauty))) and len(beauty) == 9
     # the ablations (one layer with the block residual) after the table's rows, before the optional
     # Video Games prefix runs; a comparison of their own, with the variant's key
-    residual = [i for i, j in enumerate(results.JOBS) if j.name == "Mamba4Rec-residual"]
+    residual = [i for i, j in enumerate(plan.JOBS) if j.name == "Mamba4Rec-residual"]
     assert len(residual) == 2 and min(residual) > max(i for i, (d, _) in enumerate(order) if d == "ml-1m")
     assert max(residual) < order.index(("amazon-video-games", "prefix"))
-    assert {(results.JOBS[i].dataset, results.JOBS[i].mode) for i in residual} == {
+    assert {(plan.JOBS[i].dataset, plan.JOBS[i].mode) for i in residual} == {
         ("amazon-video-games", "sequence"), ("amazon-beauty", "sequence")}
-    ablation = results.JOBS[residual[0]]
+    ablation = plan.JOBS[residual[0]]
     assert "--block_residual=True" in ablation.command(Path("/o")) and "--compare_run=Mamba4Rec" in ablation.command(Path("/o"))
     assert ablation.compare_dir(Path("/o")).name == "sequence-residual"
     # the seed-2021 run and the prefix run of Mamba4Rec (its learning curves) before the long 2-layer run
-    names = [(j.mode, j.name) for j in results.JOBS]
+    names = [(j.mode, j.name) for j in plan.JOBS]
     assert names.index(("sequence", "Mamba4Rec-seed2021")) < names.index(("sequence", "Mamba4Rec-2layers"))
     assert names.index(("prefix", "Mamba4Rec")) < names.index(("sequence", "Mamba4Rec-2layers"))
     assert order.index(("amazon-video-games", "sequence")) < order.index(("ml-1m", "sequence"))
-    assert results.JOBS.index(results.Job("amazon-beauty", "prefix", "SASRec")) == 2  # the longest run starts early
+    assert plan.JOBS.index(plan.Job("amazon-beauty", "prefix", "SASRec")) == 2  # the longest run starts early
 
 
 def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results(in_tmp, tiny_jobs):
@@ -84,18 +81,18 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     earlier = store / "tiny" / "prefix" / "SASRec.json"
     earlier.parent.mkdir(parents=True)
     earlier.write_text(json.dumps({"dataset": "tiny", "train_mode": "prefix", "model": "SASRec",
-                                   "valid_result": {"ndcg@10": 0.1}, "test_result": dict.fromkeys(results.METRICS, 0.1),
+                                   "valid_result": {"ndcg@10": 0.1}, "test_result": dict.fromkeys(plan.METRICS, 0.1),
                                    "best_epoch": 3, "epochs_run": 14, "stopped_by": "early stopping"}))
-    written = results.export(out, results=store, log=lambda m: None)
+    written = export.export(out, results=store, log=lambda m: None)
     assert sorted(Path(p).name for p in written) == ["GRU4Rec.json", "Mamba4Rec.json", "SASRec.json"]
     rec = json.loads((store / "tiny" / "sequence" / "Mamba4Rec.json").read_text())
-    assert set(rec["test_result"]) == set(results.METRICS) and rec["epochs_run"] == 2
+    assert set(rec["test_result"]) == set(plan.METRICS) and rec["epochs_run"] == 2
     assert "--train_mode=sequence" in rec["config_overrides"] and rec["data_sha256"]
     assert rec["machine"] and rec["params"] > 0 and rec["train_s_to_stop"] > 0
     assert "machine_by_epoch" not in rec  # trained in one stretch on one machine
     with np.load(store / "tiny" / "per_user.npz") as data:
         assert set(data.files) == {f"sequence/{m}/{v}{k}" for m in ("Mamba4Rec", "SASRec", "GRU4Rec")
-                                   for v in ("", "input_masked_") for k in results.METRICS}
+                                   for v in ("", "input_masked_") for k in plan.METRICS}
         assert abs(float(data["sequence/Mamba4Rec/ndcg@10"].mean()) - rec["test_result"]["ndcg@10"]) < 1e-4
         masked = rec["test_result_input_masked"]  # run()'s second test pass, input sequences ranked out
         assert abs(float(data["sequence/Mamba4Rec/input_masked_ndcg@10"].mean()) - masked["ndcg@10"]) < 1e-4
@@ -104,40 +101,40 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     assert (store / "tiny" / "curves.png").stat().st_size > 1000
     assert earlier.is_file()
 
-    text = results.tables(store)
+    text = tables.tables(store)
     assert "### tiny, train_mode=sequence" in text and "### tiny, train_mode=prefix" in text
     assert "Not finished yet: Mamba4Rec-2layers." in text
     assert "better of 1 and 2 layers by valid NDCG@10: **Mamba4Rec** (provisional: Mamba4Rec-2layers is not " \
            "finished yet)" in text
-    for metric in results.METRICS:  # paired, with its interval and verdict, per baseline
+    for metric in plan.METRICS:  # paired, with its interval and verdict, per baseline
         assert f"- {metric}: Mamba4Rec - SASRec = " in text and f"- {metric}: Mamba4Rec - GRU4Rec = " in text
     masked_block = text.split("Test with each user's input sequence masked", 1)[1].split("### ", 1)[0]
     assert "| SASRec | " in masked_block and "No masked test values: " not in masked_block
     assert "Mamba4Rec (chosen by valid NDCG@10, as above) minus each baseline, masked test values" in masked_block
-    assert masked_block.count(": Mamba4Rec - ") == 2 * len(results.METRICS)
+    assert masked_block.count(": Mamba4Rec - ") == 2 * len(plan.METRICS)
     assert "No masked test values" not in text.split("### tiny, train_mode=prefix", 1)[1]  # no masked rows there
     # exporting again changes nothing (the same rows)
     before = {p: p.read_bytes() for p in (store / "tiny").rglob("*") if p.is_file() and p.suffix != ".png"}
-    results.export(out, results=store, log=lambda m: None)
+    export.export(out, results=store, log=lambda m: None)
     assert {p: p.read_bytes() for p in before} == before
     # a job trained again without per-user values or a curve leaves nothing of its earlier run
     (out / "tiny" / "sequence" / "per_user" / "SASRec.npz").unlink()
     (out / "tiny" / "sequence" / "curves" / "SASRec.json").unlink()
-    results.export(out, results=store, log=lambda m: None)
+    export.export(out, results=store, log=lambda m: None)
     with np.load(store / "tiny" / "per_user.npz") as data:
         assert not [k for k in data.files if k.startswith("sequence/SASRec/")] and "sequence/GRU4Rec/hit@10" in data.files
     assert ",SASRec," not in (store / "tiny" / "curves.csv").read_text()
-    assert "SASRec: no per-user values" in results.tables(store)
+    assert "SASRec: no per-user values" in tables.tables(store)
     # a row resumed on another machine says where each stretch of its epochs trained
     curve_file = out / "tiny" / "sequence" / "curves" / "GRU4Rec.json"
     curve = json.loads(curve_file.read_text())
     curve["machines"] = [[0, None], [1, "Box B, 2 cpus", 2]]
     curve_file.write_text(json.dumps(curve))
-    results.export(out, results=store, log=lambda m: None)
+    export.export(out, results=store, log=lambda m: None)
     rec = json.loads((store / "tiny" / "sequence" / "GRU4Rec.json").read_text())
     assert rec["machine_by_epoch"] == [{"from_epoch": 0, "machine": "not recorded"},
                                        {"from_epoch": 1, "machine": "Box B, 2 cpus", "threads": 2}]
-    text = results.tables(store)
+    text = tables.tables(store)
     assert ("GRU4Rec trained in stretches (resumed): epochs 0-0 on a machine not recorded, epochs 1-1 on Box B, "
             "2 cpus (2 threads).") in text
     machine_line = text.split("GRU4Rec trained in stretches", 1)[0].rsplit("Machine: ", 1)[1]
@@ -146,18 +143,18 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
 
 def test_tables_fill_the_marked_block_of_the_doc(tmp_path):
     doc = tmp_path / "RESULTS.md"
-    doc.write_text(f"# Results\n\nintro\n\n{results.BEGIN}\nold\n{results.END}\n\nafter\n")
+    doc.write_text(f"# Results\n\nintro\n\n{tables.BEGIN}\nold\n{tables.END}\n\nafter\n")
     store = tmp_path / "results"
-    rec = {"dataset": "ml-1m", "train_mode": "sequence", "valid_result": dict.fromkeys(results.METRICS, 0.2),
+    rec = {"dataset": "ml-1m", "train_mode": "sequence", "valid_result": dict.fromkeys(plan.METRICS, 0.2),
            "test_result": {"hit@10": 0.33, "ndcg@10": 0.19, "mrr@10": 0.15}, "best_epoch": 40, "epochs_run": 51,
            "stopped_by": "early stopping", "train_s_per_epoch": 100.0, "peak_rss_mib": 900}
     for name in ("Mamba4Rec", "Mamba4Rec-2layers"):
         p = store / "ml-1m" / "sequence" / f"{name}.json"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({**rec, "model": name}))
-    results.write_tables(doc, store)
+    tables.write_tables(doc, store)
     text = doc.read_text()
-    assert text.startswith("# Results\n\nintro\n\n") and text.endswith(f"{results.END}\n\nafter\n")
+    assert text.startswith("# Results\n\nintro\n\n") and text.endswith(f"{tables.END}\n\nafter\n")
     assert "old" not in text and "| *Mamba4Rec, paper* | 0.3121 | 0.1822 | 0.1425 |" in text
     assert "hit@10 >= Mamba4Rec, paper 0.3121 (Mamba4Rec): met (0.3300)" in text
     assert "2 layers, hit@10 >= TiM4Rec's 0.3253: met (0.3300)" in text
@@ -165,7 +162,7 @@ def test_tables_fill_the_marked_block_of_the_doc(tmp_path):
     bare = tmp_path / "bare.md"
     bare.write_text("no block here\n")
     with pytest.raises(SystemExit, match="no .* block"):
-        results.write_tables(bare, store)
+        tables.write_tables(bare, store)
 
 
 def test_run_queue_skips_finished_jobs_runs_the_rest_in_lanes_and_reports_failures(tmp_path, tiny_jobs, monkeypatch):
@@ -186,17 +183,17 @@ def test_run_queue_skips_finished_jobs_runs_the_rest_in_lanes_and_reports_failur
         """))
     fake.chmod(0o755)
     exported = []
-    monkeypatch.setattr(results, "export", lambda out_, jobs, log=None: exported.extend(j.key for j in jobs))
+    monkeypatch.setattr(export, "export", lambda out_, jobs, log=None, **kw: exported.extend(j.key for j in jobs))
     lines = []
     handler = signal.getsignal(signal.SIGTERM)
-    failed = results.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append)
+    failed = runner.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append)
     assert failed == 1
     assert signal.getsignal(signal.SIGTERM) is handler  # the queue's stop handler is gone with it
     assert sorted(exported) == sorted(j.key for j in tiny_jobs if j.name != "GRU4Rec")
     assert any("tiny/sequence/GRU4Rec ended with status 3" in m for m in lines)
     lines.clear()
     exported.clear()
-    assert results.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append) == 1  # only GRU4Rec runs again
+    assert runner.run_queue(out, tiny_jobs, 2, str(fake), log=lines.append) == 1  # only GRU4Rec runs again
     assert sum("finished earlier" in m for m in lines) == 3
     # the jobs finished before are exported again (an export cut short by a stop reaches results/)
     assert sorted(exported) == sorted(j.key for j in tiny_jobs if j.name != "GRU4Rec")
@@ -216,14 +213,14 @@ def test_run_queue_does_not_train_again_what_results_holds_unless_rerun(tmp_path
         def wait(self):
             return 0
 
-    monkeypatch.setattr(results.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(runner.subprocess, "Popen", FakePopen)
     lines = []
     jobs = tiny_jobs[:2]  # Mamba4Rec, SASRec
-    assert results.run_queue(tmp_path / "runs", jobs, 1, "python", log=lines.append, results=store) == 1
+    assert runner.run_queue(tmp_path / "runs", jobs, 1, "python", log=lines.append, results=store) == 1
     assert started == ["Mamba4Rec"]  # (it wrote no row: a failure, not a skip)
     assert any("tiny/sequence/SASRec: in results/ already" in m for m in lines)
     started.clear()
-    results.run_queue(tmp_path / "runs", jobs, 1, "python", log=lines.append, results=store, rerun=True)
+    runner.run_queue(tmp_path / "runs", jobs, 1, "python", log=lines.append, results=store, rerun=True)
     assert started == ["Mamba4Rec", "SASRec"]
 
 
@@ -231,7 +228,7 @@ def test_status_tells_a_row_results_holds_from_a_job_not_started(tmp_path, tiny_
     store = tmp_path / "results"
     (store / "tiny" / "sequence").mkdir(parents=True)
     (store / "tiny" / "sequence" / "SASRec.json").write_text("{}")
-    lines = results.status(tmp_path / "runs", results=store).splitlines()
+    lines = runner.status(tmp_path / "runs", results=store).splitlines()
     assert lines[0] == "tiny/sequence/Mamba4Rec: not started"
     assert lines[1].startswith("tiny/sequence/SASRec: in results/")
     assert len(lines) == len(tiny_jobs)
@@ -255,12 +252,12 @@ def test_run_queue_gives_each_training_the_threads_asked_for(tmp_path, tiny_jobs
         def wait(self):
             return 0
 
-    monkeypatch.setattr(results.subprocess, "Popen", FakePopen)
-    results.run_queue(tmp_path / "runs", tiny_jobs[:1], 1, "python", log=lambda m: None,
+    monkeypatch.setattr(runner.subprocess, "Popen", FakePopen)
+    runner.run_queue(tmp_path / "runs", tiny_jobs[:1], 1, "python", log=lambda m: None,
                       results=tmp_path / "results", threads=2)
     assert envs == [dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"), "2")]
     envs.clear()
-    results.run_queue(tmp_path / "runs2", tiny_jobs[:1], 1, "python", log=lambda m: None,
+    runner.run_queue(tmp_path / "runs2", tiny_jobs[:1], 1, "python", log=lambda m: None,
                       results=tmp_path / "results")
     assert envs == [dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"), "1")]
 
@@ -273,7 +270,7 @@ def test_curve_lines_compare_the_modes_beside_the_seed_noise(tmp_path):
         rows += [f"prefix,Mamba4Rec,{e},{0.01 * e:.4f},", f"sequence,Mamba4Rec,{e},{0.01 * e + 0.002:.4f},",
                  f"sequence,Mamba4Rec-seed2021,{e},{0.01 * e + 0.001:.4f},"]
     (folder / "curves.csv").write_text("\n".join(rows) + "\n")
-    text = "\n".join(results.curve_lines(tmp_path, "amazon-beauty"))
+    text = "\n".join(tables.curve_lines(tmp_path, "amazon-beauty"))
     assert "- Mamba4Rec: |sequence - prefix| mean 0.0020, largest 0.0020 over epochs 0-2" in text
     assert "|seed 2020 - seed 2021| (sequence mode) mean 0.0010" in text
     assert "| 2 | 0.0200 | 0.0220 | 0.0210 |" in text
@@ -282,40 +279,40 @@ def test_curve_lines_compare_the_modes_beside_the_seed_noise(tmp_path):
     other = tmp_path / "amazon-video-games"
     other.mkdir()
     (other / "curves.csv").write_text("\n".join(r for r in rows if "seed2021" not in r) + "\n")
-    text = "\n".join(results.curve_lines(tmp_path, "amazon-video-games"))
+    text = "\n".join(tables.curve_lines(tmp_path, "amazon-video-games"))
     assert "(sequence mode) not run on this data set" in text and "seed 2021 |" not in text
     assert "| 2 | 0.0200 | 0.0220 |" in text.splitlines()
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_one_holds_it(tmp_path):
-    with results.queue_lock(tmp_path):
-        with pytest.raises(SystemExit, match=f"being trained by another 'results.py run' \\(pid {os.getpid()}\\)"):
-            with results.queue_lock(tmp_path):
+    with runner.queue_lock(tmp_path):
+        with pytest.raises(SystemExit, match=f"being trained by another 'python -m experiments.results run' \\(pid {os.getpid()}\\)"):
+            with runner.queue_lock(tmp_path):
                 pass
-    with results.queue_lock(tmp_path):  # released: free again
+    with runner.queue_lock(tmp_path):  # released: free again
         pass
 
 
 def test_noise_lines_put_the_other_seed_beside_its_row():
     row = {"test_result": {"hit@10": 0.0839, "ndcg@10": 0.0420, "mrr@10": 0.0291}}
     other = {"test_result": {"hit@10": 0.0834, "ndcg@10": 0.0411, "mrr@10": 0.0281}, "epochs_run": 25, "best_epoch": 22}
-    lines = results._noise_lines({"SASRec": row}, {"SASRec-seed2021": other})
+    lines = tables._noise_lines({"SASRec": row}, {"SASRec-seed2021": other})
     assert lines[0] == ("- SASRec-seed2021 (run-to-run noise: 25 epochs, best 22): test HR@10 0.0834, NDCG@10 0.0411, "
                         "MRR@10 0.0281; minus the seed-2020 row: -0.0005, -0.0009, -0.0010")
-    assert "minus" not in results._noise_lines({}, {"SASRec-seed2021": other})[0]  # no row of its own seed yet
-    assert results._noise_lines({"SASRec": row}, {}) == []
+    assert "minus" not in tables._noise_lines({}, {"SASRec-seed2021": other})[0]  # no row of its own seed yet
+    assert tables._noise_lines({"SASRec": row}, {}) == []
     # a seed run cut at its epoch limit before the row's best epoch measures the shorter training, not noise
     slow = {**row, "best_epoch": 119}
-    line = results._noise_lines({"Mamba4Rec": slow}, {"Mamba4Rec-seed2021": other})[0]
+    line = tables._noise_lines({"Mamba4Rec": slow}, {"Mamba4Rec-seed2021": other})[0]
     assert "minus" not in line and "before the seed-2020 run's best epoch (119)" in line
 
 
 def test_curves_of_unfinished_jobs_go_to_results_and_never_replace_a_finished_curve(tmp_path, tiny_jobs, monkeypatch):
     import torch
 
-    prefix = results.Job("tiny", "prefix", "Mamba4Rec")
+    prefix = plan.Job("tiny", "prefix", "Mamba4Rec")
     jobs = tiny_jobs + [prefix]
-    monkeypatch.setattr(results, "JOBS", jobs)
+    monkeypatch.setattr(plan, "JOBS", jobs)
     out, store = tmp_path / "runs", tmp_path / "results"
 
     def last(job, scores, seconds):
@@ -330,23 +327,23 @@ def test_curves_of_unfinished_jobs_go_to_results_and_never_replace_a_finished_cu
     finished_row.write_text("{}")
     (store / "tiny" / "curves.csv").write_text("train_mode,model,epoch,valid_ndcg@10,train_hours\n"
                                                "sequence,Mamba4Rec,0,0.0111,\nsequence,Mamba4Rec,1,0.0222,\n")
-    assert results.export_curves(out, results=store, log=lambda m: None) == [str(store / "tiny" / "curves.csv")]
+    assert export.export_curves(out, results=store, log=lambda m: None) == [str(store / "tiny" / "curves.csv")]
     rows = (store / "tiny" / "curves.csv").read_text().splitlines()
     assert "prefix,Mamba4Rec,0,0.01,1.0" in rows and "prefix,Mamba4Rec,2,0.03,2.0" in rows
     assert "sequence,Mamba4Rec,0,0.0111," in rows and ",0.05," not in "\n".join(rows)  # the finished curve stays
-    text = "\n".join(results.curve_lines(store, "tiny"))
+    text = "\n".join(tables.curve_lines(store, "tiny"))
     assert "(runs not yet at their stopping point: prefix Mamba4Rec, its first 3 epochs)" in text
     # again: the same file (no curve twice); a job finished in OUT is the export's, not this command's
     before = (store / "tiny" / "curves.csv").read_bytes()
-    results.export_curves(out, results=store, log=lambda m: None)
+    export.export_curves(out, results=store, log=lambda m: None)
     assert (store / "tiny" / "curves.csv").read_bytes() == before
     with monkeypatch.context() as mp:
-        mp.setattr(results, "finished", lambda job, out_: {"row": {}} if job == prefix else None)
-        assert results.export_curves(out, results=store, log=lambda m: None) == []
+        mp.setattr(export, "finished", lambda job, out_: {"row": {}} if job == prefix else None)
+        assert export.export_curves(out, results=store, log=lambda m: None) == []
     # once the prefix run's row exists, its curve is the finished one and the note goes
     (store / "tiny" / "prefix").mkdir()
     (store / "tiny" / "prefix" / "Mamba4Rec.json").write_text("{}")
-    assert "not yet at its stopping point" not in "\n".join(results.curve_lines(store, "tiny"))
+    assert "not yet at its stopping point" not in "\n".join(tables.curve_lines(store, "tiny"))
 
 
 def test_goal_lines_judge_the_chosen_variant_and_show_the_other_beside_it():
@@ -356,11 +353,11 @@ def test_goal_lines_judge_the_chosen_variant_and_show_the_other_beside_it():
     base = rng.random(500).astype(np.float32)
     per_user = {}
     for name, shift in (("Mamba4Rec", 0.05), ("Mamba4Rec-2layers", -0.05), ("SASRec", 0.0)):
-        for metric in results.METRICS:
+        for metric in plan.METRICS:
             per_user[f"sequence/{name}/{metric}"] = base + shift
     recs = {"Mamba4Rec": {"valid_result": {"ndcg@10": 0.06}}, "Mamba4Rec-2layers": {"valid_result": {"ndcg@10": 0.05}},
             "SASRec": {"valid_result": {"ndcg@10": 0.05}}}
-    text = "\n".join(results._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference))
+    text = "\n".join(goals._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference))
     assert "better of 1 and 2 layers by valid NDCG@10: **Mamba4Rec**. Paired" in text  # both there: final
     assert "- hit@10: Mamba4Rec - SASRec = +0.0500 [+0.0500, +0.0500]: met: ahead beyond the noise" in text
     assert "Mamba4Rec-2layers (not chosen: valid NDCG@10 0.0500 against 0.0600)" in text
@@ -373,7 +370,7 @@ def test_published_figures_are_judged_on_the_chosen_variant_under_its_own_lines(
 
     recs = {"Mamba4Rec": {"valid_result": {"ndcg@10": 0.13}, "test_result": {"hit@10": 0.25}},
             "Mamba4Rec-2layers": {"valid_result": {"ndcg@10": 0.14}, "test_result": {"hit@10": 0.33}}}
-    lines = results._goal_lines("ml-1m", "sequence", recs, {}, paired_difference)
+    lines = goals._goal_lines("ml-1m", "sequence", recs, {}, paired_difference)
     paper = next(i for i, line in enumerate(lines) if "paper 0.3121" in line)
     assert lines[paper] == "- hit@10 >= Mamba4Rec, paper 0.3121 (Mamba4Rec-2layers): met (0.3300)"
     # before the block of the variant not chosen, which would otherwise seem to own them
@@ -388,10 +385,10 @@ def test_an_ablation_is_paired_with_the_variants_it_takes_apart_and_never_chosen
     shifts = {"Mamba4Rec": 0.0, "Mamba4Rec-2layers": 0.02, "Mamba4Rec-residual": 0.03, "SASRec": 0.01}
     # masked values move twice as far as RecBole's: a masked line that read the unmasked ones is seen
     per_user = {f"sequence/{n}/{values}{m}": base + (2 * s + 0.1 if values else s)
-                for n, s in shifts.items() for m in results.METRICS for values in ("", "input_masked_")}
-    recs = {n: {"valid_result": {"ndcg@10": 0.05 + s}, "test_result": dict.fromkeys(results.METRICS, 0.05 + s),
-                "test_result_input_masked": dict.fromkeys(results.METRICS, 0.15 + 2 * s)} for n, s in shifts.items()}
-    text = "\n".join(results._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference))
+                for n, s in shifts.items() for m in plan.METRICS for values in ("", "input_masked_")}
+    recs = {n: {"valid_result": {"ndcg@10": 0.05 + s}, "test_result": dict.fromkeys(plan.METRICS, 0.05 + s),
+                "test_result_input_masked": dict.fromkeys(plan.METRICS, 0.15 + 2 * s)} for n, s in shifts.items()}
+    text = "\n".join(goals._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference))
     # the best valid NDCG@10 is the ablation's, yet the goal judges the better of 1 and 2 layers
     assert "by valid NDCG@10: **Mamba4Rec-2layers**" in text
     assert "Mamba4Rec-residual, one layer with the residual" in text and "outside the goal's choice" in text
@@ -400,7 +397,7 @@ def test_an_ablation_is_paired_with_the_variants_it_takes_apart_and_never_chosen
     assert "- mrr@10: Mamba4Rec-residual - Mamba4Rec-2layers = +0.0100 [+0.0100, +0.0100]" in text
     assert "Mamba4Rec-residual - GRU4Rec" not in text  # no GRU4Rec row: no line for it
     assert "Mamba4Rec-residual - SASRec" not in text.split("outside the goal's choice")[0]  # no verdict lines for it
-    masked = "\n".join(results._masked_lines(recs, "sequence", per_user, paired_difference))
+    masked = "\n".join(tables._masked_lines(recs, "sequence", per_user, paired_difference))
     assert "| Mamba4Rec-residual | 0.2100 | 0.2100 | 0.2100 | +0.1300 | +0.1300 | +0.1300 |" in masked
     assert "paired the same way on the masked test values, for reference" in masked
     assert "- hit@10: Mamba4Rec-residual - Mamba4Rec = +0.0600 [+0.0600, +0.0600]" in masked
@@ -412,17 +409,17 @@ def test_an_ablation_without_partners_or_without_a_goal_row_is_still_shown_right
 
     base = np.random.default_rng(2).random(300)
     per_user = {f"sequence/{n}/{m}": base + s for n, s in (("Mamba4Rec-residual", 0.01), ("SASRec", 0.0))
-                for m in results.METRICS}
-    per_user.update({f"sequence/Mamba4Rec-residual/input_masked_{m}": base + 0.2 for m in results.METRICS})
-    recs = {"Mamba4Rec-residual": {"valid_result": {"ndcg@10": 0.05}, "test_result": dict.fromkeys(results.METRICS, 0.1),
-                                   "test_result_input_masked": dict.fromkeys(results.METRICS, 0.3)},
-            "SASRec": {"valid_result": {"ndcg@10": 0.04}, "test_result": dict.fromkeys(results.METRICS, 0.09)}}
+                for m in plan.METRICS}
+    per_user.update({f"sequence/Mamba4Rec-residual/input_masked_{m}": base + 0.2 for m in plan.METRICS})
+    recs = {"Mamba4Rec-residual": {"valid_result": {"ndcg@10": 0.05}, "test_result": dict.fromkeys(plan.METRICS, 0.1),
+                                   "test_result_input_masked": dict.fromkeys(plan.METRICS, 0.3)},
+            "SASRec": {"valid_result": {"ndcg@10": 0.04}, "test_result": dict.fromkeys(plan.METRICS, 0.09)}}
     # no Mamba4Rec row of 1 or 2 layers yet (a run of --only the ablation): its pairs with SASRec still show
-    goal = results._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference)
+    goal = goals._goal_lines("amazon-beauty", "sequence", recs, per_user, paired_difference)
     assert goal[0].startswith("Mamba4Rec-residual, one layer with the residual")
     assert "- hit@10: Mamba4Rec-residual - SASRec = +0.0100 [+0.0100, +0.0100]: ahead beyond the noise" in goal
     # masked values only for the ablation: nothing to pair them with, so no heading over an empty list
-    masked = "\n".join(results._masked_lines(recs, "sequence", per_user, paired_difference))
+    masked = "\n".join(tables._masked_lines(recs, "sequence", per_user, paired_difference))
     assert "| Mamba4Rec-residual | 0.3000 |" in masked and "for reference" not in masked
 
 
@@ -431,7 +428,7 @@ def test_the_tim4rec_check_sits_under_the_2_layer_lines_whichever_variant_is_cho
 
     recs = {"Mamba4Rec": {"valid_result": {"ndcg@10": 0.14}, "test_result": {"hit@10": 0.25}},
             "Mamba4Rec-2layers": {"valid_result": {"ndcg@10": 0.13}, "test_result": {"hit@10": 0.26}}}
-    lines = results._goal_lines("ml-1m", "sequence", recs, {}, paired_difference)
+    lines = goals._goal_lines("ml-1m", "sequence", recs, {}, paired_difference)
     tim = lines.index("- 2 layers, hit@10 >= TiM4Rec's 0.3253: **NOT MET** (0.2600)")
     assert tim > lines.index("Mamba4Rec-2layers (not chosen: valid NDCG@10 0.1300 against 0.1400), paired the same "
                              "way, for reference:")
@@ -448,7 +445,7 @@ def test_masked_values_of_an_older_row_come_from_its_best_checkpoint(in_tmp, tin
     (out / "dataset" / "tiny" / "tiny.inter").write_bytes((TINY_DATA / "tiny" / "tiny.inter").read_bytes())
     path, npz = job.row_path(out), job.compare_dir(out) / "per_user" / "SASRec.npz"
     saved = json.loads(path.read_text())
-    own = {k: saved["row"].pop(f"test_input_masked_{k}") for k in results.METRICS}  # as an older row
+    own = {k: saved["row"].pop(f"test_input_masked_{k}") for k in plan.METRICS}  # as an older row
     with np.load(npz) as data:
         arrays = {k: data[k] for k in data.files}
     with open(npz, "wb") as fh:
@@ -456,35 +453,35 @@ def test_masked_values_of_an_older_row_come_from_its_best_checkpoint(in_tmp, tin
     path.write_text(json.dumps(saved))
 
     lines = []
-    assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == [job.key]
+    assert export.masked_from_checkpoints(out, [job], results=store, log=lines.append) == [job.key]
     assert any("test metrics equal the row's" in line for line in lines)
     rec = json.loads((store / "tiny" / "sequence" / "SASRec.json").read_text())
-    assert rec["test_result_input_masked"] == own and "re-evaluated by results.py masked" in rec["input_masked_from"]
+    assert rec["test_result_input_masked"] == own and "re-evaluated by experiments.results masked" in rec["input_masked_from"]
     with np.load(store / "tiny" / "per_user.npz") as data:
-        for k in results.METRICS:
+        for k in plan.METRICS:
             assert np.allclose(data[f"sequence/SASRec/input_masked_{k}"], arrays[f"input_masked_{k}"], atol=1e-6)
-    assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []  # has them now
+    assert export.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []  # has them now
 
     saved = json.loads(path.read_text())  # a row whose best validation is not the checkpoint's
-    for k in results.METRICS:
+    for k in plan.METRICS:
         saved["row"].pop(f"test_input_masked_{k}")
     saved["row"]["valid_ndcg@10"] += 0.01
     path.write_text(json.dumps(saved))
     lines.clear()
-    assert results.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []
+    assert export.masked_from_checkpoints(out, [job], results=store, log=lines.append) == []
     assert any("not the row's best checkpoint" in line for line in lines)
 
 
 def test_a_row_named_with_the_first_of_tied_best_epochs_is_exported_with_the_last():
     """Rows written before the tie fix kept the first of tied best epochs; RecBole tested the last."""
-    job = results.Job("amazon-beauty", "sequence", "GRU4Rec")
+    job = plan.Job("amazon-beauty", "sequence", "GRU4Rec")
     row = {"best_epoch": 1, "valid_ndcg@10": 0.3, "epochs_run": 6, "stopped_by": "early stopping"}
     saved = {"row": row, "settings": {}, "data": {}}
     curve = {"metric": "ndcg@10", "bigger": True, "valid_scores": [[0, 0.1], [1, 0.3], [2, 0.2], [3, 0.3], [4, 0.2], [5, 0.1]]}
-    assert results.result_record(job, saved, curve)["best_epoch"] == 3
-    assert results.result_record(job, saved, None)["best_epoch"] == 1  # no curve: the row's own
+    assert export.result_record(job, saved, curve)["best_epoch"] == 3
+    assert export.result_record(job, saved, None)["best_epoch"] == 1  # no curve: the row's own
     other = {**curve, "valid_scores": [[0, 0.1], [1, 0.25]]}  # a curve that is not the row's: kept as it is
-    assert results.result_record(job, saved, other)["best_epoch"] == 1
+    assert export.result_record(job, saved, other)["best_epoch"] == 1
 
 
 def test_mode_lines_pair_prefix_with_sequence_beside_the_seed_spread():
@@ -494,43 +491,43 @@ def test_mode_lines_pair_prefix_with_sequence_beside_the_seed_spread():
     base = rng.random(400)
     per_user = {}
     for key, shift in (("prefix/SASRec/", 0.02), ("sequence/SASRec/", 0.0), ("sequence/SASRec-seed2021/", -0.01)):
-        for metric in results.METRICS:
+        for metric in plan.METRICS:
             per_user[key + metric] = base + shift
-    rec = {"test_result": dict.fromkeys(results.METRICS, 0.1), "valid_result": {"ndcg@10": 0.05},
+    rec = {"test_result": dict.fromkeys(plan.METRICS, 0.1), "valid_result": {"ndcg@10": 0.05},
            "best_epoch": 20, "epochs_run": 31, "data_sha256": {"x.inter": "a"}, "train_s_to_stop": 3600.0}
     by_mode = {"prefix": {"SASRec": rec, "GRU4Rec": rec}, "sequence": {"SASRec": rec, "SASRec-seed2021": rec}}
-    text = "\n".join(results.mode_lines("amazon-beauty", by_mode, per_user, paired_difference))
+    text = "\n".join(tables.mode_lines("amazon-beauty", by_mode, per_user, paired_difference))
     assert "| SASRec | prefix | 0.1000 |" in text and "| SASRec | sequence |" in text
     assert "GRU4Rec" not in text  # no sequence row to pair with
     assert "- SASRec, prefix - sequence: hit@10 +0.0200 [+0.0200, +0.0200] (beyond the users' noise)" in text
     assert "- SASRec, sequence, seed 2021 - seed 2020: hit@10 -0.0100" in text
     assert "the two seeds of one mode give the run-to-run spread" in text
     other = {**rec, "data_sha256": {"x.inter": "b"}}  # prefix trained on other data files: not paired
-    text = "\n".join(results.mode_lines("d", {"prefix": {"SASRec": other}, "sequence": {"SASRec": rec}},
+    text = "\n".join(tables.mode_lines("d", {"prefix": {"SASRec": other}, "sequence": {"SASRec": rec}},
                                         per_user, paired_difference))
     assert "prefix - sequence: hit@10: not paired" in text
     # no second seed on this data set: the text does not claim a spread it has not got
     assert "no second seed ran on this data set" in text and "the two seeds" not in text
-    assert results.mode_lines("d", {"sequence": {"SASRec": rec}}, per_user, paired_difference) == []
+    assert tables.mode_lines("d", {"sequence": {"SASRec": rec}}, per_user, paired_difference) == []
 
 
 def test_seconds_are_a_ratio_to_sasrec_only_for_rows_of_one_machine_and_threads(tmp_path):
     xeon, epyc = "Intel Xeon, 2 cpus", "AMD EPYC, 2 cpus"
     sasrec = {"machine": xeon, "threads": 1}
-    assert results._setting_gap({"machine": xeon, "threads": 1}, sasrec) is None
-    assert results._setting_gap({"machine": epyc, "threads": 1}, sasrec) == "other machine"
-    assert results._setting_gap({"machine": xeon, "threads": 2}, sasrec) == "other threads"
-    assert results._setting_gap({"machine": None}, {"machine": None}) == "other machine"  # not known: no ratio
+    assert tables._setting_gap({"machine": xeon, "threads": 1}, sasrec) is None
+    assert tables._setting_gap({"machine": epyc, "threads": 1}, sasrec) == "other machine"
+    assert tables._setting_gap({"machine": xeon, "threads": 2}, sasrec) == "other threads"
+    assert tables._setting_gap({"machine": None}, {"machine": None}) == "other machine"  # not known: no ratio
     # a resumed row whose stretches ran on two machines, or with two thread counts, compares with neither
     moved = {"machine": xeon, "threads": 1, "machine_by_epoch": [{"from_epoch": 0, "machine": epyc},
                                                                  {"from_epoch": 9, "machine": xeon, "threads": 1}]}
-    assert results._setting_gap(moved, sasrec) == "other machine"
+    assert tables._setting_gap(moved, sasrec) == "other machine"
     rethreaded = {"machine": xeon, "threads": 2, "machine_by_epoch": [{"from_epoch": 0, "machine": xeon, "threads": 1},
                                                                       {"from_epoch": 5, "machine": xeon, "threads": 2}]}
-    assert results._setting_gap(rethreaded, {"machine": xeon, "threads": 2}) == "other threads"
+    assert tables._setting_gap(rethreaded, {"machine": xeon, "threads": 2}) == "other threads"
     # in the table: the ratio where the setting is SASRec's, the reason where it is not
-    rec = {"dataset": "tiny", "train_mode": "sequence", "valid_result": dict.fromkeys(results.METRICS, 0.1),
-           "test_result": dict.fromkeys(results.METRICS, 0.1), "best_epoch": 1, "epochs_run": 2,
+    rec = {"dataset": "tiny", "train_mode": "sequence", "valid_result": dict.fromkeys(plan.METRICS, 0.1),
+           "test_result": dict.fromkeys(plan.METRICS, 0.1), "best_epoch": 1, "epochs_run": 2,
            "stopped_by": "early stopping", "peak_rss_mib": 100}
     for name, extra in (("SASRec", {**sasrec, "train_s_per_epoch": 100.0}),
                         ("GRU4Rec", {"machine": xeon, "threads": 1, "train_s_per_epoch": 50.0}),
@@ -538,6 +535,6 @@ def test_seconds_are_a_ratio_to_sasrec_only_for_rows_of_one_machine_and_threads(
         path = tmp_path / "tiny" / "sequence" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**rec, **extra, "model": name}))
-    text = results.tables(tmp_path)
+    text = tables.tables(tmp_path)
     assert "| GRU4Rec | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 1 / 2 | early stopping | 50.0 | 0.50 | 100 | 1.00 |" in text
     assert "| Mamba4Rec | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 1 / 2 | early stopping | 20.0 | other machine | 100 | 1.00 |" in text

@@ -1,18 +1,10 @@
-"""benchmarks/tie_order.py: tie statistics of a seq-text file against a timestamped copy."""
+"""experiments.tie_order: tie statistics of a seq-text file against a timestamped copy."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("tie_order", ROOT / "benchmarks" / "tie_order.py")
-tie_order = importlib.util.module_from_spec(spec)
-sys.modules["tie_order"] = tie_order
-spec.loader.exec_module(tie_order)
+from experiments import tie_order
 
 # user a: 1 at t=1, 2 and 3 tied at t=2, 4 at t=3; b: 5, 6 tied; c: only partly in the timed
 # file (skipped); d: the seq file puts 8 before 7 though 7 is earlier

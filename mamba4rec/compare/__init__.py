@@ -17,7 +17,7 @@ settings, or on a data set prepared again since, is refused.
 
 ``compare(..., only=[...])`` (``--compare_run=...``) runs only some of the models and shows the
 others as their rows on disk say: several processes can then share one comparison (one model
-each, one thread each on a small CPU: ``benchmarks/results.py run`` does this with
+each, one thread each on a small CPU: the project's converged comparison does this with
 ``--lanes 2``, a queue of (data set, train mode, model) jobs), and the table, rewritten by whichever finishes,
 merges their rows. Each row records the CPU threads it trained with, since its seconds per epoch
 depend on them.

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Where a difference between two models' test metrics comes from, user by user.
 
-    python benchmarks/per_user_analysis.py --dataset amazon-beauty --mode sequence \\
+    python -m experiments.per_user_analysis --dataset amazon-beauty --mode sequence \\
         --models Mamba4Rec,SASRec --data-path DIR [--results results] [--buckets 3,5,8,15,50]
 
 Reads the per-user test values ``results/<dataset>/per_user.npz`` (keys "<mode>/<model>/<metric>",
-written by ``benchmarks/results.py export``) and the result rows ``results/<dataset>/<mode>/<model>.json``,
+written by ``python -m experiments.results export``) and the result rows ``results/<dataset>/<mode>/<model>.json``,
 and prints markdown tables, the first model against each of the others:
 
 1. by training-history length (a user's interactions less the valid and test items): users, each
@@ -23,12 +23,12 @@ rebuilt here the way ``mamba4rec.pipeline.run`` builds it (build_config with the
 create_dataset, data_preparation; no model, no training) and checked against DIR's .inter file:
 each test user's target must be their last item, their last input item the one before, and
 item_length min(n - 1, MAX_ITEM_LIST_LENGTH). DIR holds ``<dataset>/<dataset>.inter``, as
-benchmarks/results.py's OUT/dataset does; nothing is prepared here. The rows' data checksums must
+experiments.results' OUT/dataset does; nothing is prepared here. The rows' data checksums must
 match that file.
 
-Checkpoint mode (issue #16: does a model rank the user's own input items first?):
+Checkpoint mode (does a model rank the user's own input items first?):
 
-    python benchmarks/per_user_analysis.py checkpoint CKPT.pth [CKPT.pth ...] [--names A,B] \
+    python -m experiments.per_user_analysis checkpoint CKPT.pth [CKPT.pth ...] [--names A,B] \
         [--data-path DIR] [--results results] [--eval-batch-size N] [--set key=value]
 
 Each CKPT is a best checkpoint RecBole's Trainer saved in a run (``config``, ``state_dict``, ...;
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import math
 import sys
@@ -248,26 +247,14 @@ def read_inter(path, user_field="user_id", item_field="item_id", time_field="tim
 
 
 def _sha256(path) -> str:
-    if str(REPO) not in sys.path:  # this checkout's mamba4rec, not another install's
-        sys.path.insert(0, str(REPO))
     from mamba4rec.compat import file_sha256  # the hash the result rows' data_sha256 was made with
 
     return file_sha256(path)
 
 
-def _results_script():
-    """benchmarks/results.py as a module: one instance, whoever loads it first (gpu_session too)."""
-    name = "results_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "results.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before it runs: its dataclass looks itself up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def prepare_hint(dataset, data_path) -> str:
-    known = _results_script().DATASETS
+    from .plan import DATASETS as known
+
     if dataset not in known:
         return f"prepare it with datasets/prepare.py (docs/DATASETS.md), --output-dir {data_path}"
     _, src, flags = known[dataset]
@@ -280,8 +267,6 @@ def build_test_split(dataset, records, data_path) -> dict:
     """{model: (user tokens, target tokens, last input item tokens, item lengths, max length)} of
     RecBole's test dataloader, in its order, for each model's row settings (one split per distinct
     SPLIT_KEYS values)."""
-    if str(REPO) not in sys.path:  # this checkout's mamba4rec, not another install's
-        sys.path.insert(0, str(REPO))
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
@@ -368,8 +353,6 @@ def checkpoint_config(state, data_path=None, eval_batch_size=None, device=None, 
     files re-read, ``data_path`` (the folder holding <dataset>/) and ``overrides`` ("key=value",
     command-line priority) replacing its own. Returns (config, keys whose values differ from the
     saved config's, other than those set here)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from mamba4rec.registry import build_config
 
     saved = state["config"]
@@ -594,7 +577,7 @@ def checkpoint_report(evs, paired_difference, notes=()) -> str:
 
 def checkpoint_main(argv) -> int:
     p = argparse.ArgumentParser(
-        prog="per_user_analysis.py checkpoint",
+        prog="python -m experiments.per_user_analysis checkpoint",
         description="Score the test users with trained checkpoints (RecBole's best .pth): how often an item "
                     "of the user's input sequence is ranked first / in the top 10, and HR/NDCG/MRR@10 as "
                     "RecBole computes them and with the input sequence masked.")
@@ -618,8 +601,6 @@ def checkpoint_main(argv) -> int:
     for o in args.set:
         if "=" not in o or not o.split("=", 1)[0]:
             p.error(f"--set {o!r}: not KEY=VALUE")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from mamba4rec.significance import paired_difference
 
     cache, evs = {}, []
@@ -722,7 +703,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", required=True, choices=("prefix", "sequence"))
     p.add_argument("--models", required=True, help="comma-separated, the first compared with each other one")
     p.add_argument("--data-path", required=True, type=Path,
-                   help="folder holding <dataset>/<dataset>.inter (results.py's OUT/dataset)")
+                   help="folder holding <dataset>/<dataset>.inter (experiments.results' OUT/dataset)")
     p.add_argument("--results", type=Path, default=REPO / "results")
     p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)),
                    help="upper edges of the history-length buckets (inclusive)")
@@ -736,7 +717,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"no {inter}; {prepare_hint(args.dataset, args.data_path)}")
     npz = args.results / args.dataset / "per_user.npz"
     if not npz.is_file():
-        raise SystemExit(f"no {npz}: export finished runs first (python benchmarks/results.py export OUT)")
+        raise SystemExit(f"no {npz}: export finished runs first (python -m experiments.results export OUT)")
     with np.load(npz) as data:
         missing = [f"{args.mode}/{m}/{met}" for m in models for met in METRICS if f"{args.mode}/{m}/{met}" not in data]
         if missing:

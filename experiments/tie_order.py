@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How a timestamp-free sequence file orders equal timestamps, against RecBole's order.
 
-    python benchmarks/tie_order.py --seq ../shared/datasets/ml-1m/ml-1m.txt --timed ml-1m.inter
+    python -m experiments.tie_order --seq ../shared/datasets/ml-1m/ml-1m.txt --timed ml-1m.inter
 
 ``--seq``: one line per user, ``user item_1 item_2 ...`` (the seq-text format of
 datasets/prepare.py). ``--timed``: the same interactions with timestamps, as RecBole's atomic
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                 os.replace(path + ".tmp", path)
                 print(f"wrote {path}")
     except (InputError, OSError, UnicodeDecodeError) as e:
-        print(f"tie_order.py: error: {e}", file=sys.stderr)
+        print(f"python -m experiments.tie_order: error: {e}", file=sys.stderr)
         return 2
     return 0
 

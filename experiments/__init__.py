@@ -1,0 +1,13 @@
+"""The converged comparison behind results/ and docs/RESULTS.md: its plan of jobs, the queue that
+trains them (on CPU cores or one GPU), the export to results/, the tables and goal checks of
+docs/RESULTS.md's generated block, and the analyses that explain them (per user, tie order).
+
+Not part of the installed package: it runs from a checkout, imports mamba4rec as any user's code
+does, and each module with a command runs as ``python -m experiments.<module>``:
+
+    python -m experiments.results run|status|export|curves|masked|tables ...
+    python -m experiments.gpu OUT ...
+    python -m experiments.goals COMPARE_DIR
+    python -m experiments.per_user_analysis ...
+    python -m experiments.tie_order ...
+"""
