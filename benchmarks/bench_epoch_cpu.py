@@ -8,13 +8,13 @@ project's configs). Prints one table with the ratios to SASRec and writes CSV. T
 of each run is an untimed warm-up (it loads, or on a fresh install compiles, the numba scan);
 s/epoch is the timed batches' mean times the batches in an epoch.
 
-    python benchmarks/bench_epoch_cpu.py                       # ml-100k, L=50 and 200, full epochs
-    python benchmarks/bench_epoch_cpu.py --max-batches 5       # time 5 batches, scale to an epoch
-    python benchmarks/bench_epoch_cpu.py --lengths 50 --models Mamba4Rec,SASRec
-    python benchmarks/bench_epoch_cpu.py --scan-impl numba,torch --models Mamba4Rec,SASRec   # both CPU scans
-    python benchmarks/bench_epoch_cpu.py --scan-impl numba --fast-dropout on,off              # both dropouts
-    python benchmarks/bench_epoch_cpu.py --dataset amazon-beauty --data-path /work/runs/dataset/ --lengths 50
-    python benchmarks/bench_epoch_cpu.py --dataset ml-1m --data-path DIR --lengths 200 --prefix-max-batches 3
+    python -m benchmarks.bench_epoch_cpu                       # ml-100k, L=50 and 200, full epochs
+    python -m benchmarks.bench_epoch_cpu --max-batches 5       # time 5 batches, scale to an epoch
+    python -m benchmarks.bench_epoch_cpu --lengths 50 --models Mamba4Rec,SASRec
+    python -m benchmarks.bench_epoch_cpu --scan-impl numba,torch --models Mamba4Rec,SASRec   # both CPU scans
+    python -m benchmarks.bench_epoch_cpu --scan-impl numba --fast-dropout on,off              # both dropouts
+    python -m benchmarks.bench_epoch_cpu --dataset amazon-beauty --data-path /work/runs/dataset/ --lengths 50
+    python -m benchmarks.bench_epoch_cpu --dataset ml-1m --data-path DIR --lengths 200 --prefix-max-batches 3
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def child(args) -> None:
-    sys.path.insert(0, str(REPO))
     from mamba4rec.memory import PeakMemory
 
     with PeakMemory() as mem:  # the whole process: data loading, model, training
@@ -157,8 +156,11 @@ def main() -> None:
                 for impl in ((args.scan_impl or "").split(",") if m == "Mamba4Rec" else [""])
                 for drop in (drops if m == "Mamba4Rec" else ["on"])]
         for model, impl, drop, mode in runs:
-            env = dict(os.environ, MAMBA4REC_FAST_DROPOUT="0" if drop == "off" else "1")
-            cmd = [sys.executable, __file__, "--child", "--model", model, "--max-len", str(L),
+            # the child runs this module from the scratch folder (RecBole writes log/ there): the
+            # checkout goes on its module path, so it imports the same mamba4rec as this process
+            env = dict(os.environ, MAMBA4REC_FAST_DROPOUT="0" if drop == "off" else "1",
+                       PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+            cmd = [sys.executable, "-m", "benchmarks.bench_epoch_cpu", "--child", "--model", model, "--max-len", str(L),
                    "--dataset", args.dataset, "--batch-size", str(args.batch_size),
                    "--max-batches", str(args.max_batches), "--threads", str(args.threads),
                    "--train-mode", mode, "--prefix-max-batches", str(args.prefix_max_batches)]

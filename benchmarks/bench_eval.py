@@ -10,9 +10,9 @@ whose top 10 differs (items or order) and the metrics of both. Weights: a fresh 
 seeded noise (away from the near-uniform scores of an init, so differences would show), or a
 trained checkpoint (``--checkpoint MODEL=PATH``, RecBole's best .pth of a run on this data).
 
-    python benchmarks/bench_eval.py                                  # ml-100k, SASRec, GRU4Rec, Mamba4Rec
-    python benchmarks/bench_eval.py --dataset amazon-beauty --data-path DIR --threads 1
-    python benchmarks/bench_eval.py --dataset amazon-video-games --data-path DIR --models SASRec \\
+    python -m benchmarks.bench_eval                                  # ml-100k, SASRec, GRU4Rec, Mamba4Rec
+    python -m benchmarks.bench_eval --dataset amazon-beauty --data-path DIR --threads 1
+    python -m benchmarks.bench_eval --dataset amazon-video-games --data-path DIR --models SASRec \\
         --checkpoint SASRec=OUT/video-games/sequence/checkpoints/SASRec-<time>.pth
 
 Mamba4Rec's forward buckets itself (its ``length_buckets``): its "padded" column sets
@@ -29,8 +29,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _model_weights(net, path, seed=1):
@@ -161,7 +159,6 @@ def main(argv=None) -> int:
         if not Path(path).is_file():
             ap.error(f"--checkpoint {item!r}: no file {path}")
         checkpoints[model] = path
-    sys.path.insert(0, str(REPO))
     import torch
 
     torch.set_num_threads(args.threads)

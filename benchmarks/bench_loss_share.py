@@ -2,9 +2,9 @@
 """How much of a train_mode=sequence batch is the CE over all items (logits and softmax,
 forward and backward), per model: the part that prefix and sequence mode pay alike per target.
 
-    python benchmarks/bench_loss_share.py                                   # ml-100k
-    python benchmarks/bench_loss_share.py --dataset amazon-beauty --data-path DIR
-    python benchmarks/bench_loss_share.py --dataset amazon-beauty --data-path DIR --chunk-rows 0,32,64,128,256
+    python -m benchmarks.bench_loss_share                                   # ml-100k
+    python -m benchmarks.bench_loss_share --dataset amazon-beauty --data-path DIR
+    python -m benchmarks.bench_loss_share --dataset amazon-beauty --data-path DIR --chunk-rows 0,32,64,128,256
 
 Times ten batches after two warm-ups: the model's whole sequence-mode step (forward, the
 model's own loss, backward, Adam), then F.cross_entropy(x @ W.T, targets) forward + backward
@@ -21,11 +21,7 @@ other batch), median per value.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ with s_in the input element size. Peak memory (CUDA only) is torch.cuda.max_memo
 during the timed call minus what was allocated before it (inputs, upstream gradients, and for
 bwd the graph saved by the forward).
 
-Run on a GPU:   python benchmarks/bench_scan.py
-Smoke on CPU:   TRITON_INTERPRET=1 python benchmarks/bench_scan.py --device cpu --quick
+Run on a GPU:   python -m benchmarks.bench_scan
+Smoke on CPU:   TRITON_INTERPRET=1 python -m benchmarks.bench_scan --device cpu --quick
 Results go to --csv (default benchmarks/out/bench_scan.csv, git-ignored).
 """
 
@@ -77,7 +77,6 @@ if ARGS is not None and ARGS.device == "cpu" and os.environ.get("TRITON_INTERPRE
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(ROOT))
 import mamba4rec.kernels as kernels  # noqa: E402
 from mamba4rec.kernels.reference import selective_scan_ref  # noqa: E402
 

@@ -5,8 +5,8 @@ the peak RSS growth over the warm-up and the timed runs (a sampling thread readi
 arguments a MambaBlock passes (D, z, delta_bias, delta_softplus=True). Prints the
 environment and writes one CSV row per (impl, shape, budget).
 
-    python benchmarks/bench_scan_cpu.py                          # default shapes, default budget
-    python benchmarks/bench_scan_cpu.py --shapes 2048x128x32x50 --budgets 8,16,32,64 --no-ref
+    python -m benchmarks.bench_scan_cpu                          # default shapes, default budget
+    python -m benchmarks.bench_scan_cpu --shapes 2048x128x32x50 --budgets 8,16,32,64 --no-ref
 
 Shapes are BATCHxDIMxNxL. The reference keeps every step for autograd (about 4 tensors of
 batch*dim*N per step), so it runs only where batch*dim*L*N <= --ref-max-numel.
@@ -19,13 +19,11 @@ import csv
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mamba4rec.kernels import torch_scan  # noqa: E402
 from mamba4rec.kernels.reference import selective_scan_ref  # noqa: E402

@@ -9,10 +9,10 @@ state for the history is built once with model.prefill; each timed step starts f
 it. Recompute runs forward() on [B, L + 1] through the scan path scan_impl=auto picks (the
 chunked torch scan on CPU, Triton on CUDA). Median of --reps runs after one warm-up.
 
-    python benchmarks/bench_streaming.py                  # CPU
-    python benchmarks/bench_streaming.py --device cuda
-    python benchmarks/bench_streaming.py --threads 1 --lengths 50,200 --batches 1
-    python benchmarks/bench_streaming.py --step-impl numba,numpy,torch --batches 1,4,16   # CPU step paths
+    python -m benchmarks.bench_streaming                  # CPU
+    python -m benchmarks.bench_streaming --device cuda
+    python -m benchmarks.bench_streaming --threads 1 --lengths 50,200 --batches 1
+    python -m benchmarks.bench_streaming --step-impl numba,numpy,torch --batches 1,4,16   # CPU step paths
 
 --step-impl takes one or more of auto, numba, numpy, torch (model.step_impl; "auto" is the
 default a user gets: for CPU float32 batches up to NUMBA_STEP_MAX_BATCH the compiled numba step
@@ -30,14 +30,12 @@ import csv
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 N_ITEMS = 3417  # ml-1m's item count (+ padding): sets the embedding table, not the timed work
 

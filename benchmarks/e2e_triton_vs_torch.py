@@ -3,20 +3,16 @@
 from the same initial weights on the same batches; prints both loss curves and their largest
 gap (dropout off so the two runs see the same computation).
 
-    python benchmarks/e2e_triton_vs_torch.py                                   # GPU
-    TRITON_INTERPRET=1 python benchmarks/e2e_triton_vs_torch.py --device cpu --batch 8 --max-len 12 --steps 3
+    python -m benchmarks.e2e_triton_vs_torch                                   # GPU
+    TRITON_INTERPRET=1 python -m benchmarks.e2e_triton_vs_torch --device cpu --batch 8 --max-len 12 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class _Data:

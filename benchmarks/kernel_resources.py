@@ -6,9 +6,9 @@ type errors of the real compiler, and register pressure. For each launch configu
 prints cuobjdump's resource line (REG = registers per thread, STACK = bytes of stack frame,
 which is where spills go).
 
-    python benchmarks/kernel_resources.py                  # the configurations _blocks picks
-    python benchmarks/kernel_resources.py --configs 64:32:4 --arch 80
-    python benchmarks/kernel_resources.py --check 64       # exit 1 if a stack frame > 64 bytes
+    python -m benchmarks.kernel_resources                  # the configurations _blocks picks
+    python -m benchmarks.kernel_resources --configs 64:32:4 --arch 80
+    python -m benchmarks.kernel_resources --check 64       # exit 1 if a stack frame > 64 bytes
 
 Must run without TRITON_INTERPRET (the interpreter replaces the kernels' compiled form).
 """
@@ -22,8 +22,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _configs_from_blocks(ts):
@@ -54,7 +52,6 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sys.path.insert(0, str(ROOT))
     from mamba4rec.kernels import selective_scan as ts
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

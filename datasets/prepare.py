@@ -8,40 +8,18 @@ Formats: movielens (ratings.dat, u.data, ml-1m.zip, ml-100k.zip), amazon (rating
 5-core reviews JSON lines, optionally .gz), seq-text (one line per user: user item1 item2 ...).
 See docs/DATASETS.md. Exit status 2 with a one-line message on stderr for any bad input.
 
-The logic lives in mamba4rec/data_prep.py. This folder is deliberately not a package
-(no __init__.py): ``datasets`` is a popular PyPI package and must not be shadowed.
+The logic lives in mamba4rec/data_prep.py, imported from the installed package (in a checkout:
+pip install -e .). This folder is deliberately not a package (no __init__.py): ``datasets`` is a
+popular PyPI package and must not be shadowed.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_data_prep():
-    """mamba4rec/data_prep.py from this checkout, loaded by path.
-
-    Importing it as ``mamba4rec.data_prep`` would run mamba4rec/__init__.py, which imports
-    torch and RecBole (seconds, and not needed here); data_prep itself imports neither.
-    Falls back to an installed mamba4rec when the script is used outside a checkout.
-    """
-    path = REPO_ROOT / "mamba4rec" / "data_prep.py"
-    if not path.is_file():
-        from mamba4rec import data_prep
-        return data_prep
-    spec = importlib.util.spec_from_file_location("_mamba4rec_data_prep", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-dp = _load_data_prep()
+from mamba4rec import data_prep as dp
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ at a time instead: the forward keeps only each row's log-sum-exp, the backward r
 chunk of logits, turns it into its softmax minus the one-hot target in place and adds that
 chunk's share to both gradients. One more matrix product than the plain way, but each chunk's
 logits stay in cache: a Mamba4Rec training step on Beauty takes 0.7x the time
-(benchmarks/bench_loss_share.py --chunk-rows), and the memory is one chunk's logits.
+(python -m benchmarks.bench_loss_share --chunk-rows), and the memory is one chunk's logits.
 
 Value and gradients equal ``F.cross_entropy(hidden @ weight.T, target)`` up to fp32 rounding
 (tests/test_loss.py). Under autocast the loss is computed in fp32, as autocast computes

@@ -29,7 +29,7 @@ from .kernels import numba_scan as _numba_scan
 #: "auto" uses the compiled step up to this many users per call (one core, rows one after the
 #: other); beyond it torch's batched, threaded kernels win. Measured on 2 CPU cores, history 50:
 #: numba 0.51 vs torch 0.82 ms at batch 8, even at 16 (0.89 vs 0.92), torch ahead from 24
-#: (python benchmarks/bench_streaming.py --step-impl numba,torch --batches 1,8,16,24,32,64
+#: (python -m benchmarks.bench_streaming --step-impl numba,torch --batches 1,8,16,24,32,64
 #: --lengths 50 --reps 101).
 NUMBA_STEP_MAX_BATCH = 16
 

@@ -21,7 +21,7 @@ import torch
 #: Without numba, "auto" uses numpy up to this many users per step; beyond it torch's threaded
 #: kernels win. Measured on 2 CPU cores (one layer, hidden 64, history 200): numpy 0.26 vs torch
 #: 0.53 ms at batch 1, even at batch 8 (0.51 vs 0.51 ms), torch ahead from 16
-#: (benchmarks/bench_streaming.py --step-impl numpy,torch --batches 1,4,8,16).
+#: (python -m benchmarks.bench_streaming --step-impl numpy,torch --batches 1,4,8,16).
 NUMPY_STEP_MAX_BATCH = 4
 #: Without a position embedding the first ops of a step depend on the item alone: LayerNorm of
 #: its embedding, then the first layer's in_proj. Both are tabulated per item when the table

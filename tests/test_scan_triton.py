@@ -186,8 +186,7 @@ def test_kernels_compile_for_sm90_without_spills():
         pytest.skip("this triton build has no nvidia backend / ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    tool = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-    res = subprocess.run([sys.executable, str(tool), "--check", "64"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--check", "64"], env=env,
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     print(res.stdout, res.stderr[-2000:])
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ._validate import check_scan_inputs
 
 #: Default bytes of (L, bb, D, N) workspace a call may hold (2 buffers forward, 3 backward).
-#: Chosen with benchmarks/bench_scan_cpu.py --budgets on the 2-core AMD EPYC dev box
+#: Chosen with python -m benchmarks.bench_scan_cpu --budgets on the 2-core AMD EPYC dev box
 #: (1 MiB L2 per core, 32 MiB L3), batch 2048, D 128, N 32, fwd+bwd, 2 threads, idle box:
 #: L=50: 8 MiB (blocks of 5 fwd / 3 bwd) 3.6 s, 16 MiB 4.3 s, 32 MiB 4.8 s, 64 MiB 5.2 s --
 #: small blocks stay in cache. At L=200 the same 8 MiB means blocks of 1 and 23 s: the
