@@ -538,3 +538,38 @@ def test_seconds_are_a_ratio_to_sasrec_only_for_rows_of_one_machine_and_threads(
     text = tables.tables(tmp_path)
     assert "| GRU4Rec | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 1 / 2 | early stopping | 50.0 | 0.50 | 100 | 1.00 |" in text
     assert "| Mamba4Rec | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 1 / 2 | early stopping | 20.0 | other machine | 100 | 1.00 |" in text
+
+
+def test_a_comparison_s_rows_are_judged_against_the_baselines_and_the_paper(tmp_path, capsys):
+    def row(model, hit, ndcg, mrr=0.1425):
+        return {"model": model, "status": "ok", "test_hit@10": hit, "test_ndcg@10": ndcg, "test_mrr@10": mrr}
+
+    mine = row("Mamba4Rec", 0.3200, 0.1800)
+    assert goals.verdict([mine], dataset="ml-1m") == [  # no baseline needed for this part
+        "- test_hit@10: Mamba4Rec >= the paper's 0.3121: met (Mamba4Rec 0.3200)",
+        "- test_ndcg@10: Mamba4Rec >= the paper's 0.1822: **NOT MET** (Mamba4Rec 0.1800)",
+        "- test_mrr@10: Mamba4Rec >= the paper's 0.1425: met (Mamba4Rec 0.1425)"]
+    assert goals.verdict([mine], dataset="amazon-beauty") == []      # no paper figure for it
+    assert goals.verdict([dict(mine, model="SASRec")], model="SASRec", dataset="ml-1m") == []
+    rows = [row("Mamba4Rec", 0.05, 0.0206), row("SASRec", 0.05, 0.0277), row("GRU4Rec", 0.04, 0.0177),
+            {"model": "NARM", "status": "failed: RuntimeError: x", "test_ndcg@10": None}]
+    lines = goals.verdict(rows, dataset="amazon-beauty")
+    assert "- test_ndcg@10: Mamba4Rec >= every baseline: **NOT MET** (Mamba4Rec 0.0206; SASRec 0.0277)" in lines
+    assert "- test_hit@10: Mamba4Rec >= every baseline: met (Mamba4Rec 0.0500)" in lines  # ties count as met
+    rows[1]["test_ndcg@10"] = 0.02
+    assert not any("NOT MET" in line for line in goals.verdict(rows, dataset="amazon-beauty"))
+    # the paper's figures are defined once, beside the other published ones
+    assert goals.PAPER == {"ml-1m": dict(goals.REFERENCES["ml-1m"])["Mamba4Rec, paper"]}
+
+    # python -m experiments.goals COMPARE_DIR: a comparison's rows on disk
+    (tmp_path / "rows").mkdir()
+    for r in (mine, row("SASRec", 0.30, 0.1700)):
+        (tmp_path / "rows" / f"{r['model']}.json").write_text(
+            json.dumps({"row": r, "settings": {"dataset": "ml-1m"}}))
+    assert goals.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Goal (Mamba4Rec >= every baseline and the paper's figures, ml-1m, test split):\n")
+    assert "- test_ndcg@10: Mamba4Rec >= the paper's 0.1822: **NOT MET** (Mamba4Rec 0.1800)" in out
+    assert "- test_ndcg@10: Mamba4Rec >= every baseline: met (Mamba4Rec 0.1800)" in out
+    with pytest.raises(SystemExit, match="no rows in"):
+        goals.main([str(tmp_path / "elsewhere")])

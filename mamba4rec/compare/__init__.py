@@ -24,15 +24,15 @@ depend on them.
 
 The package, by responsibility: ``runner`` (``compare``, the loop over the models), ``isolation``
 (one model's training, in a process of its own), ``rows`` (row storage, checksums, settings),
-``report`` (the table, the verdict, the charts and curves, ``progress_report``). The names other
+``report`` (the table, the charts and curves, ``progress_report``). The names other
 code uses are here; patch a name where it is looked up (``isolation.run``, ``isolation._train``).
 """
 
 from .isolation import ModelFailed, ModelProcessDied
-from .report import PAPER, markdown_table, paired_lines, progress_report, verdict, write_outputs
+from .report import convergence_lines, markdown_table, paired_lines, progress_report, write_outputs
 from .rows import METRIC_KEYS, git_commit, load_curves, load_per_user, machine
 from .runner import compare
 
-__all__ = ["compare", "progress_report", "write_outputs", "markdown_table", "verdict", "paired_lines", "PAPER",
+__all__ = ["compare", "progress_report", "write_outputs", "markdown_table", "convergence_lines", "paired_lines",
            "load_per_user", "load_curves", "METRIC_KEYS", "machine", "git_commit", "ModelFailed",
            "ModelProcessDied"]

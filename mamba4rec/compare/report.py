@@ -1,6 +1,7 @@
-"""What a comparison shows: the table (compare.md, with the goal's verdict and the paired
-intervals), the CSV, the charts and learning curves (compare.png, curves.csv, compare_curves.png),
-and ``progress_report``, where a running or stopped comparison stands (``--compare_status``).
+"""What a comparison shows: the table (compare.md, with the runs that may not have converged and
+the paired intervals), the CSV, the charts and learning curves (compare.png, curves.csv,
+compare_curves.png), and ``progress_report``, where a running or stopped comparison stands
+(``--compare_status``).
 """
 
 from __future__ import annotations
@@ -41,41 +42,16 @@ def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) and value <= 1.0 else str(value)
 
 
-#: Mamba4Rec's test metrics as the paper reports them (Liu et al., 2024; the figures issue #4 quotes), per
-#: data set name; the comparison's table says whether a run met them.
-PAPER = {"ml-1m": {"hit@10": 0.3121, "ndcg@10": 0.1822, "mrr@10": 0.1425}}
-
-
-def verdict(rows, model="Mamba4Rec", dataset=None) -> list[str]:
-    """Lines saying, per test metric, whether ``model`` is >= every baseline that finished
-    (the comparison's goal) and, for a data set in :data:`PAPER`, >= the paper's figure; and
-    which runs may not have converged."""
-    ok = {r["model"]: r for r in rows if str(r.get("status", "")).startswith("ok")}
-    lines = []
-    paper = PAPER.get(dataset) if model == "Mamba4Rec" else None
-    if paper and model in ok:
-        for key, target in paper.items():
-            mine = ok[model].get(f"test_{key}")
-            if mine is not None:
-                met = "met" if mine >= target else "**NOT MET**"
-                lines.append(f"- test_{key}: {model} >= the paper's {target:.4f}: {met} ({model} {mine:.4f})")
-    if model not in ok or len(ok) < 2:
-        return lines
-    for key in METRIC_KEYS:
-        col = f"test_{key}"
-        mine = ok[model].get(col)
-        ahead = [(n, r[col]) for n, r in ok.items() if n != model and None not in (mine, r.get(col)) and r[col] > mine]
-        if ahead:
-            lines.append(f"- {col}: {model} >= every baseline: **NOT MET** ({model} {mine:.4f}; "
-                         + ", ".join(f"{n} {v:.4f}" for n, v in ahead) + ")")
-        elif mine is not None:
-            lines.append(f"- {col}: {model} >= every baseline: met ({model} {mine:.4f})")
-    open_runs = [n for n, r in ok.items() if r.get("stopped_by") == "epoch limit"
-                 and r.get("best_epoch") is not None and r.get("best_epoch") == (r.get("epochs_run") or 0) - 1]
-    if open_runs:
-        lines.append(f"- not converged: {', '.join(open_runs)} reached the epoch limit with the best validation "
-                     f"score in the last epoch; more epochs may change the ranking")
-    return lines
+def convergence_lines(rows) -> list[str]:
+    """A line naming the finished runs that may not have converged: they reached the epoch limit
+    with their best validation score in the last epoch, so more epochs may change the ranking."""
+    open_runs = [r["model"] for r in rows if str(r.get("status", "")).startswith("ok")
+                 and r.get("stopped_by") == "epoch limit" and r.get("best_epoch") is not None
+                 and r.get("best_epoch") == (r.get("epochs_run") or 0) - 1]
+    if not open_runs:
+        return []
+    return [f"- not converged: {', '.join(open_runs)} reached the epoch limit with the best validation "
+            f"score in the last epoch; more epochs may change the ranking"]
 
 
 def markdown_table(rows, dataset, per_user=None) -> str:
@@ -87,10 +63,9 @@ def markdown_table(rows, dataset, per_user=None) -> str:
     lines = [f"Data set: {dataset}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
-    goal = verdict(rows, dataset=dataset)
-    if goal:
-        title = "Goal (Mamba4Rec >= every baseline" + (" and the paper's figures" if dataset in PAPER else "")
-        lines += ["", title + ", test split):"] + goal
+    unconverged = convergence_lines(rows)
+    if unconverged:
+        lines += [""] + unconverged
     paired = paired_lines(per_user or {})
     if paired:
         lines += ["", "Paired over the same test users (is the difference more than the sample of users?):"] + paired
