@@ -54,7 +54,7 @@ class Job:
 
     def command(self, out: Path) -> list[str]:
         cmd = ["run_recbole.py", "-d", self.dataset, f"--compare_dir={self.compare_dir(out)}",
-               f"--data_path={out}/dataset/", "--show_progress=False", "--resume"]
+               f"--data_path={out}/dataset/", "--show_progress=False", "--resume", *RECORDS]
         if self.variant:  # a comparison of its own: num_layers is GRU4Rec's key too
             cmd += ["--compare=SASRec", *VARIANTS[self.variant], f"--compare_run={self.model}"]
         else:
@@ -66,6 +66,10 @@ class Job:
     def row_path(self, out: Path) -> Path:
         return self.compare_dir(out) / "rows" / f"{self.model}.json"
 
+
+#: what every job records beyond RecBole's results, for results/: the masked test values and the
+#: machine of each stretch of epochs (a run's settings leave them out: mamba4rec.registry.RECORD_KEYS)
+RECORDS = ("--test_input_masked=True", "--record_machine_by_epoch=True")
 
 #: the settings of a variant job on top of the configs
 VARIANTS = {"2layers": ["--num_layers=2"],

@@ -23,7 +23,7 @@ from .defaults import CONFIG_DIR  # noqa: F401  (re-exported: where the configs 
 from .model import Mamba4Rec
 from .registry import (  # noqa: F401  (re-exported: `from mamba4rec.pipeline import build_config` etc.)
     BUNDLED_DATA, OUR_MODELS, _check_cmd_args, build_config, build_model, default_config_files, known_models,
-    resolve_model)
+    resolve_model, resolve_records)
 from .sequence import (SequenceTrainDataLoader, bucketed_forward, check_model, prefix_loss, resolve_train_mode,
                        sequence_loss, train_buckets)
 
@@ -188,6 +188,7 @@ class _RunTrainer:
     epoch = -1  # the last epoch started
     buckets = 1  # length buckets of a training batch (prefix mode, RecBole models: 1 = RecBole's own forward)
     mask_input = False  # evaluate with each user's input sequence ranked out (run()'s second test pass)
+    record_machines = False  # record_machine_by_epoch: history["machines"], a row per stretch of epochs
 
     def batch_buckets(self) -> int:
         """The length buckets a training batch runs in (Mamba4Rec's forward: its own length_buckets)."""
@@ -197,7 +198,10 @@ class _RunTrainer:
         """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
         if not hasattr(self, "history"):
             self.history = {"valid_scores": [], "train_seconds": []}  # (epoch, score); s per epoch
-        self.history.setdefault("machines", [])  # [first epoch, machine(), threads] per stretch of training
+        if self.record_machines:  # [first epoch, machine(), threads] per stretch of training
+            self.history.setdefault("machines", [])
+        else:
+            self.history.pop("machines", None)
         self.train_data, self.last_path, self.train_mode = train_data, last_path, train_mode
         self.first_epoch = self.start_epoch
         self.epoch = self.start_epoch - 1
@@ -206,8 +210,8 @@ class _RunTrainer:
         if self.last_path and epoch_idx > self.first_epoch:  # the previous epoch is trained and validated
             _save_last(self.last_path, self, self.model, self.train_data, epoch_idx - 1, self.history)
         self.epoch = epoch_idx
-        if epoch_idx == self.first_epoch:  # a stretch starts with the first epoch trained on another machine
-            import torch  # (or with another number of threads)
+        if self.record_machines and epoch_idx == self.first_epoch:  # a stretch starts with the first epoch
+            import torch  # trained on another machine (or with another number of threads)
 
             machines, here = self.history["machines"], [machine(), torch.get_num_threads()]
             if not machines or list(machines[-1][1:]) != here:
@@ -296,6 +300,8 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     trainer = run_trainer(get_trainer(config["MODEL_TYPE"], config["model"]))(config, net)
     trainer.buckets = train_buckets(net, config, train_mode)  # prefix: a causal RecBole model's in buckets
     trainer.rank0 = _is_global_rank0(config)
+    records = resolve_records(config)
+    trainer.record_machines = records["record_machine_by_epoch"]
     if resume:
         trainer.history = _resume(resume, trainer, net, train_data, log)
     trainer.track(train_data, last_path if saved and trainer.rank0 else None, train_mode)
@@ -320,13 +326,14 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     best_valid_result, test_result = _plain(best_valid_result), _plain(test_result)
     log.info("best valid : %s", best_valid_result)
     log.info("test result: %s", test_result)
-    masked = _masked_test(trainer, test_data, config, log)
+    masked = _masked_test(trainer, test_data, config, log) if records["test_input_masked"] else None
     # the learning curve: (epoch, valid score) per validation, train seconds per epoch (all epochs,
-    # those before a resume included)
+    # those before a resume included), and where they trained when recorded
     extra = {"per_user_test": per_user,
              "history": {"valid_scores": [[int(e), float(v)] for e, v in trainer.history["valid_scores"]],
-                         "train_seconds": [float(t) for t in trainer.history["train_seconds"]],
-                         "machines": [list(m) for m in trainer.history.get("machines", [])]}}
+                         "train_seconds": [float(t) for t in trainer.history["train_seconds"]]}}
+    if trainer.record_machines:
+        extra["history"]["machines"] = [list(m) for m in trainer.history.get("machines", [])]
     if masked is not None:
         extra["test_result_input_masked"], extra["per_user_test_input_masked"] = masked
     if export_path is not None and config["local_rank"] == 0:
@@ -351,9 +358,10 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
 
 
 def _masked_test(trainer, test_data, config, log):
-    """The test split once more, the same model, with each user's input sequence (the up to
-    MAX_ITEM_LIST_LENGTH items before the target) ranked out: (result, per-user values), or None
-    for a model without item sequences or a loader that does not rank every item.
+    """With ``test_input_masked: True``: the test split once more, the same model, with each user's
+    input sequence (the up to MAX_ITEM_LIST_LENGTH items before the target) ranked out: (result,
+    per-user values), or None for a model without item sequences or a loader that does not rank
+    every item.
 
     Not RecBole's protocol, which ranks every item but padding for a sequential model: a model that
     recommends what the user just took spends a slot on an item that, on data where nobody takes

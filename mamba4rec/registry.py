@@ -131,6 +131,7 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
         resolve_model_config(config)  # ValueError naming key, value and range
     resolve_train_mode(config)  # train_mode / sequence_stride: the same
     resolve_buckets(config)  # length_buckets, for every model
+    resolve_records(config)  # test_input_masked, record_machine_by_epoch: the same
     _resolve_data_path(config)
     check_output_folders(config)
     return config
@@ -156,6 +157,33 @@ def check_output_folders(config) -> None:
                     f"{os.path.abspath(path)!r} is a file, but RecBole writes {what} ({folder!r}) as a folder "
                     f"there: move or rename that file, or run from another working directory"
                     + (" (or set checkpoint_dir to another folder)" if folder == checkpoint_dir else ""))
+
+
+#: what a run records beyond RecBole's, each off unless set True (configs/overall.yaml). They
+#: change no training and no RecBole result, so a comparison resumed with another value of them
+#: continues its rows (mamba4rec.compare.rows leaves them out of a row's settings).
+RECORD_KEYS = {
+    "test_input_masked": "after RecBole's test, test the same model again with each user's input "
+                         "sequence ranked out",
+    "record_machine_by_epoch": "record the machine and CPU threads of each stretch of training epochs "
+                               "(in -last.pth and the learning curve)",
+}
+
+
+def resolve_records(config) -> dict:
+    """{key: bool} of :data:`RECORD_KEYS`, validated: True or False (unset = False)."""
+    found = {}
+    for key, what in RECORD_KEYS.items():
+        try:
+            value = config[key]
+        except KeyError:
+            value = None
+        if value is None:
+            value = False
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} is invalid: it must be True or False ({what}; default False).")
+        found[key] = value
+    return found
 
 
 def _resolve_data_path(config) -> None:

@@ -210,7 +210,7 @@ def test_compare_writes_table_csv_chart_and_survives_a_failed_baseline(in_tmp, m
         return real_run(model, *a, **k)
 
     monkeypatch.setattr(isolation, "run", run_or_fail)
-    cfg = tiny_config_dict(in_tmp, scan_impl="torch", n_layers=1, n_heads=1)
+    cfg = tiny_config_dict(in_tmp, scan_impl="torch", n_layers=1, n_heads=1, test_input_masked=True)
     rows = cmp.compare(["Mamba4Rec", "GRU4Rec", "SASRec"], "tiny", in_tmp / "out", config_dict=cfg,
                        progress=lambda *_: None, isolate=False)  # the patched run() is in this process
     assert [r["model"] for r in rows] == ["Mamba4Rec", "GRU4Rec", "SASRec"]
@@ -298,6 +298,12 @@ def test_a_resume_records_the_machine_of_each_stretch_of_epochs(in_tmp, monkeypa
     cfg = tiny_config_dict(in_tmp, scan_impl="torch", epochs=1, stopping_step=10)
     last = in_tmp / "saved" / "Mamba4Rec-tiny-last.pth"
     t = torch.get_num_threads()
+    # off by default: nothing of the machine in the history or the -last.pth
+    result = pipeline.run("Mamba4Rec", "tiny", config_dict=cfg, resume="auto")
+    assert "machines" not in result.extra["history"]
+    assert torch.load(last, weights_only=False)["history"]["machines"] == []
+    last.unlink()
+    cfg["record_machine_by_epoch"] = True
     for epochs, box in ((1, "box A"), (2, "box A"), (3, "box B")):  # the same machine starts no stretch
         monkeypatch.setattr(pipeline, "machine", lambda box=box: box)
         result = pipeline.run("Mamba4Rec", "tiny", config_dict={**cfg, "epochs": epochs}, resume="auto")
@@ -722,6 +728,8 @@ def test_masked_test_pass_ranks_out_each_users_input_sequence(in_tmp):
     assert torch.equal(masked[~ranked_out], plain[~ranked_out])
 
     result = pipeline.run("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1))
+    assert "test_result_input_masked" not in result.extra  # off by default: RecBole's test only
+    result = pipeline.run("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1, test_input_masked=True))
     masked_result = result.extra["test_result_input_masked"]
     assert set(masked_result) == set(result.test_result)
     per_user = result.extra["per_user_test_input_masked"]
@@ -744,3 +752,25 @@ def test_best_epoch_is_the_epoch_whose_checkpoint_recbole_keeps(bigger):
             saved_at = epoch
     history = [(e, v) for e, v in enumerate(scores)]
     assert pipeline._best_epoch(history, bigger, best) == saved_at == (5 if bigger else 3)
+
+
+@pytest.mark.parametrize("key", ["test_input_masked", "record_machine_by_epoch"])
+def test_the_record_keys_are_true_or_false_and_off_by_default(key, in_tmp):
+    assert pipeline.resolve_records(pipeline.build_config("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp))) == {
+        "test_input_masked": False, "record_machine_by_epoch": False}
+    on = pipeline.build_config("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp), cmd_args=[f"--{key}=True"])
+    assert pipeline.resolve_records(on)[key] is True
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match=f"{key}={bad!r} is invalid: it must be True or False"):
+            pipeline.build_config("SASRec", "tiny", config_dict=tiny_config_dict(in_tmp, **{key: bad}))
+
+
+def test_a_row_s_settings_leave_out_the_record_keys():
+    """A comparison resumed with the masked pass or the machine record turned on continues its rows:
+    those keys change no training; any other key still counts."""
+    from mamba4rec.compare.rows import _settings
+
+    plain = _settings("tiny", [], {"epochs": 3}, ["--train_mode=sequence"])
+    assert _settings("tiny", [], {"epochs": 3, "record_machine_by_epoch": True},
+                     ["--train_mode=sequence", "--test_input_masked=True"]) == plain
+    assert _settings("tiny", [], {"epochs": 3}, ["--train_mode=sequence", "--seed=7"]) != plain

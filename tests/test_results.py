@@ -44,9 +44,11 @@ def _train(job, out):
 def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_run():
     beauty = {j.name: j for j in plan.JOBS if j.dataset == "amazon-beauty" and j.mode == "prefix"}
     cmd = beauty["SASRec"].command(Path("/o"))
-    # the arguments the prefix Beauty runs were started with: their rows and checkpoints resume under these
+    # the arguments the prefix Beauty runs were started with, and the records results/ keeps (which a
+    # row's settings leave out: their rows and checkpoints resume under these)
     assert cmd == ["run_recbole.py", "-d", "amazon-beauty", "--compare_dir=/o/beauty/out", "--data_path=/o/dataset/",
-                   "--show_progress=False", "--resume", "--compare=GRU4Rec,SASRec", "--compare_run=SASRec"]
+                   "--show_progress=False", "--resume", "--test_input_masked=True", "--record_machine_by_epoch=True",
+                   "--compare=GRU4Rec,SASRec", "--compare_run=SASRec"]
     two = next(j for j in plan.JOBS if j.name == "Mamba4Rec-2layers" and j.dataset == "ml-1m")
     assert "--num_layers=2" in two.command(Path("/o")) and "--train_mode=sequence" in two.command(Path("/o"))
     assert two.compare_dir(Path("/o")) != next(j for j in plan.JOBS if j.key == "ml-1m/sequence/SASRec").compare_dir(Path("/o"))
@@ -90,6 +92,11 @@ def test_export_writes_rows_per_user_curves_and_tables_and_keeps_earlier_results
     assert "--train_mode=sequence" in rec["config_overrides"] and rec["data_sha256"]
     assert rec["machine"] and rec["params"] > 0 and rec["train_s_to_stop"] > 0
     assert "machine_by_epoch" not in rec  # trained in one stretch on one machine
+    # the jobs turn on what results/ records; a row's settings, hence its overrides, leave those keys out
+    assert "--test_input_masked=True" in rec["command"] and "--record_machine_by_epoch=True" in rec["command"]
+    assert not [o for o in rec["config_overrides"] if o.startswith(("--test_input_masked", "--record_machine"))]
+    curve = json.loads((out / "tiny" / "sequence" / "curves" / "Mamba4Rec.json").read_text())
+    assert [m[0] for m in curve["machines"]] == [0] and curve["machines"][0][1] == rec["machine"]
     with np.load(store / "tiny" / "per_user.npz") as data:
         assert set(data.files) == {f"sequence/{m}/{v}{k}" for m in ("Mamba4Rec", "SASRec", "GRU4Rec")
                                    for v in ("", "input_masked_") for k in plan.METRICS}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..files import atomic_path
 from ..pipeline import last_checkpoint_path, machine  # noqa: F401 - machine: compare's export
-from ..registry import build_config
+from ..registry import RECORD_KEYS, build_config
 
 METRIC_KEYS = ("hit@10", "ndcg@10", "mrr@10")
 logger = logging.getLogger(__name__)
@@ -70,10 +70,14 @@ def _threads() -> int:
 
 
 def _settings(dataset, config_files, config_dict, cmd_args) -> dict:
-    """What a row was made with: a resume under other settings would mix two protocols."""
+    """What a row was made with: a resume under other settings would mix two protocols. The keys of
+    what a run records (RECORD_KEYS: the masked test pass, the machine per epoch) are left out:
+    they change no training, so a comparison may turn them on or off between its models."""
+    record = tuple(f"--{k}=" for k in RECORD_KEYS)
+    config_dict = {k: v for k, v in (config_dict or {}).items() if k not in RECORD_KEYS}
     return {"dataset": dataset, "config_files": [os.path.abspath(f) for f in config_files or []],
-            "config_dict": json.loads(json.dumps(config_dict or {}, sort_keys=True, default=str)),
-            "cmd_args": sorted(cmd_args or [])}
+            "config_dict": json.loads(json.dumps(config_dict, sort_keys=True, default=str)),
+            "cmd_args": sorted(a for a in cmd_args or [] if not a.startswith(record))}
 
 
 def _data_files(config) -> dict | None:
