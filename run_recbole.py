@@ -159,6 +159,10 @@ def _compare(args, config_files, overrides) -> int:
     written = [name for name in ("compare.md", "compare.csv", "compare.png", "curves.csv", "compare_curves.png")
                if Path(out_dir, name).is_file()]
     print(f"written: {out_dir}/{', '.join(written)}")
+    from mamba4rec.compare.report import chart_note
+
+    if chart_note():
+        print(chart_note())
     return 0 if all(r["status"].startswith("ok") for r in rows) else 1
 
 

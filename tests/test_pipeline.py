@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -691,17 +692,53 @@ def test_compare_table_flags_unconverged_runs_and_judges_no_goal(tmp_path):
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_without_matplotlib_writes_table_and_csv_and_drops_a_stale_chart(tmp_path, monkeypatch):
+def test_compare_without_matplotlib_writes_table_and_csv_and_drops_a_stale_chart(tmp_path, monkeypatch, caplog):
     from mamba4rec import compare as cmp
 
     (tmp_path / "compare.png").write_bytes(b"\x89PNG of an earlier table")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     row = {"model": "Mamba4Rec", "status": "ok", "test_ndcg@10": 0.05}
     (tmp_path / "compare_curves.png").write_bytes(b"\x89PNG of an earlier table")
-    paths = cmp.write_outputs([row], "beauty", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mamba4rec.compare.report"):
+        paths = cmp.write_outputs([row], "beauty", tmp_path)
     assert sorted(paths) == ["csv", "md"] and not (tmp_path / "compare.png").exists()
     assert not (tmp_path / "compare_curves.png").exists()
     assert "| Mamba4Rec | ok |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.csv").read_text().splitlines()[1].startswith("Mamba4Rec,ok,")
+    assert 'pip install "mamba4rec-recbole[plot]"' in caplog.text  # how to get the chart
+
+
+def test_the_compare_cli_without_matplotlib_says_how_to_get_the_chart(in_tmp, monkeypatch, capsys):
+    """The chart is the plot extra: a comparison without matplotlib ends with its table, the files
+    it wrote and the install command of the extra."""
+    from mamba4rec import compare as cmp
+
+    def fake_compare(models, dataset, out_dir, **kwargs):  # the models' rows, without training them
+        rows = [{"model": m, "status": "ok", "test_hit@10": 0.1, "test_ndcg@10": 0.05, "test_mrr@10": 0.04,
+                 "train_s_per_epoch": 1.0, "eval_s": 0.5, "peak_rss_mib": 900, "peak_cuda_mib": None} for m in models]
+        cmp.write_outputs(rows, dataset, out_dir)
+        return rows
+
+    monkeypatch.setattr(cmp, "compare", fake_compare)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, out, _ = _main(["--dataset=tiny", "--compare=SASRec", f"--compare_dir={in_tmp / 'cmp'}"], capsys)
+    assert code == 0 and "| SASRec | ok |" in out
+    assert f"written: {in_tmp / 'cmp'}/compare.md, compare.csv\n" in out
+    assert out.rstrip().endswith('pip install "mamba4rec-recbole[plot]"')
+    monkeypatch.delitem(sys.modules, "matplotlib")  # installed here: the chart, and no note
+    code, out, _ = _main(["--dataset=tiny", "--compare=SASRec", f"--compare_dir={in_tmp / 'cmp'}"], capsys)
+    assert code == 0 and "compare.csv, compare.png" in out and "[plot]" not in out
+
+
+def test_matplotlib_is_the_plot_extra_and_the_test_extra_s():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    requirement = lambda text: [r.split(">=")[0] for r in text.split() if r]  # noqa: E731
+    assert "matplotlib" not in requirement(cfg["options"]["install_requires"])
+    assert requirement(cfg["options.extras_require"]["plot"]) == ["matplotlib"]
+    assert "matplotlib" in requirement(cfg["options.extras_require"]["test"])
 
 
 def test_masked_test_pass_ranks_out_each_users_input_sequence(in_tmp):

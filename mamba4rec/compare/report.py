@@ -16,6 +16,20 @@ from .rows import METRIC_KEYS, _atomic_write, load_curves, load_per_user
 
 logger = logging.getLogger(__name__)
 
+#: what a comparison says when matplotlib, the ``plot`` extra, is not installed
+NO_CHART = ('matplotlib is not installed: the comparison wrote its table and CSV but no chart '
+            '(compare.png, compare_curves.png); install the plot extra for them: '
+            'pip install "mamba4rec-recbole[plot]"')
+
+
+def chart_note() -> str | None:
+    """:data:`NO_CHART` when matplotlib cannot be imported, else None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return NO_CHART
+    return None
+
 
 def paired_lines(per_user, model="Mamba4Rec", values="") -> list[str]:
     """Per baseline and test metric: ``model`` - baseline over the same users, with its 95%
@@ -117,8 +131,8 @@ def write_outputs(rows, dataset, out_dir) -> dict:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # a dependency, but an environment may lack it: the table and CSV still count
-        logger.warning("matplotlib is not installed: no chart (pip install matplotlib)")
+    except ImportError:  # the plot extra: without it the table and CSV are the comparison's outputs
+        logger.warning("%s", NO_CHART)
         for stale in (paths.pop("png"), out / "compare_curves.png"):
             if stale.exists():  # a chart of an earlier table would no longer match this one
                 stale.unlink()
