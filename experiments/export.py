@@ -278,13 +278,20 @@ def _write_curves(folder: Path, dataset: str, curves: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(curves)
     _atomic_write(folder / "curves.csv", buf.getvalue().encode())
+    draw_curves(folder, dataset, curves)
+
+
+def draw_curves(folder: Path, dataset: str, curves: list[dict]) -> bool:
+    """``folder``/curves.png: valid NDCG@10 per epoch of each (train mode, model) in ``curves``.
+    False (and no chart) without matplotlib."""
+    curves = sorted(curves, key=lambda c: (c["train_mode"], c["model"], c["epoch"]))
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for (mode, model) in dict.fromkeys((c["train_mode"], c["model"]) for c in curves):
         pts = [(c["epoch"], c["valid_ndcg@10"]) for c in curves if (c["train_mode"], c["model"]) == (mode, model)]
@@ -301,3 +308,15 @@ def _write_curves(folder: Path, dataset: str, curves: list[dict]) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     _atomic_write(folder / "curves.png", buf.getvalue())
+    return True
+
+
+def redraw_curves(results: Path = RESULTS, log=print) -> list[str]:
+    """Every results/<dataset>/curves.png drawn again from its curves.csv alone."""
+    drawn = []
+    for path in sorted(results.glob("*/curves.csv")):
+        if not draw_curves(path.parent, path.parent.name, _read_curves(path)):
+            raise SystemExit('matplotlib is not installed: the charts need it (pip install "mamba4rec-recbole[plot]")')
+        drawn.append(str(path.with_suffix(".png")))
+        log(f"drew {path.with_suffix('.png')}")
+    return drawn

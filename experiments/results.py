@@ -7,6 +7,7 @@
     python -m experiments.results curves OUT      # OUT's unfinished runs' curves so far -> results/
     python -m experiments.results masked OUT      # masked test values of older rows, from their checkpoints
     python -m experiments.results tables          # results/ -> docs/RESULTS.md's tables
+    python -m experiments.results figures         # results/ -> the tables and results/<dataset>/curves.png
 
 ``run`` works through :data:`experiments.plan.JOBS` in order, ``--lanes`` at a time (default 2:
 one-thread processes on a 2-core machine; ``--threads`` gives each process more, e.g. ``--lanes 1
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 
 from . import plan
-from .export import export, export_curves, masked_from_checkpoints
+from .export import export, export_curves, masked_from_checkpoints, redraw_curves
 from .plan import REPO, RESULTS_DOC, finished
 from .runner import prepare, queue_lock, run_queue, status
 from .tables import write_tables
@@ -58,10 +59,14 @@ def main(argv=None) -> int:
         if name == "masked":
             s.add_argument("--only", nargs="*", default=None, metavar="DATASET/MODE/MODEL")
     sub.add_parser("tables", help="rewrite docs/RESULTS.md's tables from results/")
+    sub.add_parser("figures", help="rewrite docs/RESULTS.md's tables and draw every results/<dataset>/curves.png "
+                                   "again, from results/ alone")
     args = p.parse_args(argv)
-    if args.cmd == "tables":
+    if args.cmd in ("tables", "figures"):
         write_tables()
         print(f"wrote the tables of {RESULTS_DOC}")
+        if args.cmd == "figures":
+            redraw_curves()
         return 0
     out = args.out.resolve()
     if args.cmd == "status":

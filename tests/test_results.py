@@ -580,3 +580,17 @@ def test_a_comparison_s_rows_are_judged_against_the_baselines_and_the_paper(tmp_
     assert "- test_ndcg@10: Mamba4Rec >= every baseline: met (Mamba4Rec 0.1800)" in out
     with pytest.raises(SystemExit, match="no rows in"):
         goals.main([str(tmp_path / "elsewhere")])
+
+
+def test_figures_are_drawn_again_from_results_alone_as_the_export_drew_them(tmp_path, monkeypatch, capsys):
+    curves = [{"train_mode": mode, "model": m, "epoch": e, "valid_ndcg@10": 0.01 * e + (0.002 if mode == "prefix" else 0),
+               "train_hours": ""} for mode in ("prefix", "sequence") for m in ("Mamba4Rec", "SASRec") for e in range(4)]
+    export._write_curves(tmp_path / "tiny", "tiny", curves)  # what an export writes
+    drawn = (tmp_path / "tiny" / "curves.png").read_bytes()
+    assert drawn[:4] == b"\x89PNG"
+    (tmp_path / "tiny" / "curves.png").unlink()
+    assert export.redraw_curves(tmp_path, log=lambda m: None) == [str(tmp_path / "tiny" / "curves.png")]
+    assert (tmp_path / "tiny" / "curves.png").read_bytes() == drawn  # from curves.csv alone, the same chart
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match=r'pip install "mamba4rec-recbole\[plot\]"'):
+        export.redraw_curves(tmp_path, log=lambda m: None)
