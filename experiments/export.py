@@ -153,13 +153,14 @@ def _export_dataset(out: Path, dataset: str, jobs, results: Path, log) -> list[s
 def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str]:
     """The masked test values (run()'s second test pass, input sequences ranked out) of finished
     jobs in ``out`` whose rows have none (exported before that pass existed), from their best
-    checkpoints: per_user_analysis.evaluate_checkpoint scores the test users both ways, and the
+    checkpoints: checkpoint_analysis.evaluate_checkpoint scores the test users both ways, and the
     checkpoint counts only when it is the row's (best epoch, valid score) and its RecBole test
     values equal the row's. The values go into the job's row and per-user file in ``out``, then
     to results/ (export), so a later export keeps them. Returns the jobs given values."""
     import numpy as np
 
-    from . import per_user_analysis as pua
+    from . import checkpoint_analysis as ca
+    from .per_user_analysis import _sha256
 
     jobs = plan.JOBS if jobs is None else jobs
     done, cache = [], {}  # cache: the data split, shared by the checkpoints of one data set
@@ -176,7 +177,7 @@ def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=p
         record = result_record(job, saved, json.loads(curve_file.read_text()) if curve_file.is_file() else None)
         inter = out / "dataset" / job.dataset / f"{job.dataset}.inter"
         want = (saved.get("data") or {}).get(inter.name)
-        if want and inter.is_file() and pua._sha256(inter) != want:
+        if want and inter.is_file() and _sha256(inter) != want:
             log(f"{job.key}: {inter} is not the data the row was trained on (sha256 differs): no masked values")
             continue
         folder = job.compare_dir(out) / "checkpoints"
@@ -190,9 +191,9 @@ def masked_from_checkpoints(out: Path, jobs=None, results: Path = RESULTS, log=p
             for path in sorted(folder.glob(f"{job.model}-*.pth")):
                 if path.name.endswith("-last.pth"):
                     continue
-                ev = pua.evaluate_checkpoint(path, data_path=out / "dataset", check_valid=False, name=job.name,
+                ev = ca.evaluate_checkpoint(path, data_path=out / "dataset", check_valid=False, name=job.name,
                                              _cache=cache)
-                line = pua.compare_with_row(ev, record)  # SystemExit when it is the row's and its test values differ
+                line = ca.compare_with_row(ev, record)  # SystemExit when it is the row's and its test values differ
                 log(line)
                 if "equal the row's" in line:
                     found = ev

@@ -20,9 +20,6 @@ from . import plan
 from .plan import METRICS, VARIANTS
 
 
-def _f(v, digits=4):
-    return "-" if v is None else f"{v:.{digits}f}"
-
 #: published figures shown beside ours: Mamba4Rec's paper (Liu et al. 2024, ML-1M) and RecBole SASRec
 #: as RecBLR (Liu et al. 2024, Table 1) reports it
 REFERENCES = {
@@ -31,6 +28,13 @@ REFERENCES = {
     "amazon-beauty": [("SASRec, RecBLR Table 1", {"hit@10": 0.0829, "ndcg@10": 0.0409, "mrr@10": 0.0281})],
 }
 TIM4REC_ML1M_HIT = 0.3253  # the best published Mamba4Rec HR@10 on ML-1M (TiM4Rec, 2 layers)
+#: Mamba4Rec's test metrics as its paper reports them, per data set: what a comparison is judged by
+PAPER = {dataset: figures for dataset, refs in REFERENCES.items() for label, figures in refs
+         if label == "Mamba4Rec, paper"}
+
+
+def _f(v, digits=4):
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def _paired_lines(name, mode, recs, per_user, paired_difference, goal, values="",
@@ -122,11 +126,6 @@ def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
             lines += tim4rec
     lines += _ablation_lines(recs, mode, per_user, paired_difference)
     return lines
-
-
-#: Mamba4Rec's test metrics as its paper reports them, per data set: what a comparison is judged by
-PAPER = {dataset: figures for dataset, refs in REFERENCES.items() for label, figures in refs
-         if label == "Mamba4Rec, paper"}
 
 
 def verdict(rows, model="Mamba4Rec", dataset=None) -> list[str]:

@@ -18,8 +18,9 @@ first. Each finished job is exported at once (:mod:`experiments.export`). ``--se
 trainings still running after that long (they resume on the next ``run``). On a GPU,
 ``python -m experiments.gpu`` runs several jobs at once on the one device.
 
-The modules: plan (data sets, jobs), runner (the queue, status), export (results/), tables and
-goals (docs/RESULTS.md's generated block), per_user_analysis, tie_order, gpu.
+The modules: plan (data sets, jobs), runner (the queue, status), gpu (the jobs at once on one
+GPU), export (results/), tables and goals (docs/RESULTS.md's generated block), and the analyses
+per_user_analysis, checkpoint_analysis and tie_order.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""experiments.per_user_analysis: its numpy parts on synthetic arrays (no real data), and
-its checkpoint mode on two models trained on tests/data/tiny."""
+"""experiments.per_user_analysis: its numpy parts on synthetic arrays (no real data); and
+experiments.checkpoint_analysis (its checkpoint mode) on two models trained on tests/data/tiny."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from experiments import checkpoint_analysis as ca
 from experiments import per_user_analysis as pua
 from mamba4rec.significance import paired_difference
 
@@ -134,13 +135,13 @@ def test_history_stats_and_mask_history_on_a_hand_made_ranking():
                            [inf, 1.0, 2.0, 3.0, 4.0, 5.0],   # top-1 item 5, not an input item; item 1 last
                            [inf, 9.0, 1.0, 8.0, 2.0, 0.5]])  # top-1 item 1, an input item, not the last
     seq = torch.tensor([[3, 1, 0], [2, 1, 0], [1, 2, 4]])
-    s = pua.history_stats(scores, seq, k=3)
+    s = ca.history_stats(scores, seq, k=3)
     assert s["top1_in_seq"].tolist() == [True, False, True]
     assert s["top1_is_last"].tolist() == [True, False, False]
     assert s["topk_in_seq"].tolist() == [2, 0, 2]  # top 3: [1, 2, 3], [5, 4, 3], [1, 3, 4]
-    masked = pua.mask_history(scores, seq)
+    masked = ca.mask_history(scores, seq)
     assert torch.isinf(masked[0, [0, 1, 3]]).all() and masked[0, 2] == 4.0 and scores[0, 1] == 5.0  # a copy
-    m = pua.history_stats(masked, seq, k=3)  # row 3 has two items left: its third is a masked one, not counted
+    m = ca.history_stats(masked, seq, k=3)  # row 3 has two items left: its third is a masked one, not counted
     assert not m["top1_in_seq"].any() and m["topk_in_seq"].tolist() == [0, 0, 0]
 
 
@@ -158,7 +159,7 @@ def test_checkpoint_mode_reproduces_the_runs_test_and_masks_the_input_sequence(t
     monkeypatch.chdir(tmp_path)  # RecBole writes ./log/
     small = {"SASRec": {"n_layers": 1, "n_heads": 1, "inner_size": 32}, "GRU4Rec": {"embedding_size": 16}}
     runs = {m: pipeline.run(m, "tiny", config_dict=tiny_config_dict(tmp_path, **extra)) for m, extra in small.items()}
-    ev = pua.evaluate_checkpoint(runs["SASRec"].saved_model_file)
+    ev = ca.evaluate_checkpoint(runs["SASRec"].saved_model_file)
     res, per_user, stats = ev["scored"]["unmasked"]
     assert res == runs["SASRec"].test_result
     for met in pua.METRICS:
@@ -199,4 +200,4 @@ def test_checkpoint_mode_reproduces_the_runs_test_and_masks_the_input_sequence(t
     state["best_valid_score"] += 0.01  # not the weights' validation score
     torch.save(state, tmp_path / "off.pth")
     with pytest.raises(SystemExit, match="best_valid_score"):
-        pua.evaluate_checkpoint(tmp_path / "off.pth")
+        ca.evaluate_checkpoint(tmp_path / "off.pth")

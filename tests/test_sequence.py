@@ -498,10 +498,14 @@ def test_run_evaluates_in_the_buckets_of_its_training_batches(in_tmp, monkeypatc
 
     monkeypatch.setattr(pipeline, "bucketed_forward", counting)
     extra = {} if buckets is None else {"length_buckets": buckets}
+    masked = mode == "sequence"  # the masked test pass (off by default) in the same buckets, where it runs
     result = pipeline.run(model, "tiny", config_dict=tiny_config_dict(in_tmp, epochs=1, scan_impl="torch",
-                                                                      train_mode=mode, **extra))
+                                                                      train_mode=mode, test_input_masked=masked,
+                                                                      **extra))
     assert all(0.0 <= v <= 1.0 for v in result.test_result.values())
-    assert len(calls) == 3 and set(calls) == {expect}  # one validation, the test, the masked test
+    assert ("test_result_input_masked" in result.extra) is masked
+    # one validation, the test, and the masked test when asked for
+    assert len(calls) == (3 if masked else 2) and set(calls) == {expect}
 
 
 @pytest.mark.parametrize("model", ["SASRec", "GRU4Rec"])
