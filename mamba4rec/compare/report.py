@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 #: what a comparison says when matplotlib, the ``plot`` extra, is not installed
 NO_CHART = ('matplotlib is not installed: the comparison wrote its table and CSV but no chart '
-            '(compare.png, compare_curves.png); install the plot extra for them: '
-            'pip install "mamba4rec-recbole[plot]"')
+            '(compare.png, compare_curves.png); for them install matplotlib (the plot extra): '
+            'pip install matplotlib')
 
 
 def chart_note() -> str | None:
