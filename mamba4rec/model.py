@@ -11,106 +11,22 @@ dropout, LayerNorm eps 1e-12, normal(0, 0.02) init, tied output embedding, CE lo
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 
-from mamba4rec.kernels import SCAN_IMPLS
-
 from mamba4rec.kernels.fast_dropout import FastDropout
-from .checks import int_in
-from .layers import DT_INITS, MambaLayer
+from .layers import MambaLayer
 from .loss import CPU_CHUNK_ROWS, full_softmax_ce
-from .numpy_step import NumpyStep
+from .model_config import LOSS_TYPES, MODEL_DEFAULTS, block_residual, resolve_model_config  # noqa: F401 (API)
 from .sequence import length_buckets
-from .streaming import STEP_IMPLS, StreamState, step_path
+from .streaming import Streaming, drop_cpu_steps
 
-#: Every model key with its default: the single source; configs/model/Mamba4Rec.yaml mirrors it
-#: (tests/test_model.py checks that they agree).
-MODEL_DEFAULTS = {
-    "hidden_size": 64,
-    "num_layers": 1,
-    "dropout_prob": 0.2,
-    "d_state": 32,
-    "d_conv": 4,
-    "expand": 2,
-    "loss_type": "CE",
-    "scan_impl": "auto",
-    "position_embedding": False,
-    "dt_init": "paper",
-    "length_buckets": 4,
-    "ce_chunk_rows": "auto",
-    "block_residual": "auto",
-}
-LOSS_TYPES = ("CE", "BPR")
-
-
-def _bad(key, value, rule):
-    return ValueError(
-        f"Mamba4Rec config: {key}={value!r} is invalid: {rule}. Set it in "
-        f"configs/model/Mamba4Rec.yaml, a config file of yours or on the command line "
-        f"(--{key}=...); the default is {MODEL_DEFAULTS[key]!r}."
-    )
-
-
-def resolve_model_config(config) -> dict:
-    """Read Mamba4Rec's keys from a RecBole Config (or dict), fill defaults, validate.
-
-    Raises ValueError naming the key, the value and the allowed range. Called by the pipeline
-    before any data work, and again by the model for users' own pipelines.
-    """
-    get = config.get if isinstance(config, dict) else config.__getitem__
-    out = {}
-    for key, default in MODEL_DEFAULTS.items():
-        value = get(key)
-        out[key] = default if value is None else value
-    for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "length_buckets"):
-        v = out[key]
-        if not int_in(v, 1):
-            raise _bad(key, v, "it must be an integer >= 1")
-        out[key] = int(v)
-    p = out["dropout_prob"]
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
-        raise _bad("dropout_prob", p, "it must be a number in [0, 1)")
-    out["dropout_prob"] = float(p)
-    if out["loss_type"] not in LOSS_TYPES:
-        raise _bad("loss_type", out["loss_type"], f"it must be one of {', '.join(LOSS_TYPES)}")
-    if out["scan_impl"] not in SCAN_IMPLS:
-        raise _bad("scan_impl", out["scan_impl"], f"it must be one of {', '.join(SCAN_IMPLS)}")
-    if out["dt_init"] not in DT_INITS:
-        raise _bad("dt_init", out["dt_init"], f"it must be one of {', '.join(DT_INITS)}")
-    if not isinstance(out["position_embedding"], bool):
-        raise _bad("position_embedding", out["position_embedding"], "it must be True or False")
-    c = out["ce_chunk_rows"]
-    if c != "auto" and not int_in(c, 0):
-        raise _bad("ce_chunk_rows", c, "it must be auto, 0 (the whole [targets, items] logits at once) or "
-                                      "an integer >= 1 (rows of logits per chunk)")
-    out["ce_chunk_rows"] = c if c == "auto" else int(c)
-    r = out["block_residual"]
-    if r != "auto" and not isinstance(r, bool):
-        raise _bad("block_residual", r, "it must be auto (the paper's code: a residual around each block "
-                                        "only when num_layers > 1), True or False")
-    return out
-
-
-def block_residual(params: dict) -> bool:
-    """Whether each layer adds its input to the block's output: the paper's code does so only
-    when num_layers > 1 (``block_residual: auto``); True/False force it either way."""
-    r = params["block_residual"]
-    return params["num_layers"] > 1 if r == "auto" else r
-
-
-def _drop_cpu_steps(module, incompatible_keys):
-    """load_state_dict post-hook (a module-level function, so the model still pickles)."""
-    module._cpu_steps.clear()
-
-
-class Mamba4Rec(SequentialRecommender):
+class Mamba4Rec(Streaming, SequentialRecommender):
     r"""Item embedding -> dropout -> LayerNorm -> num_layers x MambaLayer -> the output at the
-    last item -> scores against the (tied) item embedding."""
+    last item -> scores against the (tied) item embedding. Streaming (``init_state``,
+    ``prefill``, ``step``) comes from mamba4rec.streaming.Streaming."""
 
     @classmethod
     def default_config_files(cls, dataset):
@@ -146,7 +62,7 @@ class Mamba4Rec(SequentialRecommender):
         self._cpu_steps = {}  # "numpy"/"numba" step objects (see _step_cpu)
         # load_state_dict(assign=True) swaps Parameter objects, which a NumpyStep's freshness
         # key (data_ptr, _version of the old objects) cannot see: drop the cache on any load.
-        self.register_load_state_dict_post_hook(_drop_cpu_steps)
+        self.register_load_state_dict_post_hook(drop_cpu_steps)
 
         # define layers and loss
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
@@ -228,122 +144,6 @@ class Mamba4Rec(SequentialRecommender):
         if self.position_embedding is not None:
             hidden = hidden + self.position_embedding(positions)
         return self.LayerNorm(self.dropout(hidden))
-
-    # streaming: one interaction at a time, O(1) per step in the history length
-
-    def init_state(self, batch_size: int) -> StreamState:
-        """Empty states (no interaction yet) for ``batch_size`` users, on the model's device; the
-        conv windows in the model's dtype, the SSM states in float32 (see StreamState)."""
-        p = self.item_embedding.weight
-        conv = [p.new_zeros(batch_size, layer.mamba.d_inner, self.d_conv - 1) for layer in self.mamba_layers]
-        ssm = [torch.zeros(batch_size, layer.mamba.d_inner, self.d_state, device=p.device, dtype=torch.float32)
-               for layer in self.mamba_layers]
-        return StreamState(conv, ssm, torch.zeros(batch_size, dtype=torch.long, device=p.device))
-
-    @torch.no_grad()
-    def prefill(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
-        """Start streaming from histories: (seq_output [B, H], state) as after step()-ing each row's
-        items one by one, in one forward-like pass over the batch (the scan returns the states).
-
-        item_seq [B, L] left-aligned, padded with 0; item_seq_len [B], 1 <= length <= L, may
-        differ per row (MambaBlock.prefill keeps every row's state at its own end). seq_output
-        equals forward(item_seq, item_seq_len). The state belongs to the caller (fresh tensors).
-        """
-        if item_seq.dim() != 2 or item_seq_len.dim() != 1 or item_seq_len.shape[0] != item_seq.shape[0]:
-            raise ValueError(f"prefill: item_seq must be [B, L] and item_seq_len [B], got shapes "
-                             f"{tuple(item_seq.shape)} and {tuple(item_seq_len.shape)}")
-        lengths = item_seq_len.to(device=item_seq.device, dtype=torch.long)
-        if item_seq.shape[0] == 0 or (lengths < 1).any() or (lengths > item_seq.shape[1]).any():
-            raise ValueError(f"prefill: every item_seq_len must be in 1..L={item_seq.shape[1]}, got "
-                             f"{lengths.tolist()[:8]}{' ...' if lengths.numel() > 8 else ''}")
-        L = int(lengths.max())
-        item_seq = item_seq[:, :L]
-        valid = torch.arange(L, device=item_seq.device)[None, :] < lengths[:, None]
-        bad = valid & ((item_seq <= 0) | (item_seq >= self.n_items))
-        if bad.any():
-            raise ValueError(f"prefill: item ids must be internal ids in 1..{self.n_items - 1} within each "
-                             f"row's length (0 is padding); found {item_seq[bad][:5].tolist()}")
-        if self.position_embedding is not None and L > self.max_seq_length:
-            raise ValueError(f"prefill: a history of {L} items is longer than max_seq_length="
-                             f"{self.max_seq_length}, the positions the position embedding was trained "
-                             f"for; pass the last {self.max_seq_length} items")
-        hidden = self._embed(item_seq, torch.arange(L, device=item_seq.device)[None])  # [B, L, H]
-        conv, ssm = [], []
-        for layer in self.mamba_layers:
-            hidden, c, h = layer(hidden, lengths)
-            conv.append(c)
-            ssm.append(h)
-        return self.gather_indexes(hidden, lengths - 1), StreamState(conv, ssm, lengths.clone())
-
-    def __getstate__(self):
-        """Pickling and deepcopy leave out the derived step caches (numpy copies of the weights,
-        a compiled function): the copy rebuilds them on its first step."""
-        state = super().__getstate__()
-        state["_cpu_steps"] = {}
-        return state
-
-    @torch.no_grad()
-    def warm_up_step(self, batch_size: int = 1) -> str:
-        """Prepare step() for batches of ``batch_size`` before the first real event: derive its
-        weights and, on the numba path, compile (or load from numba's disk cache) the native
-        step, which otherwise makes the first event take seconds. Runs one step on a scratch
-        state; returns the path step() takes ("numba", "numpy" or "torch")."""
-        state = self.init_state(batch_size)
-        path = step_path(self, batch_size, state)
-        if self.n_items > 1:
-            self.step(torch.ones(batch_size, dtype=torch.long, device=state.steps.device), state)
-        return path
-
-    @torch.no_grad()
-    def step(self, item_ids: torch.Tensor, state: StreamState):
-        """Fold in one item per user: item_ids [B] (internal ids) -> (seq_output [B, H], state).
-
-        seq_output equals forward() for the sequence ending at this item (in eval mode; in train
-        mode dropout draws differ). The state is updated in place and also returned; the cost
-        does not depend on how many items the state has seen. Runs under no_grad.
-
-        With a position embedding, a row that has seen max_seq_length items cannot take another
-        (ValueError): the model has no position for it. Restart it with prefill() on its last
-        items (mamba4rec.serving.Recommender does so itself)."""
-        if self.step_impl not in STEP_IMPLS:
-            raise ValueError(f"step_impl={self.step_impl!r} is invalid: use one of {', '.join(STEP_IMPLS)}")
-        if item_ids.dim() != 1 or item_ids.shape[0] != state.steps.shape[0]:
-            raise ValueError(f"item_ids must be [B] with B={state.steps.shape[0]} (the state's batch), "
-                             f"got shape {tuple(item_ids.shape)}")
-        lo, hi = torch.aminmax(item_ids)  # one op and one sync, not four ops
-        if int(lo) <= 0 or int(hi) >= self.n_items:
-            raise ValueError(f"item ids must be internal ids in 1..{self.n_items - 1} (0 is padding)")
-        if self.position_embedding is not None and (state.steps >= self.max_seq_length).any():
-            raise ValueError(f"a sequence passed max_seq_length={self.max_seq_length}, the length the "
-                             f"position embedding was trained for; restart it from its recent history")
-        path = step_path(self, item_ids.shape[0], state)
-        if path != "torch":
-            return self._step_cpu(path, item_ids, state), state
-        hidden = self._embed(item_ids, state.steps)                  # [B, H]
-        for layer, conv, ssm in zip(self.mamba_layers, state.conv, state.ssm):
-            hidden = layer.step(hidden, conv, ssm)
-        state.steps += 1
-        return hidden, state
-
-    def _step_cpu(self, path, item_ids, state):
-        """The numpy or numba step (see step_path); both read weights NumpyStep prepared once per
-        weight version."""
-        steps = self._cpu_steps
-        prepared = steps.get("numpy")
-        if prepared is None or not prepared.fresh():
-            steps.clear()
-            steps["numpy"] = prepared = NumpyStep(self)
-        fn = prepared
-        if path == "numba":
-            fn = steps.get("numba")
-            if fn is None:
-                from mamba4rec.numba_step import NumbaStep  # imports numba: only when this path is taken
-
-                steps["numba"] = fn = NumbaStep(prepared)
-        pos = state.steps.numpy() if self.position_embedding is not None else None
-        out = fn(item_ids.numpy(), pos, [c.numpy() for c in state.conv], [h.numpy() for h in state.ssm])
-        state.steps += 1
-        return torch.from_numpy(out)
 
     def calculate_loss(self, interaction):
         item_seq = interaction[self.ITEM_SEQ]

@@ -190,7 +190,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return payload
 
 
-def build_model(config: dict, scan_impl=None, device="cpu") -> Mamba4Rec:
+def model_from_checkpoint_config(config: dict, scan_impl=None, device="cpu") -> Mamba4Rec:
     """An untrained Mamba4Rec shaped by a checkpoint's config (no data set needed)."""
     cfg = dict(_FIELDS)
     cfg.update({k: config[k] for k in config if k != "n_items"})
@@ -248,7 +248,7 @@ class Recommender:
     def from_checkpoint(cls, path, *, device="cpu", scan_impl=None, on_unknown="error") -> "Recommender":
         """Load an export_checkpoint file (weights_only: no code runs from it)."""
         payload = load_checkpoint(path, map_location=device)
-        model = build_model(payload["config"], scan_impl=scan_impl, device=device)
+        model = model_from_checkpoint_config(payload["config"], scan_impl=scan_impl, device=device)
         try:
             model.load_state_dict(payload["state_dict"])
         except RuntimeError as exc:
@@ -355,4 +355,4 @@ class Recommender:
 
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "Recommender", "UnknownItemError",
-           "build_model", "export_checkpoint", "load_checkpoint"]
+           "model_from_checkpoint_config", "export_checkpoint", "load_checkpoint"]
