@@ -90,3 +90,20 @@ def test_bad_ce_chunk_rows_is_refused_with_the_key(value):
 
     with pytest.raises(ValueError, match=f"ce_chunk_rows={value!r} is invalid: it must be auto, 0"):
         resolve_model_config({"ce_chunk_rows": value})
+
+
+def test_no_gradient_work_without_grad_mode(monkeypatch):
+    """Under no_grad (an evaluation loss) only the log-sum-exp is computed: no softmax, no
+    gradient products (counted through torch.Tensor.addmm_, which only the gradient uses)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 6, requires_grad=True), torch.randn(30, 6, requires_grad=True)
+    target = torch.randint(0, 30, (10,))
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    with torch.no_grad():
+        value = full_softmax_ce(hidden, weight, target, 4)
+    assert not calls
+    torch.testing.assert_close(value, torch.nn.functional.cross_entropy(hidden @ weight.T, target))
+    full_softmax_ce(hidden, weight, target, 4)
+    assert len(calls) == 3  # one per chunk of 4 rows when gradients are wanted
