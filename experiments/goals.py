@@ -39,30 +39,32 @@ def _f(v, digits=4):
 
 def _paired_lines(name, mode, recs, per_user, paired_difference, goal, values="",
                   others=("SASRec", "GRU4Rec")) -> list[str]:
-    """``name`` minus each of ``others`` on each metric, paired per test user; with the goal's
-    verdict. ``values``: "" RecBole's test values, "input_masked_" those with input sequences masked."""
+    """``name`` minus each of ``others``, paired per test user: one line per other model with each
+    metric's difference, its 95% interval and verdict (the goal's, when ``goal``). ``values``: ""
+    RecBole's test values, "input_masked_" those with input sequences masked."""
     lines = []
     for other in others:
         if other not in recs:
             continue
+        data_a, data_b = recs[name].get("data_sha256"), recs[other].get("data_sha256")
+        if data_a and data_b and data_a != data_b:
+            lines.append(f"- {name} - {other}: not paired (trained on different data files)")
+            continue
+        parts = []
         for metric in METRICS:
             a = per_user.get(f"{mode}/{name}/{values}{metric}")
             b = per_user.get(f"{mode}/{other}/{values}{metric}")
-            data_a, data_b = recs[name].get("data_sha256"), recs[other].get("data_sha256")
-            if data_a and data_b and data_a != data_b:
-                lines.append(f"- {metric}: {name} - {other}: not paired (trained on different data files)")
-                continue
             if a is None or b is None or a.shape != b.shape or len(a) < 2:
-                lines.append(f"- {metric}: {name} - {other}: no per-user values")
+                parts.append(None)
                 continue
             diff, lo, hi = paired_difference(a, b)
-            if goal:
-                verdict = ("met: ahead beyond the noise" if lo > 0 else
-                           "**NOT MET**: behind beyond the noise" if hi < 0 else
-                           "**NOT MET**: within the noise (not significant)")
-            else:
-                verdict = "ahead beyond the noise" if lo > 0 else "behind beyond the noise" if hi < 0 else "within the noise"
-            lines.append(f"- {metric}: {name} - {other} = {diff:+.4f} [{lo:+.4f}, {hi:+.4f}]: {verdict}")
+            where = "ahead" if lo > 0 else "behind" if hi < 0 else "within the noise"
+            verdict = (f"met ({where})" if lo > 0 else f"**NOT MET** ({where})") if goal else where
+            parts.append(f"{metric} {diff:+.4f} [{lo:+.4f}, {hi:+.4f}] {verdict}")
+        if not any(parts):
+            lines.append(f"- {name} - {other}: no per-user values")
+            continue
+        lines.append(f"- {name} - {other}: " + "; ".join(p or f"{m}: no per-user values" for p, m in zip(parts, METRICS)))
     return lines
 
 
@@ -102,7 +104,8 @@ def _goal_lines(dataset, mode, recs, per_user, paired_difference) -> list[str]:
     pending = [n for n in ("Mamba4Rec", "Mamba4Rec-2layers") if n not in recs and n in planned]
     lines = [f"Mamba4Rec, the better of 1 and 2 layers by valid NDCG@10: **{best}**"
              + (f" (provisional: {pending[0]} is not finished yet)" if pending else "")
-             + ". Paired over the same test users (difference, 95% interval):", ""]
+             + ". Paired over the same test users (difference, 95% interval; ahead / behind: the interval "
+             "excludes 0):", ""]
     lines += _paired_lines(best, mode, recs, per_user, paired_difference, goal=True)
     if dataset == "ml-1m":  # the published figures, judged on the chosen variant, under its own lines
         for label, figures in REFERENCES["ml-1m"][:1]:

@@ -1,6 +1,7 @@
 """The tables of docs/RESULTS.md's generated block, from results/ alone: per data set and train
 mode the rows with their speed and memory beside SASRec's, the goals (:mod:`experiments.goals`),
-the masked test values, the run-to-run noise, prefix vs sequence mode, the learning curves.
+the masked test values, the run-to-run noise, prefix vs sequence mode, the learning curves'
+summary (every epoch's value is in results/<dataset>/curves.csv and its chart).
 
     python -m experiments.results tables     # rewrites the block between the two markers
 """
@@ -217,7 +218,7 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
     by = {}
     for c in curves:
         by.setdefault((c["train_mode"], c["model"]), {})[c["epoch"]] = c["valid_ndcg@10"]
-    lines, columns = [], []
+    lines = []
     for m in models:
         pre, seq, other = by.get(("prefix", m)), by.get(("sequence", m)), by.get(("sequence", f"{m}-seed2021"))
         if not pre or not seq:
@@ -234,17 +235,11 @@ def curve_lines(results: Path, dataset: str, models=("Mamba4Rec", "SASRec"), upt
         partial = f" (runs not yet at their stopping point: {'; '.join(unfinished)})" if unfinished else ""
         lines.append(f"- {m}: |sequence - prefix| {gap(seq, pre)}; run-to-run noise |seed 2020 - seed 2021| "
                      f"(sequence mode) {noise}{partial}")
-        columns += [(f"{m} prefix", pre), (f"{m} sequence", seq)]
-        columns += [(f"{m} sequence, seed 2021", other or {})] if seeded else []
     if not lines:
         return []
-    out = [f"### {dataset}: learning curves, prefix vs sequence mode (seed 2020)", "",
-           "Valid NDCG@10 at equal epochs (chart: `results/%s/curves.png`):" % dataset, ""] + lines + [""]
-    out += ["| epoch | " + " | ".join(label for label, _ in columns) + " |", "|" + "---|" * (1 + len(columns))]
-    last = max(max(c) for _, c in columns if c)
-    for e in range(min(upto, last + 1)):
-        out.append(f"| {e} | " + " | ".join(_f(c.get(e)) for _, c in columns) + " |")
-    return out + [""]
+    return [f"### {dataset}: learning curves, prefix vs sequence mode (seed 2020)", "",
+            f"Valid NDCG@10 at equal epochs (chart: `results/{dataset}/curves.png`; every epoch's value: "
+            f"`results/{dataset}/curves.csv`):", ""] + lines + [""]
 
 
 def _stretches(rec) -> str:
