@@ -69,6 +69,16 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for this test: the tiny trainings take 0.1 s on one thread and
+    seconds on two busy cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
 def two_threads():
     """Two intra-op threads (numba's parallel kernels follow torch's count) for this test."""
     saved = torch.get_num_threads()

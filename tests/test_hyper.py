@@ -20,15 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def one_thread():
-    """The tiny trainings take 0.1 s on one thread and seconds on two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def tiny(in_tmp, one_thread):
     """A config file with the tiny data set's settings (trials get their params as the dict)."""
     path = in_tmp / "tiny.yaml"

@@ -16,16 +16,6 @@ KEYS = {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_res
 METRICS = {"hit@10", "ndcg@10", "mrr@10"}
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _check(result, plain=True):
     """RecBole's return value; this project's metrics are plain floats (RecBole's: numpy's)."""
     assert set(result) == KEYS and result["valid_score_bigger"] is True
