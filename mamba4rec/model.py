@@ -19,8 +19,8 @@ from recbole.model.loss import BPRLoss
 from mamba4rec.kernels.fast_dropout import FastDropout
 from .layers import MambaLayer
 from .loss import CPU_CHUNK_ROWS, full_softmax_ce
+from .causal import length_buckets
 from .model_config import LOSS_TYPES, MODEL_DEFAULTS, block_residual, resolve_model_config  # noqa: F401 (API)
-from .sequence import length_buckets
 from .streaming import Streaming, drop_cpu_steps
 
 class Mamba4Rec(Streaming, SequentialRecommender):

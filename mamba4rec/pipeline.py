@@ -24,8 +24,8 @@ from .model import Mamba4Rec
 from .registry import (  # noqa: F401  (re-exported: `from mamba4rec.pipeline import build_config` etc.)
     BUNDLED_DATA, OUR_MODELS, _check_cmd_args, build_config, build_model, default_config_files, known_models,
     resolve_model, resolve_records)
-from .sequence import (SequenceTrainDataLoader, bucketed_forward, check_model, prefix_loss, resolve_train_mode,
-                       sequence_loss, train_buckets)
+from .causal import bucketed_forward, check_model, prefix_loss, sequence_loss, train_buckets
+from .sequence import SequenceTrainDataLoader, resolve_train_mode
 
 logger = logging.getLogger(__name__)
 

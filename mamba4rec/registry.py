@@ -21,7 +21,8 @@ from .compat import recbole_argv
 from .defaults import check_protocol
 from .defaults import config_files as _packaged_config_files
 from .model import Mamba4Rec, resolve_model_config
-from .sequence import resolve_buckets, resolve_train_mode
+from .causal import resolve_buckets
+from .sequence import resolve_train_mode
 
 BUNDLED_DATA = Path(recbole.__file__).resolve().parent / "dataset_example"
 OUR_MODELS = {"Mamba4Rec": Mamba4Rec}
