@@ -334,11 +334,12 @@ def test_datasets_folder_is_not_a_package():
     assert not (REPO / "datasets" / "__init__.py").exists()
 
 
-def test_data_prep_imports_neither_torch_nor_recbole():
+@pytest.mark.parametrize("module", ["data_prep.py", "data_readers.py"])
+def test_data_prep_imports_neither_torch_nor_recbole(module):
     # its own imports: the readers, k-core and writers need the standard library and numpy only
     import ast
 
-    tree = ast.parse((REPO / "mamba4rec" / "data_prep.py").read_text())
+    tree = ast.parse((REPO / "mamba4rec" / module).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
