@@ -2,8 +2,8 @@
 
 :func:`prepare` reads the input with a reader of mamba4rec/data_readers.py (movielens, amazon,
 seq-text; their names are imported here too), filters it to its k-core, and writes
-``DATASET.inter`` and ``DATASET.stats.json``, both complete and flushed to disk before either is
-renamed into place.
+``DATASET.inter`` and ``DATASET.stats.json`` through :func:`mamba4rec.files.atomic_paths`:
+both complete and flushed to disk before either is renamed into place.
 
 Neither this module nor the readers import RecBole or torch themselves (datasets/prepare.py is
 the command line). Every problem with the input is a :class:`PrepareError` whose message is one
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 from collections import Counter
 from typing import Iterable, Iterator
 
@@ -23,6 +22,7 @@ from .data_readers import (  # noqa: F401  (re-exported: the readers are part of
     AMAZON_JSON_KEYS, CSV_COLUMNS, FORMATS, MOVIELENS_RATING_FILES, MOVIELENS_ZIP_MEMBERS, PROGRESS_MIN_BYTES,
     READERS, PrepareError, Record, _check_input, amazon_kind, read_amazon, read_movielens, read_records,
     read_seq_text)
+from .files import atomic_paths
 
 
 # --------------------------------------------------------------------------- filtering
@@ -130,36 +130,19 @@ def inter_lines(records: list, with_rating: bool) -> Iterator[str]:
                 yield f"{user}\t{item}\t{_fmt(ts)}\n"
 
 
-def _temp_file(path: str):
-    directory, base = os.path.split(os.path.abspath(path))
-    return tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="\n", dir=directory,
-                                       prefix=f".{base}.", suffix=".tmp", delete=False)
-
-
 def write_atomic(path, chunks: Iterable[str]) -> None:
-    """Write ``chunks`` to a temporary file beside ``path``, then ``os.replace`` it: readers see
-    the old file or the whole new one, and a failure leaves no partial file behind."""
-    _commit_atomic([(os.fspath(path), chunks)])
+    """Write ``chunks`` to a temporary file beside ``path``, then rename it onto ``path``: readers
+    see the old file or the whole new one, and a failure leaves no partial file behind."""
+    _write_files([(path, chunks)])
 
 
-def _commit_atomic(files: list) -> None:
-    """Several files at once: every temporary is written before any is renamed into place."""
-    temps = []
-    try:
-        for path, chunks in files:
-            fh = _temp_file(path)
-            temps.append((fh.name, path))
-            with fh:
+def _write_files(files: list) -> None:
+    """``(path, chunks)`` pairs, each flushed to disk, all complete before any is renamed."""
+    with atomic_paths(*(path for path, _ in files), fsync=True) as temps:
+        for tmp, (_, chunks) in zip(temps, files):
+            with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
                 for chunk in chunks:
                     fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def _make_dirs(path: str) -> list:
@@ -215,7 +198,7 @@ def prepare(fmt: str, input_path, dataset: str, output_dir, user_k: int = 0, ite
     folder = os.path.join(os.fspath(output_dir), dataset)
     created = _make_dirs(folder)
     try:
-        _commit_atomic([
+        _write_files([
             (os.path.join(folder, f"{dataset}.inter"), inter_lines(records, with_rating)),
             (os.path.join(folder, f"{dataset}.stats.json"),
              [json.dumps(stats, indent=2) + "\n"]),
