@@ -11,7 +11,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 from . import plan
@@ -66,16 +65,11 @@ def _matching_best(curve, valid_ndcg):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``data`` to ``path`` whole or not at all, flushed to disk (mamba4rec.files)."""
+    from mamba4rec.files import atomic_path
+
+    with atomic_path(path, fsync=True) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def export(out: Path, jobs=None, results: Path = RESULTS, log=print) -> list[str]:

@@ -230,11 +230,11 @@ def main(argv=None) -> int:
         if args.synthetic_out:
             fixed, shuffled = synthetic_ties(seqs, tie_run_sizes(seqs, events), args.seed)
             os.makedirs(args.synthetic_out, exist_ok=True)
+            from mamba4rec.files import write_text_atomic
+
             for name, lines in (("fixed", fixed), ("shuffled", shuffled)):
                 path = os.path.join(args.synthetic_out, f"{name}.txt")
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
-                    f.write("\n".join(lines) + "\n")
-                os.replace(path + ".tmp", path)
+                write_text_atomic(path, "\n".join(lines) + "\n")
                 print(f"wrote {path}")
     except (InputError, OSError, UnicodeDecodeError) as e:
         print(f"python -m experiments.tie_order: error: {e}", file=sys.stderr)

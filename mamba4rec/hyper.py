@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import int_in
+from .files import write_text_atomic
 from .hyper_space import (  # noqa: F401  (re-exported: the space is part of mamba4rec.hyper's API)
     ALGOS, TYPES, Param, SpaceError, check_space, parse_space, plan, read_space)
 
@@ -148,7 +149,6 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     The table goes to ``output_file`` after every trial (RecBole's log to the same name with .log); ``early_stop`` > 0 ends the search after that
     many trials without a better valid score. A failed trial is a row; the search goes on."""
     from .compare import isolation
-    from .compare.rows import _atomic_write
     from .registry import _check_cmd_args, resolve_model
 
     cmd_args = _check_cmd_args(cmd_args)
@@ -179,7 +179,7 @@ def search(model, dataset, space, config_files=None, cmd_args=None, output_file=
     train = functools.partial(_logged_train, str(log), _level(base["state"]))
 
     def write():
-        _atomic_write(out, lambda p: p.write_text(markdown(result, fixed), encoding="utf-8"))
+        write_text_atomic(out, markdown(result, fixed))
 
     def trial(params):
         params = {p.name: p.value(params[p.name]) for p in space}  # in the file's order
