@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     from triton.compiler import ASTSource
 
     from mamba4rec.kernels import selective_scan as ts
+    from mamba4rec.kernels import selective_scan_triton as tk
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     io_ptrs = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
     print(f"sm_{args.arch}, {args.dtype} inputs, every optional input on")
     print(f"{'kernel':<5} {'BLOCK_D':>7} {'BLOCK_N':>7} {'warps':>5} {'REG':>4} {'STACK':>6}")
     for bd, bn, nw in configs:
-        for label, kernel, extra in (("fwd", ts._selective_scan_fwd_kernel, {"STORE_ALL_STATES": True}),
-                                     ("bwd", ts._selective_scan_bwd_kernel, {"HAS_DLAST": True})):
+        for label, kernel, extra in (("fwd", tk._selective_scan_fwd_kernel, {"STORE_ALL_STATES": True}),
+                                     ("bwd", tk._selective_scan_bwd_kernel, {"HAS_DLAST": True})):
             reg, stack = resources(kernel, dict(flags, BLOCK_D=bd, BLOCK_N=bn, **extra), nw)
             worst = max(worst, stack)
             print(f"{label:<5} {bd:>7} {bn:>7} {nw:>5} {reg:>4} {stack:>6}")

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import _softplus
+from .selective_scan_triton import _softplus
 from .state_update import _check
 
 
