@@ -4,7 +4,7 @@ reference, and the reference stepped over a sequence against the scan.
 Without CUDA the Triton kernel runs through Triton's interpreter: tests/scan_utils.py sets
 TRITON_INTERPRET=1 before triton is imported (enable_triton_interpreter). If triton was imported
 earlier without it, the Triton cases skip with that reason; the reference cases always run.
-Inputs and tolerances: tests/scan_utils.py (make_step_inputs, make_inputs, TOLERANCES).
+Inputs and tolerances: tests/scan_utils.py (make_step_inputs, make_inputs; TOLERANCES from mamba4rec/kernels/tolerances.py).
 """
 
 from __future__ import annotations
