@@ -129,3 +129,18 @@ def test_import_with_a_recbole_folder_that_is_not_recbole_says_so(tmp_path):
     assert proc.returncode != 0
     assert f"the recbole found at {fake / 'recbole'} has no __version__" in proc.stderr
     assert mamba4rec.RECBOLE_INSTALL in proc.stderr
+
+
+def test_setup_cfg_lists_every_subpackage_and_no_module_passes_450_lines():
+    """A package folder missing from setup.cfg's explicit list would be left out of the wheel
+    (``python -m mamba4rec.selfcheck`` would not exist in an install)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mamba4rec").rglob("__init__.py")}
+    assert folders <= listed, f"not in setup.cfg's packages: {sorted(folders - listed)}"
+    sizes = {p.relative_to(REPO).as_posix(): len(p.read_text().splitlines())
+             for p in (REPO / "mamba4rec").rglob("*.py") if "__pycache__" not in p.parts}
+    assert len(sizes) > 30 and not {k: v for k, v in sizes.items() if v > 450}, sizes
