@@ -4,7 +4,9 @@ status 1; bad options exit 2 with a message naming the value and the fix."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +135,34 @@ def test_device_cuda_without_cuda_is_refused_by_the_command(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--device 'cuda', but torch" in proc.stderr and "use --device cpu" in proc.stderr
+
+
+def test_a_skipped_timing_keeps_its_row_and_reason():
+    case = correctness.ScanCase("t", 1, 4, 2, 8)
+    bw = {"gbps": 10.0}
+    rows = timing.time_scans(["torch", "ref"], ["fp32"], case, torch.device("cpu"), bw, reps=1, log=lambda m: None,
+                             skip={("ref", "fwd+bwd"): cli.REF_BACKWARD_UNTIMED})
+    by = {(r["path"], r["mode"]): r for r in rows}
+    assert len(rows) == 4
+    skipped = by[("ref", "fwd+bwd")]
+    assert skipped["ms"] is None and skipped["x_torch"] is None and skipped["note"] == cli.REF_BACKWARD_UNTIMED
+    assert by[("ref", "fwd")]["ms"] > 0 and by[("torch", "fwd+bwd")]["x_torch"] == 1.0
+    assert not cli.PROFILES["cpu"].time_ref_backward and cli.PROFILES["cuda"].time_ref_backward
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs triton and no CUDA (the interpreter runs on CPU)")
+def test_triton_interpreter_option_checks_the_triton_paths_on_tiny_shapes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MAMBA4REC_SCAN_IMPL")}
+    proc = subprocess.run([sys.executable, "-m", "mamba4rec.selfcheck", "--quick", "--triton-interpreter", "--steps",
+                           "1", "--out", str(tmp_path)], cwd=REPO, env=dict(env, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "selfcheck.json").read_text())
+    triton = [e for e in rep["correctness"] if e["path"] == "triton"]
+    assert [(e["kind"], e["case"]) for e in triton] == [(k, c.name) for k in ("scan", "step") for c in cli.TINY_CASES]
+    assert all(e["passed"] for e in triton)
+    assert [c["quantity"] for c in triton[0]["checks"]] == ["out", "last_state", *GRADS]
+    assert "triton" not in {r["path"] for r in rep["timing"]}  # the interpreter's time means nothing
+    assert {"kind": "timing", "path": "triton", "reason": "interpreted on CPU: its time means nothing"} in rep["skipped"]
+    assert rep["settings"]["triton_interpreter"] is True

@@ -87,11 +87,10 @@ def markdown(report: dict) -> str:
     out += ["", f"## Scan speed (batch {shp['batch']}, dim {shp['dim']}, N {shp['N']}, L {shp['L']})", "",
             f"Copy bandwidth measured here: {bw['gbps']:.1f} GB/s ({bw['tensor_mib']} MiB tensor). `x bound` = "
             f"time / (the bytes the scan must read and write / that bandwidth); `x torch` = time / the torch "
-            f"scan's.", "", "| path | dtype | mode | ms | x torch | x bound |", "|---|---|---|---|---|---|"]
+            f"scan's.", "", "| path | dtype | mode | ms | x torch | x bound | note |", "|---|---|---|---|---|---|---|"]
     for r in t:
         out.append(f"| {r['path']} | {r['dtype']} | {r['mode']} | {_fmt(r['ms'], '.3f')} | "
-                   f"{_fmt(r['x_torch'], '.2f')} | {_fmt(r['x_bound'], '.1f')} |"
-                   + (f" {r['error']}" if r["error"] else ""))
+                   f"{_fmt(r['x_torch'], '.2f')} | {_fmt(r['x_bound'], '.1f')} | {r['error'] or r['note'] or ''} |")
     tr = s["train_shape"]
     out += ["", f"## Training, {s['steps']} steps (batch {tr['batch']}, L {tr['L']}, {tr['n_items']} items)", "",
             "| model | precision | ms/step | peak MiB | loss first -> last 10 steps | result |",

@@ -89,8 +89,11 @@ def _scan_call(fn, x: dict, mode: str, gout: torch.Tensor):
     return lambda: torch.autograd.grad(fwd(), [x[n] for n in NAMES], gout)
 
 
-def time_scans(paths, dtypes, case: ScanCase, device, bandwidth: dict, reps: int, log=print) -> list[dict]:
-    """Each (path, dtype, mode): ms, ms / the torch scan's, and ms / the memory-traffic bound."""
+def time_scans(paths, dtypes, case: ScanCase, device, bandwidth: dict, reps: int, log=print,
+               skip: dict | None = None) -> list[dict]:
+    """Each (path, dtype, mode): ms, ms / the torch scan's, and ms / the memory-traffic bound.
+    ``skip``: (path, mode) -> why it is not timed (kept as the row's note)."""
+    skip = skip or {}
     rows = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
@@ -102,7 +105,10 @@ def time_scans(paths, dtypes, case: ScanCase, device, bandwidth: dict, reps: int
             for path in paths:
                 row = {"path": path, "dtype": dtype_name, "mode": mode, "shape": case.shape(),
                        "bytes": nbytes[mode], "bound_ms": bound_ms, "ms": None, "x_torch": None, "x_bound": None,
-                       "error": None}
+                       "error": None, "note": skip.get((path, mode))}
+                if row["note"]:
+                    rows.append(row)
+                    continue
                 try:
                     row["ms"] = time_ms(_scan_call(kernels.get_scan_fn(path), x, mode, gout), device, reps)
                 except torch.cuda.OutOfMemoryError as exc:
@@ -122,6 +128,7 @@ def time_scans(paths, dtypes, case: ScanCase, device, bandwidth: dict, reps: int
                 log(f"  {r['path']:6s} {dtype_name} {mode:8s} " + (
                     f"{r['ms']:9.3f} ms  {r['x_torch']:.2f}x torch  {r['x_bound']:.1f}x bound"
                     if r["ms"] is not None and r["x_torch"] is not None else
-                    f"{r['ms']:9.3f} ms  {r['x_bound']:.1f}x bound" if r["ms"] is not None else r["error"]))
+                    f"{r['ms']:9.3f} ms  {r['x_bound']:.1f}x bound" if r["ms"] is not None else
+                    r["error"] or r["note"]))
         del x, gout
     return rows
