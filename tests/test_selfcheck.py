@@ -166,3 +166,17 @@ def test_triton_interpreter_option_checks_the_triton_paths_on_tiny_shapes(tmp_pa
     assert "triton" not in {r["path"] for r in rep["timing"]}  # the interpreter's time means nothing
     assert {"kind": "timing", "path": "triton", "reason": "interpreted on CPU: its time means nothing"} in rep["skipped"]
     assert rep["settings"]["triton_interpreter"] is True
+
+
+def test_cpu_training_in_a_process_of_its_own_reports_its_row():
+    """The default CPU run trains each model in a spawned process (clean resident-memory figures)."""
+    from mamba4rec.selfcheck import training
+
+    shape = training.TrainShape(batch=4, L=6, n_items=20, pool=2)
+    rows = training.run_training(shape, 2, ["fp32"], torch.device("cpu"), log=lambda m: None, isolate=True,
+                                 models=("SASRec",))
+    assert len(rows) == 1 and rows[0]["passed"], rows
+    assert rows[0]["model"] == "SASRec" and rows[0]["steps"] == 2 and rows[0]["ms_per_step"] > 0
+    assert rows[0]["peak_mib"] >= 0 and "resident memory" in rows[0]["memory"]
+    with pytest.raises(ValueError, match="isolate=True measures process memory on CPU"):
+        training.run_training(shape, 1, ["fp32"], torch.device("meta"), isolate=True)

@@ -43,7 +43,7 @@ PROFILES = {
     # over the channels, (batch, dim, N, L), so it costs L times a full pass (tens of seconds here).
     "cpu": Profile(cases=(ScanCase("model", 8, 128, 32, 200), ScanCase("odd", 3, 50, 7, 37)),
                    timing=ScanCase("timing", 16, 128, 32, 200), reps=5, bandwidth_mib=256,
-                   train_batch=64, train_L=50, n_items=1683, steps=150, time_ref_backward=False),
+                   train_batch=128, train_L=50, n_items=1683, steps=200, time_ref_backward=False),
     # --quick: seconds anywhere (a smoke test of the check itself).
     "quick": Profile(cases=TINY_CASES, timing=ScanCase("timing", 4, 16, 8, 32), reps=2, bandwidth_mib=16,
                      train_batch=8, train_L=12, n_items=50, steps=5),
@@ -68,7 +68,7 @@ def parse_args(argv=None):
                    help="folder for selfcheck.json and selfcheck.md (default ./selfcheck)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when torch sees one, else cpu)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed training steps per model and precision (default 300 on CUDA, 150 on CPU, 5 with "
+                   help="timed training steps per model and precision (default 300 on CUDA, 200 on CPU, 5 with "
                         "--quick)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 5 steps: seconds, a smoke test")
     p.add_argument("--triton-interpreter", action="store_true",
@@ -183,12 +183,14 @@ def run(args, device, started: float, log) -> int:
                              skip={} if prof.time_ref_backward else {("ref", "fwd+bwd"): REF_BACKWARD_UNTIMED})
     log(f"training ({steps} steps each):")
     shape = training.TrainShape(prof.train_batch, prof.train_L, prof.n_items)
-    trained = training.run_training(shape, steps, dtypes, device, log=log)
+    # On CPU (not --quick) each training gets a process of its own: clean resident-memory figures.
+    isolate = device.type == "cpu" and not args.quick
+    trained = training.run_training(shape, steps, dtypes, device, log=log, isolate=isolate)
     rep = {"schema": report.SCHEMA, "command": " ".join(["python -m mamba4rec.selfcheck", *argv_of(args)]), "device": str(device),
            "environment": env,
            "settings": {"profile": "quick" if args.quick else device.type, "dtypes": list(dtypes), "steps": steps,
                         "cases": [asdict(c) for c in prof.cases], "timing_shape": prof.timing.shape(),
-                        "timing_reps": prof.reps, "train_shape": shape.as_dict(),
+                        "timing_reps": prof.reps, "train_shape": shape.as_dict(), "train_processes": isolate,
                         "triton_interpreter": bool(device.type == "cpu" and _interpreting())},
            "correctness": entries, "skipped": skipped, "bandwidth": bandwidth, "timing": rows, "training": trained}
     rep["failures"] = report.verdict(rep)

@@ -129,8 +129,8 @@ def train(name: str, precision: str, shape: TrainShape, steps: int, batches: lis
         row.update(memory="torch.cuda.max_memory_allocated, above what was allocated before the model",
                    peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20)
     else:
-        row.update(memory="process RSS growth while building and training (mamba4rec.memory.PeakMemory)",
-                   peak_mib=mem.growth_mib)
+        row.update(memory="growth of the process's resident memory while building and training "
+                          "(mamba4rec.memory.PeakMemory)", peak_mib=mem.growth_mib)
     del model, opt
     return row
 
@@ -141,14 +141,37 @@ def _scan_path(device) -> str:
     return resolve_scan_impl("auto", device)[0]
 
 
-def run_training(shape: TrainShape, steps: int, precisions, device, log=print) -> list[dict]:
-    """Both models in each precision, on the same batches, one row each."""
-    batches = make_batches(shape, device)
+def _train_in_child(name: str, precision: str, shape: TrainShape, steps: int, threads: int) -> dict:
+    """train() in a process of its own (CPU): its resident memory is this model's alone."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    return train(name, precision, shape, steps, make_batches(shape, device), device)
+
+
+def run_training(shape: TrainShape, steps: int, precisions, device, log=print, isolate: bool = False,
+                 models=MODELS) -> list[dict]:
+    """Each model in each precision, on the same batches, one row each.
+
+    ``isolate`` (CPU): each training runs in a fresh process (spawned, at this process's torch
+    thread count) so that the resident-memory growth is that model's, not shaped by what the
+    model before it left in the allocator; the batches are drawn there from the same seed."""
+    import concurrent.futures
+    import multiprocessing
+
+    if isolate and device.type != "cpu":
+        raise ValueError(f"isolate=True measures process memory on CPU; {device} has its own allocator statistics")
+    batches = None if isolate else make_batches(shape, device)
     rows = []
     for precision in precisions:
-        for name in MODELS:
+        for name in models:
             try:
-                row = train(name, precision, shape, steps, batches, device)
+                if isolate:
+                    with concurrent.futures.ProcessPoolExecutor(
+                            1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                        row = pool.submit(_train_in_child, name, precision, shape, steps,
+                                          torch.get_num_threads()).result()
+                else:
+                    row = train(name, precision, shape, steps, batches, device)
             except Exception as exc:  # a model that cannot train here fails the check, with the reason
                 row = {"model": name, "precision": precision, "steps": steps, "passed": False,
                        "error": f"{type(exc).__name__}: {exc}"[:500]}
