@@ -122,9 +122,16 @@ def test_compulsory_bytes_counts_every_input_and_output_once():
     (["--steps", "0"], "--steps 0: it must be at least 1"),
     (["--device", "mps"], "--device 'mps': the self-check runs on cpu or cuda"),
     (["--device", "tpu"], "--device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+    (["--out", "FILE"], "--out 'FILE': cannot create the report folder (File exists): give a writable folder"),
 ])
 def test_bad_options_exit_2_naming_the_value(argv, message, capsys, tmp_path):
-    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+    if argv == ["--out", "FILE"]:
+        (tmp_path / "FILE").write_text("")
+        argv = ["--out", str(tmp_path / "FILE")]
+        message = message.replace("FILE", str(tmp_path / "FILE"))
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "selfcheck.json").exists()
 
@@ -180,3 +187,16 @@ def test_cpu_training_in_a_process_of_its_own_reports_its_row():
     assert rows[0]["peak_mib"] >= 0 and "resident memory" in rows[0]["memory"]
     with pytest.raises(ValueError, match="isolate=True measures process memory on CPU"):
         training.run_training(shape, 1, ["fp32"], torch.device("meta"), isolate=True)
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_the_interpreter_is_refused_with_a_cuda_device(how, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if how == "environment":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda", 0))  # as on a GPU machine
+    argv = ["--out", str(tmp_path / "r")] + (["--triton-interpreter"] if how == "option" else [])
+    assert cli.main(argv) == 2
+    assert "with a CUDA device would interpret the Triton kernels instead of compiling them" in capsys.readouterr().err
+    assert os.environ.get("TRITON_INTERPRET") == ("1" if how == "environment" else None)  # left as it was
+    assert not (tmp_path / "r").exists()

@@ -140,15 +140,20 @@ def main(argv=None, log=None) -> int:
     try:
         if args.steps is not None and args.steps < 1:
             raise UsageError(f"--steps {args.steps}: it must be at least 1")
+        device = resolve_device(args.device)
+        if device.type == "cuda" and (args.triton_interpreter or _interpreting()):
+            raise UsageError("TRITON_INTERPRET=1 (or --triton-interpreter) with a CUDA device would interpret the "
+                             "Triton kernels instead of compiling them: unset it, or use --device cpu")
         if args.triton_interpreter and not _interpreting():
             if "triton" in sys.modules:
                 raise UsageError("--triton-interpreter: triton was imported before TRITON_INTERPRET=1 could be set; "
                                  "run with TRITON_INTERPRET=1 in the environment instead")
             os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: Triton reads it at decoration
-        device = resolve_device(args.device)
-        if device.type == "cuda" and _interpreting():
-            raise UsageError("TRITON_INTERPRET=1 (or --triton-interpreter) with a CUDA device would interpret the "
-                             "Triton kernels instead of compiling them: unset it, or use --device cpu")
+        try:  # now, not after minutes of checks
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {str(args.out)!r}: cannot create the report folder ({exc.strerror or exc}): "
+                             f"give a writable folder") from None
         return run(args, device, started, log)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -186,8 +191,8 @@ def run(args, device, started: float, log) -> int:
     # On CPU (not --quick) each training gets a process of its own: clean resident-memory figures.
     isolate = device.type == "cpu" and not args.quick
     trained = training.run_training(shape, steps, dtypes, device, log=log, isolate=isolate)
-    rep = {"schema": report.SCHEMA, "command": " ".join(["python -m mamba4rec.selfcheck", *argv_of(args)]), "device": str(device),
-           "environment": env,
+    rep = {"schema": report.SCHEMA, "command": " ".join(["python -m mamba4rec.selfcheck", *argv_of(args)]),
+           "device": str(device), "environment": env,
            "settings": {"profile": "quick" if args.quick else device.type, "dtypes": list(dtypes), "steps": steps,
                         "cases": [asdict(c) for c in prof.cases], "timing_shape": prof.timing.shape(),
                         "timing_reps": prof.reps, "train_shape": shape.as_dict(), "train_processes": isolate,
@@ -201,7 +206,6 @@ def run(args, device, started: float, log) -> int:
     log(md.read_text())
     log(f"wrote {js} and {md}")
     return 0 if rep["passed"] else 1
-
 
 
 def argv_of(args) -> list[str]:
