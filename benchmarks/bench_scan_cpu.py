@@ -26,21 +26,12 @@ import torch
 
 
 from mamba4rec.kernels import torch_scan  # noqa: E402
+from mamba4rec.pipeline import cpu_name  # noqa: E402
 from mamba4rec.kernels.reference import selective_scan_ref  # noqa: E402
 from mamba4rec.memory import PeakMemory  # noqa: E402
 
 DEFAULT_SHAPES = "2048x128x32x50,2048x128x32x200,64x64x16x50"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_inputs(batch, dim, N, L, dtype, seed=0):

@@ -29,11 +29,12 @@ import argparse
 import csv
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from mamba4rec.pipeline import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,17 +44,6 @@ N_ITEMS = 3417  # ml-1m's item count (+ padding): sets the embedding table, not 
 class _Data:
     def num(self, field):
         return N_ITEMS
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device) -> str:
@@ -66,7 +56,7 @@ def environment(device) -> str:
     if device == "cuda":
         parts.append(torch.cuda.get_device_name())
     else:
-        parts += [f"CPU {_cpu_name()}", f"{os.cpu_count()} logical CPUs", f"torch threads {torch.get_num_threads()}"]
+        parts += [f"CPU {cpu_name()}", f"{os.cpu_count()} logical CPUs", f"torch threads {torch.get_num_threads()}"]
         if hasattr(os, "getloadavg"):
             parts.append("load avg %.2f" % os.getloadavg()[0])
     path, why = resolve_scan_impl("auto", torch.device(device))

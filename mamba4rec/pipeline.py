@@ -82,20 +82,29 @@ def last_checkpoint_path(config) -> str:
     return os.path.join(config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-last.pth")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """The hardware and stack this process trains on, in one line (a row's "machine")."""
     import platform
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cpus{gpu}, {platform.system()}, python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{cpu_name()}, {os.cpu_count()} cpus{gpu}, {platform.system()}, python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 def _save_last(path, trainer, net, train_data, epoch_idx, history) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..pipeline import cpu_name
 from .correctness import describe
 
 JSON_NAME, MD_NAME = "selfcheck.json", "selfcheck.md"
@@ -22,17 +23,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device) -> dict:
