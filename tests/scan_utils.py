@@ -60,7 +60,7 @@ def assert_close(what: str, actual, expected, path: str, dtype: torch.dtype, *, 
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
                torch.bfloat16: "bf16"}
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class Case:
     bias: bool = True
     softplus: bool = True
     use_last: bool = True  # the loss also reads the last state (a gradient flows into it)
+    h0: bool = False       # the scan starts from a random initial_state (a gradient flows into it)
 
     @property
     def id(self) -> str:
@@ -84,7 +85,7 @@ class Case:
         flags = [n for n, on in (("z", self.z), ("D", self.D), ("bias", self.bias),
                                  ("softplus", self.softplus)) if not on]
         s += "-no_" + "_".join(flags) if flags else ""
-        return s + ("" if self.use_last else "-outonly")
+        return s + ("" if self.use_last else "-outonly") + ("-h0" if self.h0 else "")
 
 
 LAYOUTS = ("contiguous", "transposed", "model")
@@ -127,6 +128,8 @@ def make_inputs(case: Case, seed: int = 0, layout: str = "contiguous", device="c
         z=rnd(b, d, L, dtype=itype) if case.z else None,
         delta_bias=(rnd(d, 1, dtype=wtype, scale=0.3)[:, 0] if case.bias else None),
     )
+    # drawn last, so the other inputs of a case are the same with or without it
+    x["initial_state"] = rnd(b, d, N, dtype=wtype) if case.h0 else None
     if positive_dt and not case.softplus:
         x["delta"] = x["delta"].abs() + 0.1
         if x["delta_bias"] is not None:
@@ -167,9 +170,14 @@ def detached_copy(x):
 
 
 def call_scan(fn, x, case: Case, **kw):
-    """fn(u, delta, A, B, C, D=, z=, delta_bias=, delta_softplus=case.softplus, **kw)."""
+    """fn(u, delta, A, B, C, D=, z=, delta_bias=, delta_softplus=case.softplus, **kw), and
+    initial_state= when the case has one."""
     return fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
-              delta_softplus=case.softplus, **kw)
+              delta_softplus=case.softplus, **_h0(x), **kw)
+
+
+def _h0(x) -> dict:
+    return {} if x.get("initial_state") is None else {"initial_state": x["initial_state"]}
 
 
 def run_scan(fn, x, case: Case, seed: int = 1, return_last_state: bool = True, strided_gout: bool = False, **kw):
@@ -178,8 +186,7 @@ def run_scan(fn, x, case: Case, seed: int = 1, return_last_state: bool = True, s
 
     strided_gout: the gradient of out arrives as a (B, D, L) view of (B, L, D) storage, as a
     (B, L, D) model produces it."""
-    res = fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
-             delta_softplus=case.softplus, return_last_state=return_last_state, **kw)
+    res = call_scan(fn, x, case, return_last_state=return_last_state, **kw)
     out, last = res if return_last_state else (res, None)
     g = torch.Generator().manual_seed(seed)
     if strided_gout:
@@ -191,7 +198,7 @@ def run_scan(fn, x, case: Case, seed: int = 1, return_last_state: bool = True, s
     if last is not None and case.use_last:
         outputs.append(last)
         grad_outputs.append(torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.device, last.dtype))
-    names = [n for n in NAMES if x[n] is not None]
+    names = [n for n in NAMES if x.get(n) is not None]
     grads = torch.autograd.grad(outputs, [x[n] for n in names], grad_outputs)
     assert all(gr is not None for gr in grads), f"no gradient for {[n for n, gr in zip(names, grads) if gr is None]}"
     return out.detach(), (last.detach() if last is not None else None), dict(zip(names, grads))
@@ -219,7 +226,7 @@ def compare_with_reference(path: str, fn, x, case: Case, return_last_state: bool
     opts = dict(return_last_state=return_last_state, strided_gout=strided_gout)
     got = run_scan(fn, x, case, **opts, **kw)
     want = run_scan(selective_scan_ref, detached_copy(x), case, **opts)
-    assert got[2].keys() == {n for n in NAMES if x[n] is not None}
+    assert got[2].keys() == {n for n in NAMES if x.get(n) is not None}
     compare(path, got, want, case)
 
 
@@ -228,7 +235,7 @@ def gradcheck_scan(fn, case: Case, seed: int = 0, return_last_state: bool = True
     out (and the last state) as outputs; tolerances TOLERANCES[("gradcheck", fp64)]."""
     assert case.dtype == torch.float64
     x = make_inputs(case, seed)
-    names = [n for n in NAMES if x[n] is not None]
+    names = [n for n in NAMES if x.get(n) is not None]
 
     def f(*args):
         a = dict.fromkeys(NAMES)

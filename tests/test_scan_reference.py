@@ -11,8 +11,8 @@ from tests.scan_utils import Case, compare, detached_copy, gradcheck_scan, make_
 
 
 def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-               return_last_state=False):
-    """The closed form h_t = sum_{s<=t} exp(sum_{r=s+1..t} dt_r A) dt_s u_s B_s, materialised
+               return_last_state=False, initial_state=None):
+    """The closed form h_t = exp(sum_{r<=t} dt_r A) h_{-1} + sum_{s<=t} exp(sum_{r=s+1..t} dt_r A) dt_s u_s B_s, materialised
     as (batch, dim, L, L, N) from cumulative sums of dt*A: no loop, no shared code with the
     reference. Tiny shapes only."""
     cdt = torch.float64
@@ -33,6 +33,8 @@ def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     decay = torch.exp(torch.where(causal, expo, torch.full_like(expo, -float("inf"))))
     x = (dt * u).unsqueeze(-1) * Bc                                # (b, d, s, N)
     h = (decay * x[:, :, None, :, :]).sum(3)                       # (b, d, t, N)
+    if initial_state is not None:
+        h = h + torch.exp(S) * initial_state.to(cdt)[:, :, None, :]
     y = (h * Cc).sum(-1)
     if D is not None:
         y = y + D.to(cdt).unsqueeze(-1) * u
@@ -48,6 +50,8 @@ CASES = [
     Case(2, 7, 4, 3, G=2, dtype=torch.float64),
     Case(1, 9, 6, 2, G=3, dtype=torch.float64, softplus=False, bias=False),
     Case(2, 8, 5, 4, dtype=torch.float64, z=False, D=False),
+    Case(2, 7, 4, 3, G=2, dtype=torch.float64, h0=True),
+    Case(1, 1, 3, 2, dtype=torch.float64, h0=True, use_last=False),
 ]
 
 
@@ -68,8 +72,35 @@ def test_reference_fp32_output_types():
     assert last.dtype == torch.float32 and last.shape == (2, 4, 3)
 
 
-def test_reference_gradcheck_fp64():
-    gradcheck_scan(selective_scan_ref, Case(2, 5, 4, 3, G=2, dtype=torch.float64))
+@pytest.mark.parametrize("h0", [False, True], ids=["zero_state", "initial_state"])
+def test_reference_gradcheck_fp64(h0):
+    gradcheck_scan(selective_scan_ref, Case(2, 5, 4, 3, G=2, dtype=torch.float64, h0=h0))
+
+
+def test_a_scan_split_in_two_equals_the_whole():
+    """Scanning t < k, then t >= k from the first part's last state, is the whole scan: what
+    train_mode=history does with its chunks."""
+    case = Case(2, 9, 4, 3, G=2, dtype=torch.float64, h0=True)
+    x = {k: (v.detach() if v is not None else None) for k, v in make_inputs(case).items()}
+    whole, last = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
+                                     delta_bias=x["delta_bias"], delta_softplus=True, return_last_state=True,
+                                     initial_state=x["initial_state"])
+    state, outs = x["initial_state"], []
+    for lo, hi in ((0, 4), (4, 9)):
+        part = {k: x[k][..., lo:hi] for k in ("u", "delta", "B", "C", "z")}
+        out, state = selective_scan_ref(part["u"], part["delta"], x["A"], part["B"], part["C"], D=x["D"],
+                                        z=part["z"], delta_bias=x["delta_bias"], delta_softplus=True,
+                                        return_last_state=True, initial_state=state)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, -1), whole)
+    torch.testing.assert_close(state, last)
+
+
+def test_initial_state_of_the_wrong_shape_is_refused():
+    case = Case(2, 5, 4, 3)
+    x = make_inputs(case)
+    with pytest.raises(ValueError, match=r"initial_state must be \(batch, dim, N\) = \(2, 4, 3\)"):
+        selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], initial_state=torch.zeros(2, 3, 4))
 
 
 def test_reference_softplus_is_torch_softplus():

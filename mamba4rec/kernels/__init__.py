@@ -9,7 +9,12 @@ Public functions share mamba_ssm's ``selective_scan_fn`` signature:
                            (mamba4rec/kernels/numba_scan.py; optional: the ``fast`` extra)
 * ``scan``                 dispatch by ``impl`` = auto | triton | numba | torch | ref
 
-and, for streaming inference, one step of the same recurrence (mamba4rec/kernels/state_update.py):
+Beyond mamba_ssm's signature, every path takes ``initial_state`` (batch, dim, N), the state
+before the first step (zeros when None), and returns its gradient: a scan split in two, the
+second part started from the first's last state, is the whole scan (train_mode=history runs a
+user's history in chunks this way).
+
+And, for streaming inference, one step of the same recurrence (mamba4rec/kernels/state_update.py):
 
 * ``selective_state_update_ref`` plain torch, state updated in place (mamba_ssm's signature)
 * ``selective_state_update``     the fused Triton kernel (imported lazily)
@@ -117,14 +122,15 @@ def get_scan_fn(path: str):
 
 
 def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-         return_last_state=False, impl: str = "auto"):
+         return_last_state=False, initial_state=None, impl: str = "auto"):
     """Selective scan through the path ``impl`` resolves to for ``u``'s device.
 
     (Not named ``selective_scan``: that is the submodule mamba4rec/kernels/selective_scan.py, and importing
     it would replace a package attribute of the same name.)"""
     path, _ = resolve_scan_impl(impl, u.device)
     return get_scan_fn(path)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                             delta_softplus=delta_softplus, return_last_state=return_last_state)
+                             delta_softplus=delta_softplus, return_last_state=return_last_state,
+                             initial_state=initial_state)
 
 
 def __getattr__(name):  # lazy, so importing kernels never pulls in triton

@@ -15,7 +15,7 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> int:
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None) -> int:
     """Validate selective-scan arguments; return the number of B/C groups G.
 
     Shapes (mamba_ssm's contract)::
@@ -23,6 +23,7 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> int
         u, delta, z : (batch, dim, L)      A : (dim, N)
         B, C        : (batch, N, L) or (batch, G, N, L)
         D, delta_bias : (dim,)
+        initial_state : (batch, dim, N) or None
     """
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not isinstance(t, torch.Tensor):
@@ -67,8 +68,11 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> int
             raise ValueError(f"selective_scan: {name} must be (dim={dim},), got shape {_shape(t)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"selective_scan: z must have u's shape {_shape(u)}, got {_shape(z)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, N):
+        raise ValueError(f"selective_scan: initial_state must be (batch, dim, N) = {(batch, dim, N)} (the state "
+                         f"before the first step, as return_last_state gives it), got {_shape(initial_state)}")
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("delta_bias", delta_bias)):
+                    ("delta_bias", delta_bias), ("initial_state", initial_state)):
         if t is not None and t.dtype not in _FLOATS:
             raise TypeError(f"selective_scan: {name} must be a floating tensor, got {t.dtype}")
         if t is not None and t.device != u.device:

@@ -5,12 +5,13 @@ Shapes::
     u, delta, z   : (B D L)          A : (D N)
     B, C          : (B N L) or (B G N L)   channel d reads group d // (D // G)
     D, delta_bias : (D,)
+    initial_state : (B D N) or None (zeros)  the state before t = 0, differentiable
     out           : (B D L) in u's dtype      last_state : (B D N) float32 (float64 for float64 u)
 
 Recurrence, per channel d and state n::
 
     dt  = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
-    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t          (h_0 = 0)
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t     (h_{-1} = initial_state, or 0)
     y_t = sum_n h_t * C_t + D * u_t ;   out = y * silu(z) if z is given
 """
 
@@ -31,13 +32,13 @@ def _per_channel(X: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, return_last_state=False):
+                       delta_softplus=False, return_last_state=False, initial_state=None):
     """Selective scan, one step at a time in float32. Same signature as mamba_ssm's.
 
     float64 input is computed in float64 (so torch.autograd.gradcheck can check it);
     every other dtype is computed in float32.
     """
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
     cdt = torch.float64 if dtype_in == torch.float64 else torch.float32
     batch, dim, L = u.shape
@@ -48,7 +49,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         dt = F.softplus(dt)
     A32 = A.to(cdt)
     Bc, Cc = _per_channel(B.to(cdt), dim), _per_channel(C.to(cdt), dim)
-    h = u32.new_zeros(batch, dim, A.shape[1])
+    h = u32.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(cdt)
     ys = []
     for t in range(L):
         dA = torch.exp(dt[:, :, t, None] * A32)                        # (B, D, N)
