@@ -50,6 +50,9 @@ SHAPES = [  # (batch, L, dim, N, G)
 CASES = [Case(b, L, d, n, G=g, dtype=dt)
          for (b, L, d, n, g), dt in itertools.product(SHAPES, (torch.float32, torch.bfloat16))]
 CASES += [Case(2, 7, 24, 16, G=2, dtype=torch.float16)]
+# a scan that starts from a given state (train_mode=history's chunks): its gradient too
+CASES += [Case(3, 9, 24, 16, G=2, h0=True), Case(70, 5, 8, 32, dtype=torch.bfloat16, h0=True),
+          Case(2, 1, 5, 4, h0=True, use_last=False), Case(2, 7, 6, 4, z=False, D=False, bias=False, h0=True)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -16,7 +16,7 @@ own rounding is 6e-8); below -87 it returns exp(-87) ~ 1.6e-38 instead of a deno
 An argument above 0 (a positive A or dt, which Mamba never makes) is clamped to 0 by the
 same code, so ``selective_scan_numba`` checks for it and hands such calls to the torch scan.
 
-Contract: mamba_ssm's selective_scan_fn (see mamba4rec/kernels/reference.py). float32, bfloat16 and
+Contract: mamba_ssm's selective_scan_fn plus initial_state (see mamba4rec/kernels/reference.py). float32, bfloat16 and
 float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
 in float64. Gradients come back in each input's dtype.
 """
@@ -90,12 +90,12 @@ def _chunk_range(c, n_chunks, batch):
     return (c * batch) // n_chunks, ((c + 1) * batch) // n_chunks
 
 
-def _states(b, d, g, u, delta, A, BT, CT, bias, softplus, L, N, dts, dtu, x, dA, bits, H, ys):
+def _states(b, d, g, u, delta, A, BT, CT, bias, softplus, h0, has_h0, L, N, dts, dtu, x, dA, bits, H, ys):
     """For sequence b, channel d (group g): dts = dt (after bias and softplus), dtu = dt * u,
     dA = exp(dt * A), H = every state and ys = C . h (the output before D and the gate).
 
     Flat t-major buffers with a zero row on each side, so the loops need no branch at the ends:
-    H row t + 1 holds h_t (row 0: h_{-1} = 0), dA row t holds exp(dt_t A) (row L: 1, so that the
+    H row t + 1 holds h_t (row 0: h_{-1}, the initial state or 0), dA row t holds exp(dt_t A) (row L: 1, so that the
     backward's G_{L-1} = gy C + 1 * glast). BT, CT are (G, L, N) and passed whole with g: a BT[g] slice is typed
     as any-layout, which stops LLVM from vectorising the loops over N."""
     for t in range(L):
@@ -108,7 +108,7 @@ def _states(b, d, g, u, delta, A, BT, CT, bias, softplus, L, N, dts, dtu, x, dA,
             x[t * N + n] = v * A[d, n]
     _exp_nonpos(x[:L * N], dA[:L * N], bits)
     for n in range(N):
-        H[n] = np.float32(0.0)
+        H[n] = h0[b, d, n] if has_h0 else np.float32(0.0)
         dA[L * N + n] = np.float32(1.0)  # G_{L-1} = gy C + 1 * G_L, with G_L = d(loss)/d(last state)
     for t in range(L):
         o, q = t * N, (t + 1) * N
@@ -135,7 +135,7 @@ def _buffers(G, L, N):
             np.empty((L + 1) * N, np.float32), np.empty((L + 1) * N, np.float32), np.empty(L * N, np.int32))
 
 
-def _forward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, n_chunks, out, last, want_last):
+def _forward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, h0, has_h0, n_chunks, out, last, want_last):
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
@@ -146,7 +146,8 @@ def _forward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, n_chunks, out, l
             _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, L, N, dts, dtu, x, dA, bits, H, ys)
+                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, h0, has_h0, L, N, dts, dtu, x, dA, bits, H,
+                        ys)
                 for t in range(L):
                     y = ys[t] + Dv[d] * u[b, d, t]
                     if has_z:
@@ -158,8 +159,8 @@ def _forward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, n_chunks, out, l
                         last[b, d, n] = H[L * N + n]
 
 
-def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, gout, glast, has_glast, n_chunks,
-              du, ddelta, dB, dC, dz, dA_part, dD_part, dbias_part):
+def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, h0, has_h0, gout, glast, has_glast, n_chunks,
+              du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part):
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
@@ -179,7 +180,8 @@ def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, gout, glast, ha
             dCT[:] = 0.0
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, L, N, dts, dtu, x, dA, bits, H, ys)
+                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, h0, has_h0, L, N, dts, dtu, x, dA, bits, H,
+                        ys)
                 Dd = Dv[d]
                 dD = np.float32(0.0)
                 for t in range(L):  # the gate: gy = dL/dy before it, and dz
@@ -206,6 +208,9 @@ def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, gout, glast, ha
                         Gn = Gs[n] * dA[q + n] + gt * CT[g, t, n]
                         Gs[n] = Gn
                         GG[o + n] = Gn
+                if has_h0:  # h_0 = dA_0 h_{-1} + ...: dL/dh_{-1} = dA_0 G_0
+                    for n in range(N):
+                        dh0[b, d, n] = dA[n] * Gs[n]
                 for t in range(L):  # dC += gy h_t, dB += G_t dt u
                     o, q = t * N, (t + 1) * N
                     gt, w = gy[t], dtu[t]
@@ -301,18 +306,20 @@ def _as_groups(X: torch.Tensor) -> torch.Tensor:
 class _SelectiveScanNumba(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_last_state):
         fwd, _ = _compile()
         batch, dim, L = u.shape
         n_chunks = max(1, min(CHUNKS, batch))
         Dv = D if D is not None else u.new_zeros(dim)
         bias = delta_bias if delta_bias is not None else u.new_zeros(dim)
         zz = z if z is not None else u.new_zeros(1, 1, 1)
+        h0 = initial_state if initial_state is not None else u.new_zeros(1, 1, 1)
         out = np.empty((batch, dim, L), np.float32)
         last = np.empty((batch, dim, A.shape[1]) if return_last_state else (1, 1, 1), np.float32)
         _run(fwd, _np32(u), _np32(delta), _np32(A), _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), _np32(zz),
-            _np32(bias), bool(delta_softplus), z is not None, n_chunks, out, last, bool(return_last_state))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+            _np32(bias), bool(delta_softplus), z is not None, _np32(h0), initial_state is not None, n_chunks, out, last,
+            bool(return_last_state))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.delta_softplus = bool(delta_softplus)
         y = torch.from_numpy(out).to(u.dtype)
         if return_last_state:
@@ -322,7 +329,7 @@ class _SelectiveScanNumba(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout, glast=None):
         _, bwd = _compile()
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
         batch, dim, L = u.shape
         N = A.shape[1]
         Bg, Cg = _as_groups(B), _as_groups(C)
@@ -330,6 +337,9 @@ class _SelectiveScanNumba(torch.autograd.Function):
         Dv = D if D is not None else u.new_zeros(dim)
         bias = delta_bias if delta_bias is not None else u.new_zeros(dim)
         zz = z if z is not None else u.new_zeros(1, 1, 1)
+        has_h0 = initial_state is not None
+        h0 = initial_state if has_h0 else u.new_zeros(1, 1, 1)
+        dh0 = np.empty((batch, dim, N) if has_h0 else (1, 1, 1), np.float32)
         du = np.empty((batch, dim, L), np.float32)
         ddelta = np.empty((batch, dim, L), np.float32)
         dB = np.empty(tuple(Bg.shape), np.float32)
@@ -340,8 +350,8 @@ class _SelectiveScanNumba(torch.autograd.Function):
         dbias_part = np.zeros((n_chunks, dim), np.float32)
         gl = _np32(glast) if glast is not None else np.zeros((1, 1, 1), np.float32)
         _run(bwd, _np32(u), _np32(delta), _np32(A), _np32(Bg), _np32(Cg), _np32(Dv), _np32(zz), _np32(bias),
-            ctx.delta_softplus, z is not None, _np32(gout), gl, glast is not None, n_chunks,
-            du, ddelta, dB, dC, dz, dA_part, dD_part, dbias_part)
+            ctx.delta_softplus, z is not None, _np32(h0), has_h0, _np32(gout), gl, glast is not None, n_chunks,
+            du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part)
 
         def back(arr, like):
             return torch.from_numpy(arr).to(like.dtype)
@@ -349,22 +359,23 @@ class _SelectiveScanNumba(torch.autograd.Function):
         return (back(du, u), back(ddelta, delta), back(dA_part.sum(0), A), back(dB, B).view(B.shape),
                 back(dC, C).view(C.shape), back(dD_part.sum(0), D) if D is not None else None,
                 back(dz, z) if z is not None else None,
-                back(dbias_part.sum(0), delta_bias) if delta_bias is not None else None, None, None)
+                back(dbias_part.sum(0), delta_bias) if delta_bias is not None else None,
+                back(dh0, initial_state) if has_h0 else None, None, None)
 
 
 def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False):
+                         return_last_state=False, initial_state=None):
     """Selective scan on CPU tensors, compiled with numba; mamba_ssm's selective_scan_fn contract
     (see selective_scan_torch for the arguments). Calls it cannot serve exactly go to the torch
     scan: float64 inputs, and an A with a positive entry (the fast exp covers dt * A <= 0 only;
     Mamba's A = -exp(A_log) is always negative). Needs numba (``pip install numba``)."""
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not available():
         raise ImportError('the numba scan needs numba, which is not installed: pip install numba '
                           "(or use scan_impl=torch)")
     if u.device.type != "cpu":
         raise ValueError(f"the numba scan runs on CPU tensors; these are on {u.device.type}: use scan_impl=auto")
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     negative_dt = False
     if not delta_softplus:  # dt = delta + bias as given: dt * A > 0 where dt < 0
         dt = delta if delta_bias is None else delta + delta_bias[:, None]
@@ -372,8 +383,9 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     if any(t is not None and t.dtype == torch.float64 for t in tensors) or bool((A > 0).any()) or negative_dt:
         from .torch_scan import selective_scan_torch
 
-        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return _SelectiveScanNumba.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                    initial_state)
+    return _SelectiveScanNumba.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                      bool(return_last_state))
 
 
