@@ -5,6 +5,7 @@ Shapes (mamba_ssm's contract, see mamba4rec/kernels/reference.py)::
     u, delta, z   : (B D L)          A : (D N)
     B, C          : (B N L) or (B G N L)   channel d reads group d // (D // G)
     D, delta_bias : (D,)
+    initial_state : (B D N) or None (zeros)  h_{-1}, the state before t = 0
     out           : (B D L) in u's dtype      last_state : (B D N) float32 (float64 for float64)
 
 How it runs. The batch is cut into blocks of ``bb`` sequences (blocks are independent).
@@ -12,10 +13,11 @@ Per block everything that is not sequential is vectorised over L into a workspac
 out (L, bb, G, D/G, N), so that one time step is one contiguous slab:
 
     forward   dA = exp(dt * A),  H = dt*u*B  (written in place of dBu),
-              for t: H_t += dA_t * H_{t-1}     (one addcmul_ per step),
+              for t: H_t += dA_t * H_{t-1}     (one addcmul_ per step; H_{-1} = initial_state),
               y = H @ C                        (batched mat-vec over (t, b, g))
     backward  recompute dA and H, G = gy * C,
               for t backwards: G_t += dA_{t+1} * G_{t+1},
+              d initial_state = dA_0 * G_0,
               dC = gy @ H,  d(dt*u) = G @ B,  dB = (dt*u) @ G,
               X = G * dA * H_{t-1}:  ddt += X @ A  (per channel),  dA += dt @ X
 
@@ -108,8 +110,15 @@ class _Blocks:
             dt_raw = dt_raw + delta_bias.to(self.cdt)[:, None]
         return dt_raw, (F.softplus(dt_raw) if delta_softplus else dt_raw)
 
-    def states(self, dA, H, dtT, dtuT, BT):
-        """Fill dA = exp(dt*A) and H = all states h_0..h_{L-1} for one block, in place."""
+    def h0(self, initial_state, b0, b1):
+        """initial_state rows b0:b1 as (bb, G, Dg, N) in the compute dtype, or None."""
+        if initial_state is None:
+            return None
+        return initial_state[b0:b1].to(self.cdt).reshape(b1 - b0, self.G, self.Dg, self.N)
+
+    def states(self, dA, H, dtT, dtuT, BT, h0=None):
+        """Fill dA = exp(dt*A) and H = all states h_0..h_{L-1} for one block, in place,
+        starting from h0 = h_{-1} (block rows of initial_state; None: zeros)."""
         L, bb = dtT.shape[0], dtT.shape[1]
         G, Dg = self.G, self.Dg
         torch.mul(dtT.view(L, bb, G, Dg, 1), self.A, out=dA)
@@ -118,6 +127,8 @@ class _Blocks:
         # unbind once: indexing H[t] in the loop costs ~3 us of dispatch per view, as much
         # as the addcmul itself at the block sizes used here
         Hs, dAs = H.unbind(0), dA.unbind(0)
+        if h0 is not None:
+            Hs[0].addcmul_(dAs[0], h0)
         for t in range(1, L):
             Hs[t].addcmul_(dAs[t], Hs[t - 1])
 
@@ -137,9 +148,9 @@ def _sum_state(X, Y, scratch, ones_n):
 class _SelectiveScanTorch(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                workspace_bytes):
-        cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                return_last_state, workspace_bytes):
+        cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
         blocks = _Blocks(u, A, B, 2, cdt, workspace_bytes)
         batch, dim, L, N = blocks.batch, blocks.dim, blocks.L, blocks.N
         out = torch.empty(batch, dim, L, dtype=u.dtype, device=u.device)
@@ -152,7 +163,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 _, dt = blocks.dt(delta, delta_bias, delta_softplus, b0, b1)
                 dtT = _time_major(dt, cdt)
                 dtuT = dtT * _time_major(u_b, cdt)
-                blocks.states(dA, H, dtT, dtuT, blocks.bc(B, b0, b1))
+                blocks.states(dA, H, dtT, dtuT, blocks.bc(B, b0, b1), blocks.h0(initial_state, b0, b1))
                 CT = blocks.bc(C, b0, b1).view(L, bb, blocks.G, 1, N)
                 y = _sum_state(H, CT, dA, blocks.ones_n).permute(1, 2, 0)  # (bb, D, L); dA as scratch
                 if D is not None:
@@ -162,7 +173,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 out[b0:b1] = y
                 if last is not None:
                     last[b0:b1] = H[L - 1].view(bb, dim, N)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.delta_softplus = delta_softplus
         ctx.workspace_bytes = workspace_bytes
         if last is not None:
@@ -171,12 +182,12 @@ class _SelectiveScanTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, glast=None):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        need = ctx.needs_input_grad  # u, delta, A, B, C, D, z, delta_bias, ...
-        need_u, need_delta, need_A, need_B, need_C, need_D, need_z, need_bias = need[:8]
+        u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+        need = ctx.needs_input_grad  # u, delta, A, B, C, D, z, delta_bias, initial_state, ...
+        need_u, need_delta, need_A, need_B, need_C, need_D, need_z, need_bias, need_h0 = need[:9]
         need_ddt = need_u or need_delta or need_bias  # d(dt*u) feeds du; ddt feeds delta/bias
         need_X = need_delta or need_bias or need_A
-        cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
         blocks = _Blocks(u, A, B, 3, cdt, ctx.workspace_bytes)
         batch, dim, L, N, G, Dg = blocks.batch, blocks.dim, blocks.L, blocks.N, blocks.G, blocks.Dg
         dev = u.device
@@ -189,6 +200,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
         dz = empty_like_in(z, need_z) if z is not None else None
         dB = torch.empty(batch, G, N, L, dtype=B.dtype, device=dev) if need_B else None
         dC = torch.empty(batch, G, N, L, dtype=C.dtype, device=dev) if need_C else None
+        dh0 = empty_like_in(initial_state, need_h0) if initial_state is not None else None
         dA_acc = torch.zeros(G, Dg, N, dtype=cdt, device=dev) if need_A else None
         dD_acc = torch.zeros(dim, dtype=cdt, device=dev) if need_D else None
         dbias_acc = torch.zeros(dim, dtype=cdt, device=dev) if need_bias else None
@@ -204,7 +216,8 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 dtT, uT = _time_major(dt, cdt), _time_major(u_b, cdt)
                 dtuT = dtT * uT
                 BT, CT = blocks.bc(B, b0, b1), blocks.bc(C, b0, b1)
-                blocks.states(dA, H, dtT, dtuT, BT)
+                h0 = blocks.h0(initial_state, b0, b1)
+                blocks.states(dA, H, dtT, dtuT, BT, h0)
 
                 g = gout[b0:b1].to(cdt)
                 if z is not None:
@@ -228,6 +241,8 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 Gl, dAl = Gs.unbind(0), dA.unbind(0)
                 for t in range(L - 2, -1, -1):
                     Gl[t].addcmul_(dAl[t + 1], Gl[t + 1])
+                if need_h0:  # h_0 = dA_0 * h_{-1} + ...: before dA becomes X below
+                    dh0[b0:b1] = (dAl[0] * Gl[0]).view(bb, dim, N)
 
                 if need_C:   # dC = sum over the group's channels of gy * h
                     dCT = torch.matmul(gT.view(L, bb, G, 1, Dg), H).view(L, bb, G, N)
@@ -238,11 +253,14 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 if not (need_ddt or need_X):
                     continue
                 if need_X:
-                    # X_t = G_t * dA_t * h_{t-1} (h_{-1} = 0), in place over dA.
+                    # X_t = G_t * dA_t * h_{t-1} (h_{-1} = initial_state or 0), in place over dA.
                     X = dA
                     X.mul_(Gs)
                     X[1:].mul_(H[:-1])
-                    X[0].zero_()
+                    if h0 is None:
+                        X[0].zero_()
+                    else:
+                        X[0].mul_(h0)
                 # d(dt*u) = sum_n G * B   (H is free now: scratch)
                 ddtuT = _sum_state(Gs, BT.view(L, bb, G, 1, N), H, blocks.ones_n)    # (L, bb, D)
                 if need_u:
@@ -274,11 +292,11 @@ class _SelectiveScanTorch(torch.autograd.Function):
         dA_out = dA_acc.view(dim, N).to(A.dtype) if need_A else None
         dD_out = dD_acc.to(D.dtype) if need_D else None
         dbias_out = dbias_acc.to(delta_bias.dtype) if need_bias else None
-        return du, ddelta, dA_out, dB, dC, dD_out, dz, dbias_out, None, None, None
+        return du, ddelta, dA_out, dB, dC, dD_out, dz, dbias_out, dh0, None, None, None
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=False, return_last_state=False, *,
+                         delta_softplus=False, return_last_state=False, initial_state=None, *,
                          workspace_bytes: int | None = None):
     """Selective scan on any device with plain torch ops; mamba_ssm's selective_scan_fn contract.
 
@@ -287,6 +305,9 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         B, C: (batch, N, L) or grouped (batch, G, N, L); channel d reads group d // (dim // G).
         delta_softplus: dt = softplus(delta + delta_bias) instead of delta + delta_bias.
         return_last_state: also return h_{L-1}, (batch, dim, N) float32 (float64 for float64).
+        initial_state: (batch, dim, N), the state h_{-1} before the first step (None: zeros), so
+            h_0 = exp(dt_0 * A) * initial_state + dt_0 * B_0 * u_0. It gets a gradient (in its
+            own dtype) when it requires one. A scan started from another's last state continues it.
         workspace_bytes: cap on the (L, bb, dim, N) workspace blocks (at least one sequence's
             worth is always used); default: WORKSPACE_BYTES, raised for long L so that a time
             step covers MIN_STEP_ELEMS elements (see there).
@@ -295,10 +316,10 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Returns:
         out (batch, dim, L) in u's dtype [, last_state].
     """
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     budget = None if workspace_bytes is None else int(workspace_bytes)
-    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                     bool(return_last_state), budget)
+    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                     bool(delta_softplus), bool(return_last_state), budget)
 
 
 __all__ = ["MIN_STEP_ELEMS", "WORKSPACE_BYTES", "selective_scan_torch"]
