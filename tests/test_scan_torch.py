@@ -1,6 +1,7 @@
 """kernels.torch_scan.selective_scan_torch against selective_scan_ref: output, last state and
 every gradient, for every dtype, odd sizes, grouped B/C, optional inputs, non-contiguous
-inputs and several batch blocks; gradcheck; and a check that no (B, D, L, N) tensor is made."""
+inputs, several batch blocks and a given initial_state; gradcheck; and a check that no
+(B, D, L, N) tensor is made."""
 
 from __future__ import annotations
 
@@ -51,8 +52,25 @@ def test_optional_inputs(case):
     check_against_reference(case)
 
 
+H0_CASES = [  # every one starts from a random initial_state (which gets a gradient)
+    Case(2, 1, 5, 3, h0=True),                                  # L = 1: h_0 = dA_0 * h_{-1} + dBu_0
+    Case(2, 7, 24, 16, G=2, h0=True),                           # grouped B/C
+    Case(3, 63, 33, 16, G=3, dtype=torch.bfloat16, h0=True),
+    Case(2, 7, 5, 16, dtype=torch.float16, h0=True),
+    Case(2, 9, 5, 4, dtype=torch.float64, h0=True),
+    Case(2, 7, 6, 4, G=2, use_last=False, h0=True),            # no gradient into the last state
+    Case(2, 7, 6, 4, G=2, z=False, D=False, bias=False, softplus=False, h0=True),
+]
+
+
+@pytest.mark.parametrize("case", H0_CASES, ids=lambda c: c.id)
+def test_initial_state_matches_reference(case):
+    check_against_reference(case, return_last_state=case.use_last)
+
+
 @pytest.mark.parametrize("case", [Case(3, 7, 24, 16, G=2), Case(2, 9, 5, 4, dtype=torch.float64),
-                                  Case(2, 5, 6, 2, G=0, dtype=torch.bfloat16)], ids=lambda c: c.id)
+                                  Case(2, 5, 6, 2, G=0, dtype=torch.bfloat16),
+                                  Case(3, 7, 6, 4, G=2, h0=True)], ids=lambda c: c.id)
 def test_noncontiguous_inputs(case):
     x = make_inputs(case, layout="transposed")
     assert not x["u"].is_contiguous() and not x["B"].is_contiguous() and not x["A"].is_contiguous()
@@ -66,7 +84,9 @@ def _budget_for(case, bb_bwd):
     return 3 * bb_bwd * case.L * case.dim * case.N * isz
 
 
-@pytest.mark.parametrize("case", [Case(7, 63, 24, 16, G=2), Case(5, 7, 5, 3, dtype=torch.float64)],
+@pytest.mark.parametrize("case", [Case(7, 63, 24, 16, G=2), Case(5, 7, 5, 3, dtype=torch.float64),
+                                  Case(7, 63, 24, 16, G=2, h0=True), Case(5, 7, 5, 3, dtype=torch.float64, h0=True),
+                                  Case(7, 9, 6, 4, dtype=torch.bfloat16, use_last=False, h0=True)],
                          ids=lambda c: c.id)
 def test_several_blocks_with_ragged_last(case):
     budget = _budget_for(case, 2)
@@ -93,16 +113,60 @@ def test_one_sequence_per_block():
     check_against_reference(case, workspace_bytes=1)  # budget below one sequence: bb = 1
 
 
+@pytest.mark.parametrize("h0", [False, True], ids=["zero-h0", "h0"])
 @pytest.mark.parametrize("budget", [None, "small"], ids=["one-block", "blocks-of-1"])
-def test_gradcheck_fp64(budget):
+def test_gradcheck_fp64(budget, h0):
     kw = {} if budget is None else {"workspace_bytes": 1}
-    gradcheck_scan(selective_scan_torch, Case(3, 5, 4, 3, G=2, dtype=torch.float64), **kw)
+    gradcheck_scan(selective_scan_torch, Case(3, 5, 4, 3, G=2, dtype=torch.float64, h0=h0), **kw)
 
 
 def test_gradcheck_fp64_no_optionals_3d_bc():
     # out alone (no last state), no optional input: the plainest call
     gradcheck_scan(selective_scan_torch, Case(2, 6, 3, 2, dtype=torch.float64, z=False, D=False, bias=False,
                                               softplus=False), return_last_state=False)
+
+
+def test_gradcheck_fp64_initial_state_no_optionals():
+    gradcheck_scan(selective_scan_torch, Case(2, 6, 3, 2, dtype=torch.float64, z=False, D=False, bias=False,
+                                              softplus=False, h0=True), return_last_state=False)
+
+
+@pytest.mark.parametrize("only_h0", [True, False], ids=["only-initial_state", "all-but-initial_state"])
+def test_partial_grads_with_initial_state(only_h0):
+    """Only initial_state requires grad, or everything but it: the rest get no gradient, and
+    what is asked for matches the reference."""
+    case = Case(3, 7, 6, 4, G=2, h0=True)
+    want = {"initial_state"} if only_h0 else {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+    x = {k: (v if k in want else v.detach()) for k, v in make_inputs(case).items()}
+    xr = {k: (v if k in want else v.detach()) for k, v in detached_copy(x).items()}
+    for fn, xs, kw in ((selective_scan_torch, x, {"workspace_bytes": 1}), (selective_scan_ref, xr, {})):
+        out, last = call_scan(fn, xs, case, return_last_state=True, **kw)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().add(last.square().sum()).backward()
+    for k, v in x.items():
+        if k not in want:
+            assert v.grad is None, k
+            continue
+        assert v.grad.dtype == v.dtype, k
+        assert_close("d" + k, v.grad, xr[k].grad, "torch", torch.float32)
+
+
+def test_initial_state_continues_a_split_scan():
+    """Scanning t < 4, then t >= 4 from that last state (initial_state passed positionally, as
+    the numba scan's fallback does) is the whole scan; a zero initial_state is none at all."""
+    case = Case(3, 9, 6, 4, G=2)
+    x = {k: v.detach() for k, v in make_inputs(case).items() if v is not None}
+
+    def args(sl):  # u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        return [x["u"][..., sl], x["delta"][..., sl], x["A"], x["B"][..., sl], x["C"][..., sl],
+                x["D"], x["z"][..., sl], x["delta_bias"], True, True]
+
+    out, last = selective_scan_torch(*args(slice(None)))
+    out1, last1 = selective_scan_torch(*args(slice(0, 4)))
+    out2, last2 = selective_scan_torch(*args(slice(4, None)), last1)
+    assert_close("out", torch.cat([out1, out2], -1), out, "torch", torch.float32)
+    assert_close("last_state", last2, last, "torch", torch.float32)
+    out0, last0 = selective_scan_torch(*args(slice(None)), torch.zeros_like(last))
+    assert torch.equal(out0, out) and torch.equal(last0, last)
 
 
 def test_output_types_and_partial_grads():
@@ -150,6 +214,7 @@ def _bad_inputs():
     yield "D-shape", {**ok, "D": torch.randn(5)}
     yield "z-shape", {**ok, "z": torch.randn(2, 6, 4)}
     yield "u-2d", {**ok, "u": torch.randn(6, 5)}
+    yield "initial_state-shape", {**ok, "initial_state": torch.randn(2, 6, 4)}
 
 
 @pytest.mark.parametrize("bad", [b for _, b in _bad_inputs()], ids=[n for n, _ in _bad_inputs()])
