@@ -5,6 +5,7 @@ Shapes (mamba_ssm's ``selective_scan_fn`` contract, see mamba4rec/kernels/refere
     u, delta, z   : (B D L)          A : (D N) real
     B, C          : (B N L) or (B G N L)   channel d reads group d // (D // G)
     D, delta_bias : (D,)
+    initial_state : (B D N) or None (zeros)  the state before t = 0, any float dtype
     out           : (B D L) in u's dtype      last_state : (B D N) float32
 
 Tiers: the kernels ``_selective_scan_fwd_kernel`` / ``_selective_scan_bwd_kernel`` (private,
@@ -77,12 +78,13 @@ def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
     return X.stride(0), X.stride(1), X.stride(2), X.stride(3)
 
 
-def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size,
+def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size,
                         store_all_states):
-    """Launch the forward. Returns (out, states): states (B, D, n_chunks, N) fp32 holds the
-    state at the end of every chunk (last one = last state), or (B, D, 1, N) with only the
-    last state when ``store_all_states`` is False (no backward will need them)."""
-    groups = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    """Launch the forward from ``initial_state`` (None: zeros). Returns (out, states): states
+    (B, D, n_chunks, N) fp32 holds the state at the end of every chunk (last one = last
+    state), or (B, D, 1, N) with only the last state when ``store_all_states`` is False (no
+    backward will need them)."""
+    groups = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be >= 1, got {chunk_size}")
     batch, dim, L = u.shape
@@ -98,11 +100,12 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chu
     block_d, block_n, num_warps = _blocks(batch, groups, dpg, N, u.device)
     n_dblk = triton.cdiv(dpg, block_d)
     zs = z.stride() if z is not None else (0, 0, 0)
+    h0s = initial_state.stride() if initial_state is not None else (0, 0, 0)
     grid = (batch, groups * n_dblk)
     _selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, out, states,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, out, states,
         L, N, dpg, n_dblk, chunk_size,
-        *u.stride(), *delta.stride(), *_bc_strides(B), *_bc_strides(C), *zs, *out.stride(),
+        *u.stride(), *delta.stride(), *_bc_strides(B), *_bc_strides(C), *zs, *h0s, *out.stride(),
         *states.stride()[:3],
         DELTA_SOFTPLUS=bool(delta_softplus), STORE_ALL_STATES=bool(store_all_states),
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
@@ -110,10 +113,10 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chu
     return out, states
 
 
-def _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states,
+def _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
                         delta_softplus, chunk_size):
-    """Launch the backward; return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in
-    its input's dtype (None for absent optional inputs)."""
+    """Launch the backward; return (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
+    dinitial_state), each in its input's dtype (None for absent optional inputs)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
@@ -134,14 +137,16 @@ def _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states
     dD_part = _empty((batch, dim), torch.float32, dev) if D is not None else None
     dB_part = _empty((batch, groups, n_dblk, L, N), torch.float32, dev)
     dC_part = _empty((batch, groups, n_dblk, L, N), torch.float32, dev)
+    dh0 = _empty((batch, dim, N), torch.float32, dev) if initial_state is not None else None
     zs = z.stride() if z is not None else (0, 0, 0)
+    h0s = initial_state.stride() if initial_state is not None else (0, 0, 0)
     dls = dlast.stride() if dlast is not None else (0, 0, 0)
     grid = (batch, groups * n_dblk)
     _selective_scan_bwd_kernel[grid](
-        u, delta, A_c, B, C, D_c, z, bias_c, states, dout, dlast,
-        du, ddelta, dz, dA_part, dD_part, dB_part, dC_part,
+        u, delta, A_c, B, C, D_c, z, bias_c, initial_state, states, dout, dlast,
+        du, ddelta, dz, dA_part, dD_part, dB_part, dC_part, dh0,
         L, N, dim, dpg, n_dblk, chunk_size,
-        *u.stride(), *delta.stride(), *_bc_strides(B), *_bc_strides(C), *zs, *dout.stride(), *dls,
+        *u.stride(), *delta.stride(), *_bc_strides(B), *_bc_strides(C), *zs, *h0s, *dout.stride(), *dls,
         *states.stride()[:3],
         DELTA_SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
@@ -151,6 +156,7 @@ def _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states
     ddelta_bias = ddelta.sum(dim=(0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
 
     def _bc(part, like):
         grad = part.sum(2).transpose(-1, -2)  # (B, G, N, L)
@@ -158,7 +164,7 @@ def _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states
             grad = grad.squeeze(1)
         return grad.to(like.dtype).contiguous()
 
-    return (du, ddelta.to(delta.dtype), dA, _bc(dB_part, B), _bc(dC_part, C), dD, dz, ddelta_bias)
+    return (du, ddelta.to(delta.dtype), dA, _bc(dB_part, B), _bc(dC_part, C), dD, dz, ddelta_bias, dh0)
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -166,10 +172,10 @@ class SelectiveScanFn(torch.autograd.Function):
     size (B, D, L, N) lives between forward and backward, nor the output."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size):
-        out, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                          chunk_size, store_all_states=True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size):
+        out, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                          delta_softplus, chunk_size, store_all_states=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
         ctx.delta_softplus = delta_softplus
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)
@@ -177,16 +183,16 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, states = ctx.saved_tensors
         if dout is None and dlast is None:
-            return (None,) * 10
-        grads = _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states,
-                                    ctx.delta_softplus, ctx.chunk_size)
+            return (None,) * 11
+        grads = _selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                    states, ctx.delta_softplus, ctx.chunk_size)
         return (*grads, None, None)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, *, chunk_size: int | None = None):
+                      return_last_state=False, initial_state=None, *, chunk_size: int | None = None):
     """Selective scan on the Triton kernels, forward and backward; mamba_ssm's semantics.
 
     Args:
@@ -198,25 +204,29 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         delta_bias: (dim,), optional, added to delta before softplus.
         delta_softplus: dt = softplus(delta + delta_bias) if True, else delta + delta_bias.
         return_last_state: also return the state after step L, (batch, dim, N) float32.
+        initial_state: (batch, dim, N), optional: the state before step 0 (zeros when None),
+            e.g. the last state of the previous part of a sequence; float32 or the weight
+            dtype, read as fp32. Differentiable: d(initial_state) = exp(dt_0 A) dL/dh_0.
         chunk_size: timesteps between the states the forward saves for the backward
             (default ``DEFAULT_CHUNK_SIZE``); changes memory, not results beyond rounding.
 
     Inputs may be fp32, fp16 or bf16 (mixed is fine) and non-contiguous; CUDA tensors, or
     CPU tensors with ``TRITON_INTERPRET=1`` (slow: tests and smoke runs only). Accumulation
     is fp32; ``out`` has u's dtype and every gradient its input's dtype. Gradients flow
-    into the last state too.
+    into the last state too, and out of it into initial_state: a sequence scanned in parts,
+    each from the last state of the one before, gives the whole scan's outputs and gradients.
 
     Returns:
         out, or (out, last_state) when ``return_last_state``.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out, last_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias,
+        out, last_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                                 bool(delta_softplus), chunk_size)
     else:  # inference: keep only the last state, not one per chunk
-        out, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                          chunk_size, store_all_states=False)
+        out, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                          delta_softplus, chunk_size, store_all_states=False)
         last_state = states[:, :, 0]
     return (out, last_state) if return_last_state else out
 

@@ -13,6 +13,11 @@ runs the reverse recurrence for the state gradient (pass R). The states of pass 
 never stored: the gradient of the decay exp(dt*A) is rewritten so that pass F only leaves
 one fp32 scalar per (b, d, t) behind (see ``_selective_scan_bwd_kernel``), which keeps
 backward memory at O(B*D*L + B*D*N*L/chunk) and its work at two passes over L.
+
+An initial state h_{-1} (HAS_INITIAL_STATE) is where the forward's recurrence and the
+backward's pass F of chunk 0 start instead of zeros; nothing else changes, since the decay
+rewrite holds for any state a chunk starts from. Its gradient exp(a_0) g_0 is what the
+reverse recurrence carries out of t = 0, so the backward stores it once at the end.
 """
 
 from __future__ import annotations
@@ -35,23 +40,26 @@ _FLAGS = {
     "HAS_D": lambda args: args["D_ptr"] is not None,
     "HAS_Z": lambda args: args["z_ptr"] is not None,
     "HAS_DELTA_BIAS": lambda args: args["bias_ptr"] is not None,
+    "HAS_INITIAL_STATE": lambda args: args["h0_ptr"] is not None,
 }
 
 
 @triton.heuristics(_FLAGS)
 @triton.jit
 def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, states_ptr,
     L, N, dim_per_group, n_dblk, chunk_size,
     s_u_b, s_u_d, s_u_l,
     s_dt_b, s_dt_d, s_dt_l,
     s_B_b, s_B_g, s_B_n, s_B_l,
     s_C_b, s_C_g, s_C_n, s_C_l,
     s_z_b, s_z_d, s_z_l,
+    s_h0_b, s_h0_d, s_h0_n,
     s_o_b, s_o_d, s_o_l,
     s_st_b, s_st_d, s_st_c,
     DELTA_SOFTPLUS: tl.constexpr, STORE_ALL_STATES: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (batch, G * n_dblk). A (D, N), D, delta_bias contiguous; states (B, D, C, N)
@@ -84,7 +92,11 @@ def _selective_scan_fwd_kernel(
     C_ptrs = C_ptr + pid_b * s_C_b + grp * s_C_g + offs_n * s_C_n
     st_ptrs = states_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :]
 
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        h = tl.load(h0_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :] * s_h0_n,
+                    mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     n_chunks = tl.cdiv(L, chunk_size)
     for c in range(n_chunks):
         t_end = tl.minimum((c + 1) * chunk_size, L)
@@ -116,25 +128,28 @@ def _selective_scan_fwd_kernel(
 @triton.heuristics(_FLAGS)
 @triton.jit
 def _selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, states_ptr,
     dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dD_part_ptr, dB_part_ptr, dC_part_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dD_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr,
     L, N, dim, dim_per_group, n_dblk, chunk_size,
     s_u_b, s_u_d, s_u_l,
     s_dt_b, s_dt_d, s_dt_l,
     s_B_b, s_B_g, s_B_n, s_B_l,
     s_C_b, s_C_g, s_C_n, s_C_l,
     s_z_b, s_z_d, s_z_l,
+    s_h0_b, s_h0_d, s_h0_n,
     s_do_b, s_do_d, s_do_l,
     s_dl_b, s_dl_d, s_dl_n,
     s_st_b, s_st_d, s_st_c,
     DELTA_SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (batch, G * n_dblk), as the forward. du, ddelta (fp32), dz are contiguous
     (B, D, L); dA_part (B, D, N) and dD_part (B, D) fp32 are summed over batch by the
-    launcher, dB_part / dC_part (B, G, n_dblk, L, N) fp32 over the channel blocks.
+    launcher, dB_part / dC_part (B, G, n_dblk, L, N) fp32 over the channel blocks. With
+    HAS_INITIAL_STATE, dh0 (B, D, N) fp32 contiguous receives the initial state's gradient.
 
     Notation per channel d and state n: a_t = dt_t * A, x_t = dt_t * u_t * B_t,
     h_t = exp(a_t) h_{t-1} + x_t, dy_t = dL/dy_t, g_t = dL/dh_t = dy_t C_t + exp(a_{t+1}) g_{t+1}.
@@ -151,6 +166,8 @@ def _selective_scan_bwd_kernel(
     per-channel scalar p_t = sum_n A_n P_t in the ddelta buffer and pass R adds the
     reverse running sum of p_t - q_t to ddelta. dA = sum_k dt_k dL/da_k is split the same
     way: sum_t cumdt_t P_t in pass F, minus sum_k dt_k sum_{t>=k} Q_t in pass R.
+    The identity holds whatever state h_{s-1} the chunk starts from, so chunk 0 only has to
+    start pass F from the initial state (the decay term at t = 0 is g_0 exp(a_0) h_{-1}).
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_gd = tl.program_id(1)
@@ -197,7 +214,14 @@ def _selective_scan_bwd_kernel(
 
         # ---- pass F: states of this chunk from the one saved at the end of the previous
         h = tl.load(st_ptrs + tl.maximum(c - 1, 0) * s_st_c, mask=mask_dn, other=0.0)
-        h = tl.where(c > 0, h, 0.0)  # the first chunk starts from h = 0
+        if HAS_INITIAL_STATE:  # the first chunk starts from h_{-1}: read it only there
+            # (the mask as one comparison: the interpreter turns mask_dn & (c == 0) into int32)
+            mask_h0 = mask_d[:, None] & (offs_n[None, :] < tl.where(c == 0, N, 0))
+            h0 = tl.load(h0_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :] * s_h0_n,
+                         mask=mask_h0, other=0.0).to(tl.float32)
+            h = tl.where(c > 0, h, h0)
+        else:
+            h = tl.where(c > 0, h, 0.0)  # the first chunk starts from h = 0
         cum_dt = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for t in range(t_start, t_end):
             u = tl.load(u_ptrs + t * s_u_l, mask=mask_d, other=0.0).to(tl.float32)
@@ -272,5 +296,7 @@ def _selective_scan_bwd_kernel(
             g_in = tl.exp(dt[:, None] * A) * g
 
     tl.store(dA_part_ptr + pid_b * dim * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
+    if HAS_INITIAL_STATE:  # after t = 0, g_in = exp(a_0) g_0 = dL/dh_{-1}
+        tl.store(dh0_ptr + pid_b * dim * N + offs_d[:, None] * N + offs_n[None, :], g_in, mask=mask_dn)
     if HAS_D:
         tl.store(dD_part_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
