@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tests.scan_utils import TRITON_DEVICE as DEVICE
-from tests.scan_utils import Case, compare_with_reference, detached_copy, enable_triton_interpreter, make_inputs
+from tests.scan_utils import (Case, compare_with_reference, detached_copy, enable_triton_interpreter, make_inputs,
+                              tol)
 
 _SKIP = enable_triton_interpreter()
 if _SKIP:
@@ -62,6 +63,15 @@ CASES = [
     tcase(Case(1, 7, 5, 8, dtype=torch.float16), chunk=5),
     # the largest state: N = 256
     tcase(Case(1, 5, 3, 256), chunk=2),
+    # from an initial state: the forward and pass F of chunk 0 start from it, its gradient is
+    # what the reverse recurrence carries out of t = 0
+    tcase(Case(2, 37, 24, 16, G=2, h0=True), chunk=16),
+    tcase(Case(1, 21, 12, 16, G=2, dtype=torch.bfloat16, h0=True), chunk=8),
+    tcase(Case(2, 9, 6, 8, D=False, bias=False, use_last=False, h0=True), chunk=4),
+    tcase(Case(1, 7, 24, 16, G=2, h0=True), chunk=3, max_tile=128),
+    tcase(Case(1, 1, 5, 8, h0=True)),
+    tcase(Case(1, 1, 5, 8, dtype=torch.bfloat16, use_last=False, h0=True)),
+    tcase(Case(2, 7, 5, 5, z=False, D=False, bias=False, softplus=False, h0=True), chunk=4),
 ]
 
 
@@ -76,9 +86,11 @@ def test_matches_reference(case, chunk, max_tile, monkeypatch):
 def test_non_contiguous_inputs():
     """Strided views (as a (B, L, D) model produces them) go straight to the kernels, and so
     does a strided gradient of out; out alone (return_last_state=False)."""
-    case = Case(2, 9, 6, 8, G=2)
+    case = Case(2, 9, 6, 8, G=2, h0=True)
     inputs = make_inputs(case, layout="model", device=DEVICE)
-    assert not any(inputs[k].is_contiguous() for k in ("u", "delta", "z", "B", "C", "A"))
+    inputs["initial_state"] = inputs["initial_state"].detach().transpose(1, 2).contiguous().transpose(1, 2)
+    inputs["initial_state"].requires_grad_()
+    assert not any(inputs[k].is_contiguous() for k in ("u", "delta", "z", "B", "C", "A", "initial_state"))
     print()
     compare_with_reference("triton", ss.selective_scan_fn, inputs, case, return_last_state=False, strided_gout=True,
                            chunk_size=4)
@@ -123,9 +135,10 @@ def test_gradients_are_deterministic():
         assert torch.equal(g1, g2)
 
 
-def test_inference_path_matches_training_path():
+@pytest.mark.parametrize("h0", [False, True], ids=["zeros", "h0"])
+def test_inference_path_matches_training_path(h0):
     """Without grad the forward keeps only the last state; results must not change."""
-    case = Case(1, 11, 6, 8)
+    case = Case(1, 11, 6, 8, h0=h0)
     inputs = make_inputs(case, device=DEVICE)
     with torch.no_grad():
         out_inf, last_inf = ss.selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True,
@@ -136,6 +149,58 @@ def test_inference_path_matches_training_path():
     assert torch.equal(out_inf, out_tr.detach())
     assert torch.equal(last_inf, last_tr.detach())
     assert last_inf.dtype == torch.float32 and last_inf.shape == (1, 6, 8)
+
+
+def test_scan_in_two_parts_is_the_whole_scan():
+    """The second part started from the first part's last state gives the whole scan's out, last
+    state and gradients (the gradient reaching the first part through initial_state included);
+    the split falls inside a chunk of the second part's grid."""
+    case, split = Case(1, 13, 6, 8, G=2), 5
+    x = make_inputs(case, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    gout = torch.randn(case.batch, case.dim, case.L, generator=gen).to(DEVICE)
+    glast = torch.randn(case.batch, case.dim, case.N, generator=gen).to(DEVICE)
+    kw = dict(delta_softplus=True, return_last_state=True, chunk_size=4)
+
+    def loss(out, last):
+        return (out * gout).sum() + (last * glast).sum()
+
+    whole = detached_copy(x)
+    out_w, last_w = ss.selective_scan_fn(**whole, **kw)
+    loss(out_w, last_w).backward()
+
+    parts = detached_copy(x)
+    seq = ("u", "delta", "B", "C", "z")
+    first = {k: (v[..., :split] if k in seq else v) for k, v in parts.items()}
+    second = {k: (v[..., split:] if k in seq else v) for k, v in parts.items()}
+    out_1, last_1 = ss.selective_scan_fn(**first, **kw)
+    out_2, last_2 = ss.selective_scan_fn(**{**second, "initial_state": last_1}, **kw)
+    out_p = torch.cat([out_1, out_2], dim=-1)
+    loss(out_p, last_2).backward()
+
+    rtol, atol = tol("triton", torch.float32, "out")
+    torch.testing.assert_close(out_p.detach(), out_w.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(last_2.detach(), last_w.detach(), rtol=rtol, atol=atol)
+    for k, v in whole.items():
+        if v is not None:
+            rtol, atol = tol("triton", torch.float32, "d" + k)
+            torch.testing.assert_close(parts[k].grad, v.grad, rtol=rtol, atol=atol, msg=lambda m: f"d{k}: {m}")
+
+
+def test_initial_state_without_grad():
+    """An initial state that needs no gradient gets none; the others are unchanged by that."""
+    case = Case(1, 6, 4, 8, h0=True)
+    x = make_inputs(case, device=DEVICE)
+    x["initial_state"] = x["initial_state"].detach()
+    out = ss.selective_scan_fn(**x, delta_softplus=True, chunk_size=4)
+    out.float().pow(2).sum().backward()
+    assert x["initial_state"].grad is None
+    ref = detached_copy(x)
+    ref["initial_state"] = ref["initial_state"].detach()
+    selective_scan_ref(**ref, delta_softplus=True).float().pow(2).sum().backward()
+    rtol, atol = tol("triton", torch.float32, "grad")
+    for k in ("u", "delta", "A", "B", "C"):
+        torch.testing.assert_close(x[k].grad, ref[k].grad, rtol=rtol, atol=atol, msg=lambda m: f"d{k}: {m}")
 
 
 def test_nan_fill_hook_is_active():
@@ -174,9 +239,11 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
     assert kernels.resolve_scan_impl("triton", torch.device("cpu"))[0] == "triton"
 
 
-def test_kernels_compile_for_sm90_without_spills():
-    """The interpreter never runs Triton's real compiler: compile both kernels to sm_90 cubin
-    (no GPU needed, ptxas ships with triton) so type errors and register spills show up here."""
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_sm90_without_spills(arch):
+    """The interpreter never runs Triton's real compiler: compile both kernels, with and without
+    an initial state, to sm_80 (A100) and sm_90 (H100) cubin (no GPU needed, ptxas ships with
+    triton) so type errors and register spills show up here."""
     import subprocess
     from pathlib import Path
 
@@ -186,7 +253,8 @@ def test_kernels_compile_for_sm90_without_spills():
         pytest.skip("this triton build has no nvidia backend / ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    res = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--check", "64"], env=env,
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--arch", str(arch), "--check", "64"]
+    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=300)
     print(res.stdout, res.stderr[-2000:])
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
