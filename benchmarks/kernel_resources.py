@@ -2,9 +2,9 @@
 
 Triton's nvidia backend and ptxas ship in the triton wheel, so the whole path from Python to
 cubin runs on any machine. This catches what the interpreter (TRITON_INTERPRET=1) cannot:
-type errors of the real compiler, and register pressure. For each launch configuration it
-prints cuobjdump's resource line (REG = registers per thread, STACK = bytes of stack frame,
-which is where spills go).
+type errors of the real compiler, and register pressure. For each launch configuration,
+without and with an initial state (h0: HAS_INITIAL_STATE), it prints cuobjdump's resource
+line (REG = registers per thread, STACK = bytes of stack frame, which is where spills go).
 
     python -m benchmarks.kernel_resources                  # the configurations _blocks picks
     python -m benchmarks.kernel_resources --configs 64:32:4 --arch 80
@@ -91,13 +91,15 @@ def main(argv=None) -> int:
     flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True)
     worst = 0
     print(f"sm_{args.arch}, {args.dtype} inputs, every optional input on")
-    print(f"{'kernel':<5} {'BLOCK_D':>7} {'BLOCK_N':>7} {'warps':>5} {'REG':>4} {'STACK':>6}")
+    print(f"{'kernel':<5} {'h0':>3} {'BLOCK_D':>7} {'BLOCK_N':>7} {'warps':>5} {'REG':>4} {'STACK':>6}")
     for bd, bn, nw in configs:
-        for label, kernel, extra in (("fwd", tk._selective_scan_fwd_kernel, {"STORE_ALL_STATES": True}),
-                                     ("bwd", tk._selective_scan_bwd_kernel, {"HAS_DLAST": True})):
-            reg, stack = resources(kernel, dict(flags, BLOCK_D=bd, BLOCK_N=bn, **extra), nw)
-            worst = max(worst, stack)
-            print(f"{label:<5} {bd:>7} {bn:>7} {nw:>5} {reg:>4} {stack:>6}")
+        for h0 in (False, True):
+            for label, kernel, extra in (("fwd", tk._selective_scan_fwd_kernel, {"STORE_ALL_STATES": True}),
+                                         ("bwd", tk._selective_scan_bwd_kernel, {"HAS_DLAST": True})):
+                consts = dict(flags, HAS_INITIAL_STATE=h0, BLOCK_D=bd, BLOCK_N=bn, **extra)
+                reg, stack = resources(kernel, consts, nw)
+                worst = max(worst, stack)
+                print(f"{label:<5} {'yes' if h0 else 'no':>3} {bd:>7} {bn:>7} {nw:>5} {reg:>4} {stack:>6}")
     if args.check is not None and worst > args.check:
         print(f"FAIL: a stack frame of {worst} bytes > {args.check} (register spills)")
         return 1

@@ -36,7 +36,8 @@ DEFAULT_CHUNK_SIZE = 64
 #: Largest BLOCK_D * BLOCK_N tile one program keeps per state-sized register tensor, and the
 #: fp32 elements of such a tile per thread (num_warps follows from both). Chosen by compiling
 #: for sm_90 without a GPU (benchmarks/kernel_resources.py): at 4 elements per thread the
-#: backward needs 168-218 registers and does not spill; at 8 it hits 255 and spills 600+ bytes
+#: backward needs 168-219 registers (up to 231 with an initial state; sm_80 alike) and at most
+#: a 32-byte stack frame; at 8 it hits 255 and spills 600+ bytes
 #: (BLOCK_D 64, N 32, 4 warps), at 16 the forward alone takes 253. Not yet timed on a GPU.
 _MAX_TILE = 1024
 _ELEMS_PER_THREAD = 4
