@@ -70,10 +70,17 @@ class MambaBlock(nn.Module):
             logger.info("Mamba4Rec selective scan: %s path (%s)", path, why)
         return path
 
-    def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor | None = None):
+    def forward(self, hidden_states: torch.Tensor, lengths: torch.Tensor | None = None,
+                conv_state: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None):
         """[B, L, H] -> [B, L, H]. Given ``lengths`` [B] (left-aligned rows, 0 <= length <= L), also
         the states step() continues from, each row's taken after its own last item:
         (out, conv_state [B, Di, d_conv - 1], ssm_state [B, Di, N] fp32).
+
+        ``conv_state`` and ``ssm_state`` (with ``lengths``): the states the rows start from, as a
+        previous call returned them (zeros when None): the conv reads its d_conv - 1 inputs
+        before position 0 from conv_state, the scan starts from ssm_state. A sequence run in
+        two calls so gives the outputs and states of one call over all of it, and gradients
+        flow back through both states (train_mode=history).
 
         Ragged rows in one scan: dt is set to 0 after each row's end, so exp(dt * A) = 1 and
         dt * B * x = 0 there: the scan carries every row's state unchanged through its padding
@@ -82,11 +89,16 @@ class MambaBlock(nn.Module):
         Bsz, L, _ = hidden_states.shape
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)       # [B, L, Di] each
         x = x.transpose(1, 2)                                     # [B, Di, L]
+        k = self.d_conv - 1
+        start = conv_state
         if lengths is not None:  # the conv window: the d_conv - 1 inputs before each row's end
-            k = self.d_conv - 1
+            padded = F.pad(x, (k, 0)) if start is None else torch.cat([start.to(x.dtype), x], dim=-1)
             window_idx = (lengths[:, None] + torch.arange(k, device=x.device))[:, None, :]  # into the padded x
-            conv_state = F.pad(x, (k, 0)).gather(2, window_idx.expand(Bsz, x.shape[1], k))
-        x = F.silu(self.conv1d(x)[..., :L])                       # causal: drop the right padding
+            conv_state = padded.gather(2, window_idx.expand(Bsz, x.shape[1], k))
+        if start is None:
+            x = F.silu(self.conv1d(x)[..., :L])                   # causal: drop the right padding
+        else:  # the d_conv - 1 inputs before position 0 are the state's, not zeros
+            x = F.silu(F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
         x_dbl = self.x_proj(x.transpose(1, 2))                    # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]; bias goes to the scan
@@ -99,8 +111,9 @@ class MambaBlock(nn.Module):
             return self.out_proj(y.transpose(1, 2))
         valid = torch.arange(L, device=x.device)[None, :] < lengths[:, None]  # [B, L]
         dt = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None]) * valid[:, None, :]
+        h0 = {} if ssm_state is None else {"initial_state": ssm_state}
         y, ssm_state = scan(x, dt, *args, D=self.D.float(), z=z.transpose(1, 2), delta_softplus=False,
-                            return_last_state=True)
+                            return_last_state=True, **h0)
         return self.out_proj(y.transpose(1, 2)), conv_state.contiguous(), ssm_state.float().contiguous()
 
     def prefill(self, hidden_states: torch.Tensor, lengths: torch.Tensor):
@@ -196,12 +209,13 @@ class MambaLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
 
-    def forward(self, input_tensor: torch.Tensor, lengths: torch.Tensor | None = None):
+    def forward(self, input_tensor: torch.Tensor, lengths: torch.Tensor | None = None,
+                conv_state: torch.Tensor | None = None, ssm_state: torch.Tensor | None = None):
         """[B, L, H] -> [B, L, H]; given ``lengths``, also the block's states after each row's
-        length (see MambaBlock.forward)."""
+        length, starting from ``conv_state`` / ``ssm_state`` when given (see MambaBlock.forward)."""
         if lengths is None:
             return self._after_block(self.mamba(input_tensor), input_tensor)
-        hidden, conv_state, ssm_state = self.mamba(input_tensor, lengths)
+        hidden, conv_state, ssm_state = self.mamba(input_tensor, lengths, conv_state, ssm_state)
         return self._after_block(hidden, input_tensor), conv_state, ssm_state
 
     def prefill(self, input_tensor: torch.Tensor, lengths: torch.Tensor):

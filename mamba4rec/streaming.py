@@ -105,13 +105,15 @@ class Streaming:
         return StreamState(conv, ssm, torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
     @torch.no_grad()
-    def prefill(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+    def prefill(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, state: StreamState | None = None):
         """Start streaming from histories: (seq_output [B, H], state) as after step()-ing each row's
         items one by one, in one forward-like pass over the batch (the scan returns the states).
 
         item_seq [B, L] left-aligned, padded with 0; item_seq_len [B], 1 <= length <= L, may
         differ per row (MambaBlock.prefill keeps every row's state at its own end). seq_output
         equals forward(item_seq, item_seq_len). The state belongs to the caller (fresh tensors).
+        ``state``: continue from it instead (the rows' earlier items; it is not changed), so a
+        long history can be folded in a piece at a time.
         """
         if item_seq.dim() != 2 or item_seq_len.dim() != 1 or item_seq_len.shape[0] != item_seq.shape[0]:
             raise ValueError(f"prefill: item_seq must be [B, L] and item_seq_len [B], got shapes "
@@ -127,17 +129,35 @@ class Streaming:
         if bad.any():
             raise ValueError(f"prefill: item ids must be internal ids in 1..{self.n_items - 1} within each "
                              f"row's length (0 is padding); found {item_seq[bad][:5].tolist()}")
-        if self.position_embedding is not None and L > self.max_seq_length:
-            raise ValueError(f"prefill: a history of {L} items is longer than max_seq_length="
+        if state is not None and state.batch_size != item_seq.shape[0]:
+            raise ValueError(f"prefill: the state holds {state.batch_size} rows and item_seq {item_seq.shape[0]}")
+        seen = 0 if state is None else int(state.steps.max())
+        if self.position_embedding is not None and seen + L > self.max_seq_length:
+            raise ValueError(f"prefill: a history of {seen + L} items is longer than max_seq_length="
                              f"{self.max_seq_length}, the positions the position embedding was trained "
                              f"for; pass the last {self.max_seq_length} items")
-        hidden = self._embed(item_seq, torch.arange(L, device=item_seq.device)[None])  # [B, L, H]
+        hidden, state = self.forward_chunk(item_seq, lengths, state)
+        return self.gather_indexes(hidden, lengths - 1), state
+
+    def forward_chunk(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, state: StreamState | None = None):
+        """The layers over the next items of each row, from ``state`` (the empty state when None):
+        (hidden [B, L', H] at every position up to the longest row, the state after each row's
+        item_seq_len items). No checks, differentiable: gradients reach the parameters and, through
+        ``state``, whatever made it. A row's history cut into pieces and run piece by piece, each
+        from the state the previous one returned, gives the outputs of one run over all of it
+        (mamba4rec.history, which trains and evaluates that way). item_seq_len >= 1 per row."""
+        L = int(item_seq_len.max())
+        item_seq = item_seq[:, :L]
+        steps = (torch.zeros_like(item_seq_len) if state is None else state.steps)
+        positions = torch.arange(L, device=item_seq.device)[None] + (0 if state is None else steps[:, None])
+        hidden = self._embed(item_seq, positions)  # [B, L, H]
         conv, ssm = [], []
-        for layer in self.mamba_layers:
-            hidden, c, h = layer(hidden, lengths)
+        for i, layer in enumerate(self.mamba_layers):
+            start = (None, None) if state is None else (state.conv[i], state.ssm[i])
+            hidden, c, h = layer(hidden, item_seq_len, *start)
             conv.append(c)
             ssm.append(h)
-        return self.gather_indexes(hidden, lengths - 1), StreamState(conv, ssm, lengths.clone())
+        return hidden, StreamState(conv, ssm, steps + item_seq_len)
 
     def __getstate__(self):
         """Pickling and deepcopy leave out the derived step caches (numpy copies of the weights,
