@@ -25,6 +25,8 @@ from .registry import (  # noqa: F401  (re-exported: `from mamba4rec.pipeline im
     BUNDLED_DATA, OUR_MODELS, _check_cmd_args, build_config, build_model, default_config_files, known_models,
     resolve_model, resolve_records)
 from .causal import bucketed_forward, check_model, prefix_loss, sequence_loss, train_buckets
+from .history import HistoryTrainDataLoader, WholeHistory, history_loss, resolve_history
+from .resume import _resume, _save_last
 from .sequence import SequenceTrainDataLoader, resolve_train_mode
 
 logger = logging.getLogger(__name__)
@@ -107,86 +109,6 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def _save_last(path, trainer, net, train_data, epoch_idx, history) -> None:
-    """Everything needed to continue after ``epoch_idx`` exactly as an uninterrupted run would:
-    weights, optimizer, early-stopping state, every random state training draws from, and the
-    per-epoch history (validation scores, train seconds) that the final report is built from."""
-    import random
-
-    import numpy as np
-    import torch
-
-    from . import compat
-
-    state = {
-        "epoch": epoch_idx, "state_dict": net.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-        "cur_step": trainer.cur_step, "best_valid_score": trainer.best_valid_score,
-        "best_valid_result": trainer.best_valid_result, "train_loss_dict": trainer.train_loss_dict,
-        "saved_model_file": trainer.saved_model_file, "buckets": trainer.batch_buckets(),
-        "history": {"valid_scores": list(history["valid_scores"]), "train_seconds": list(history["train_seconds"]),
-                    "machines": [list(m) for m in history.get("machines", [])]},
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "loader": train_data.generator.get_state(),
-                # dropout on a GPU draws from CUDA's generators, which init_seed reseeds on a resume
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
-    compat._trainer_save(state, path)  # temporary file + rename: a kill leaves the previous one
-
-
-def _resume(path, trainer, net, train_data, log) -> dict:
-    """Restore the state _save_last wrote; returns its per-epoch history (empty in older files)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    from . import compat
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
-    try:  # the user named this file to resume from: their own, so fully unpickled
-        state = torch.load(path, map_location=net.item_embedding.weight.device if hasattr(net, "item_embedding")
-                           else "cpu", weights_only=False)
-        keys = {"epoch", "state_dict", "optimizer", "rng"}
-        if not isinstance(state, dict) or not keys <= set(state):
-            raise ValueError(f"it has no {sorted(keys)}: not a '-last.pth' file written by mamba4rec")
-        net.load_state_dict(state["state_dict"])
-    except Exception as exc:  # truncated, foreign, another model's weights
-        raise ValueError(f"--resume: {path!r} cannot be resumed from ({type(exc).__name__}: {exc})") from None
-    saved, now = state.get("buckets"), trainer.batch_buckets()
-    if saved is not None and int(saved) != now:  # other dropout draws: not the run this file continues
-        raise ValueError(f"--resume: {path!r} was trained with {saved} length bucket(s) per training batch and "
-                         f"this run would use {now}; resume with --length_buckets={saved} to continue the run "
-                         f"as it began")
-    if saved is None:
-        log.warning("--resume: %s does not record its length buckets (written before they were recorded); "
-                    "continuing with %d", path, now)
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.start_epoch = state["epoch"] + 1
-    trainer.cur_step = state["cur_step"]
-    trainer.best_valid_score = state["best_valid_score"]
-    trainer.best_valid_result = state["best_valid_result"]
-    trainer.train_loss_dict = state["train_loss_dict"]
-    if state.get("saved_model_file") and os.path.isfile(state["saved_model_file"]):
-        trainer.saved_model_file = state["saved_model_file"]
-        compat.trust_checkpoint(trainer.saved_model_file)
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    train_data.generator.set_state(state["rng"]["loader"])
-    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    log.info("resumed from %s after epoch %d", path, state["epoch"])
-    history = state.get("history") or {}
-    # (first epoch, machine, threads) of each stretch of training; a file from before they were
-    # recorded trained its epochs so far on a machine nobody wrote down (and from before the
-    # threads were, with threads nobody wrote down: [epoch, machine] only)
-    machines = history.get("machines") or ([[0, None]] if state["epoch"] >= 0 else [])
-    return {"valid_scores": [tuple(v) for v in history.get("valid_scores", [])],
-            "train_seconds": list(history.get("train_seconds", [])),
-            "machines": [list(m) for m in machines]}
-
-
 class _RunTrainer:
     """What run() adds to RecBole's trainer (mixed into the model's own trainer class by
     :func:`run_trainer`): the resumable ``-last.pth`` after every validated epoch, the per-epoch
@@ -198,6 +120,8 @@ class _RunTrainer:
     buckets = 1  # length buckets of a training batch (prefix mode, RecBole models: 1 = RecBole's own forward)
     mask_input = False  # evaluate with each user's input sequence ranked out (run()'s second test pass)
     record_machines = False  # record_machine_by_epoch: history["machines"], a row per stretch of epochs
+    history_chunk = None  # train_mode=history: items per chunk (mamba4rec.history)
+    whole_history = None  # eval_history=whole: a WholeHistory, which scores each user from all of it
 
     def batch_buckets(self) -> int:
         """The length buckets a training batch runs in (Mamba4Rec's forward: its own length_buckets)."""
@@ -225,7 +149,12 @@ class _RunTrainer:
             machines, here = self.history["machines"], [machine(), torch.get_num_threads()]
             if not machines or list(machines[-1][1:]) != here:
                 machines.append([epoch_idx, *here])
-        if loss_func is None and (self.train_mode == "sequence" or self.buckets > 1):
+        if loss_func is None and self.train_mode == "history":
+            model, chunk = self.model, self.history_chunk
+
+            def loss_func(interaction):
+                return history_loss(model, interaction, chunk)
+        elif loss_func is None and (self.train_mode == "sequence" or self.buckets > 1):
             model, buckets = self.model, self.buckets
             loss = sequence_loss if self.train_mode == "sequence" else prefix_loss
 
@@ -243,8 +172,13 @@ class _RunTrainer:
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         """RecBole's evaluation, with a causal RecBole model's forward in the length buckets of its
-        training batches (``buckets``): the same scores, without the padding after each history."""
-        with bucketed_forward(self.model, self.buckets):
+        training batches (``buckets``): the same scores, without the padding after each history;
+        with eval_history=whole, each user scored from the whole history (mamba4rec.history)."""
+        import contextlib
+
+        whole = self.whole_history
+        with bucketed_forward(self.model, self.buckets), \
+                (whole.scoring(self.model, eval_data.dataset) if whole else contextlib.nullcontext()):
             return super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
                                     show_progress=show_progress)
 
@@ -296,10 +230,15 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     log.info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
     train_mode, stride = resolve_train_mode(config)
+    chunk, whole = resolve_history(config, model_class)
     if train_mode == "sequence":  # one pass per window of each user's history (mamba4rec.sequence)
         train_data = SequenceTrainDataLoader(config, train_data.dataset, train_data._sampler, stride)
         log.info("train_mode=sequence: %d windows (stride %d) train %d targets in %d steps an epoch",
                  len(train_data.windows), stride, train_data.n_targets, len(train_data))
+    elif train_mode == "history":  # one pass over each user's whole history (mamba4rec.history)
+        train_data = HistoryTrainDataLoader(config, train_data.dataset, train_data._sampler)
+        log.info("train_mode=history: %d users train %d targets in %d steps an epoch (chunks of %d items)",
+                 len(train_data.windows), train_data.n_targets, len(train_data), chunk)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = build_model(config, train_data.dataset, model_class)
@@ -311,6 +250,9 @@ def run(model="Mamba4Rec", dataset="ml-100k", config_files=None, config_dict=Non
     trainer.rank0 = _is_global_rank0(config)
     records = resolve_records(config)
     trainer.record_machines = records["record_machine_by_epoch"]
+    trainer.history_chunk = chunk if train_mode == "history" else None
+    if whole:
+        trainer.whole_history = WholeHistory(train_data.dataset, valid_data.dataset, test_data.dataset, chunk)
     if resume:
         trainer.history = _resume(resume, trainer, net, train_data, log)
     trainer.track(train_data, last_path if saved and trainer.rank0 else None, train_mode)

@@ -22,6 +22,7 @@ from .defaults import check_protocol
 from .defaults import config_files as _packaged_config_files
 from .model import Mamba4Rec, resolve_model_config
 from .causal import resolve_buckets
+from .history import resolve_history
 from .sequence import resolve_train_mode
 
 BUNDLED_DATA = Path(recbole.__file__).resolve().parent / "dataset_example"
@@ -131,6 +132,7 @@ def build_config(model="Mamba4Rec", dataset="ml-100k", config_files=None, config
     if model_class is Mamba4Rec or issubclass(model_class, Mamba4Rec):
         resolve_model_config(config)  # ValueError naming key, value and range
     resolve_train_mode(config)  # train_mode / sequence_stride: the same
+    resolve_history(config, model_class)  # history_chunk / eval_history, and the models they can run
     resolve_buckets(config)  # length_buckets, for every model
     resolve_records(config)  # test_input_masked, record_machine_by_epoch: the same
     _resolve_data_path(config)

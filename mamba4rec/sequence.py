@@ -42,7 +42,7 @@ from .causal import (  # noqa: F401  (re-exported: the model side of train_mode=
     target_output, train_buckets)
 from .checks import int_in
 
-TRAIN_MODES = ("prefix", "sequence")
+TRAIN_MODES = ("prefix", "sequence", "history")
 
 
 def resolve_train_mode(config) -> tuple[str, int | None]:
@@ -55,7 +55,8 @@ def resolve_train_mode(config) -> tuple[str, int | None]:
     if mode not in TRAIN_MODES:
         raise ValueError(f"train_mode={mode!r} is invalid: it must be one of {', '.join(TRAIN_MODES)} "
                          f"(prefix: RecBole's protocol, one sample per target; sequence: one pass per "
-                         f"window of a user's history). Set --train_mode=sequence or leave it out.")
+                         f"window of a user's history; history: one pass over each user's whole history, "
+                         f"in chunks carrying the state). Set --train_mode=sequence or leave it out.")
     stride = _get(config, "sequence_stride")
     max_len = _get(config, "MAX_ITEM_LIST_LENGTH")
     if stride is None:
@@ -170,6 +171,8 @@ class SequenceTrainDataLoader:
     iterates its TrainDataLoader. The window order is drawn each epoch from ``generator``
     (seeded with ``seed``; run()'s resumable checkpoint saves its state)."""
 
+    mode = "sequence"
+
     def __init__(self, config, dataset, sampler=None, stride=None):
         self.config = config
         self._dataset = dataset
@@ -187,13 +190,13 @@ class SequenceTrainDataLoader:
         self.negatives = neg.get("distribution", "none") != "none" and neg.get("sample_num", "none") != "none"
         if self.negatives:
             if neg.get("dynamic", False) or int(neg.get("sample_num", 1)) != 1 or sampler is None:
-                raise ValueError(f"train_mode=sequence takes one uniform or popularity negative per target "
+                raise ValueError(f"train_mode={self.mode} takes one uniform or popularity negative per target "
                                  f"(train_neg_sample_args sample_num 1, not dynamic), not {neg}")
         if config["transform"]:
             raise _refuse(config["model"], f"its batches need RecBole's transform {config['transform']!r}, "
-                                           f"which sequence mode does not apply to its windows")
+                                           f"which train_mode={self.mode} does not apply to its batches")
         users, seqs = user_sequences(dataset)
-        self.windows = Windows(users, seqs, self.max_len, self.stride)
+        self.windows = self.build_units(users, seqs)
         self.n_targets = self.windows.n_targets
         # per rank and step: batch_size // world_size targets, as RecBole's DistributedSampler
         self.step = max(1, self.batch_size // self.world_size)
@@ -202,6 +205,10 @@ class SequenceTrainDataLoader:
         self.item_len_field = dataset.item_list_length_field
         self.neg_item_field = config["NEG_PREFIX"] + self.iid_field
         self.n_buckets = DEFAULT_BUCKETS
+
+    def build_units(self, users, seqs):
+        """What each epoch shuffles and cuts into batches (plan_batches reads its ``new``)."""
+        return Windows(users, seqs, self.max_len, self.stride)
 
     @property
     def dataset(self):

@@ -38,8 +38,8 @@ def write_data(root, n_users=14, n_items=25, seed=0):
 
 def _setup(tmp, model, max_len=L, **overrides):
     cfg = tiny_config_dict(tmp, data_path=str(write_data(tmp)), MAX_ITEM_LIST_LENGTH=max_len, dropout_prob=0.0,
-                           hidden_dropout_prob=0.0, attn_dropout_prob=0.0, scan_impl="torch",
-                           train_batch_size=16, **overrides)
+                           hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
+                           **{"scan_impl": "torch", "train_batch_size": 16, **overrides})
     config = pipeline.build_config(model, "seqdata", config_dict=cfg)
     from recbole.utils import init_seed
 
