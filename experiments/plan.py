@@ -3,7 +3,7 @@ where a job's files are.
 
 A job is one ``run_recbole.py --compare ... --compare_run=MODEL --resume`` process; its OUT
 layout: OUT/<folder>/out (prefix mode: the three models share one comparison),
-OUT/<folder>/sequence (sequence mode), OUT/<folder>/sequence-<variant> (a variant's own
+OUT/<folder>/sequence or history (those modes), OUT/<folder>/<mode>-<variant> (a variant's own
 comparison), each with rows/, per_user/, curves/, checkpoints/ and one log per job.
 """
 
@@ -29,7 +29,7 @@ DATASETS = {
 @dataclass(frozen=True)
 class Job:
     dataset: str
-    mode: str   # prefix | sequence
+    mode: str   # prefix | sequence | history
     name: str   # Mamba4Rec, Mamba4Rec-2layers, SASRec, GRU4Rec: the results file's name
 
     @property
@@ -50,7 +50,7 @@ class Job:
         folder = DATASETS[self.dataset][0]
         if self.variant:
             return out / folder / f"{self.mode}-{self.variant}"
-        return out / folder / ("out" if self.mode == "prefix" else "sequence")
+        return out / folder / ("out" if self.mode == "prefix" else self.mode)
 
     def command(self, out: Path) -> list[str]:
         cmd = ["run_recbole.py", "-d", self.dataset, f"--compare_dir={self.compare_dir(out)}",
@@ -59,8 +59,8 @@ class Job:
             cmd += ["--compare=SASRec", *VARIANTS[self.variant], f"--compare_run={self.model}"]
         else:
             cmd += ["--compare=GRU4Rec,SASRec", f"--compare_run={self.model}"]
-        if self.mode == "sequence":
-            cmd.append("--train_mode=sequence")
+        if self.mode != "prefix":  # history mode evaluates from the whole history (eval_history=whole)
+            cmd.append(f"--train_mode={self.mode}")
         return cmd
 
     def row_path(self, out: Path) -> Path:
@@ -92,7 +92,10 @@ JOBS = ([Job("amazon-beauty", "sequence", n) for n in ("Mamba4Rec", "SASRec")]
         + [Job("amazon-video-games", "sequence", n) for n in _SEQ]
         + [Job("ml-1m", "sequence", n) for n in _SEQ]
         + [Job(d, "sequence", "Mamba4Rec-residual") for d in ("amazon-video-games", "amazon-beauty")]
-        + [Job("amazon-video-games", "prefix", n) for n in _PRE])
+        + [Job("amazon-video-games", "prefix", n) for n in _PRE]
+        # each user's whole history (train_mode=history), paired with the window rows above
+        + [Job("ml-1m", "history", "Mamba4Rec"), Job("amazon-video-games", "history", "Mamba4Rec"),
+           Job("ml-1m", "history", "Mamba4Rec-2layers")])
 
 
 def finished(job: Job, out: Path) -> dict | None:

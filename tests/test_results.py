@@ -59,10 +59,18 @@ def test_jobs_keep_the_prefix_comparison_s_arguments_and_separate_the_2_layer_ru
     # the ablations (one layer with the block residual) after the table's rows, before the optional
     # Video Games prefix runs; a comparison of their own, with the variant's key
     residual = [i for i, j in enumerate(plan.JOBS) if j.name == "Mamba4Rec-residual"]
-    assert len(residual) == 2 and min(residual) > max(i for i, (d, _) in enumerate(order) if d == "ml-1m")
+    assert len(residual) == 2 and min(residual) > max(i for i, (d, m) in enumerate(order) if d == "ml-1m"
+                                                      and m == "sequence")
     assert max(residual) < order.index(("amazon-video-games", "prefix"))
     assert {(plan.JOBS[i].dataset, plan.JOBS[i].mode) for i in residual} == {
         ("amazon-video-games", "sequence"), ("amazon-beauty", "sequence")}
+    # the whole-history runs last, each in a comparison folder of its own mode
+    history = [j for j in plan.JOBS if j.mode == "history"]
+    assert plan.JOBS[-len(history):] == history and {j.key for j in history} == {
+        "ml-1m/history/Mamba4Rec", "ml-1m/history/Mamba4Rec-2layers", "amazon-video-games/history/Mamba4Rec"}
+    assert all("--train_mode=history" in j.command(Path("/o")) for j in history)
+    assert history[0].compare_dir(Path("/o")) == Path("/o/ml-1m/history")
+    assert history[-1].compare_dir(Path("/o")) == Path("/o/ml-1m/history-2layers")
     ablation = plan.JOBS[residual[0]]
     assert "--block_residual=True" in ablation.command(Path("/o")) and "--compare_run=Mamba4Rec" in ablation.command(Path("/o"))
     assert ablation.compare_dir(Path("/o")).name == "sequence-residual"
