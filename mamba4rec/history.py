@@ -91,8 +91,37 @@ def _cat(states: list[StreamState]) -> StreamState:
                        [torch.cat(t) for t in zip(*(s.ssm for s in states))], torch.cat([s.steps for s in states]))
 
 
+#: What one more call of the layers costs, in positions of work: :func:`padding_groups` weighs the
+#: padding a group of rows saves against the calls it adds.
+CALL_COST = 32
+
+
+def padding_groups(lengths: list[int], call_cost: int = CALL_COST) -> list[tuple[int, int]]:
+    """Rows of ``lengths`` (sorted longest first) as contiguous groups (a, b), each to run padded to
+    its longest row, lengths[a]: the grouping with the fewest padded positions plus ``call_cost``
+    a group (exact, by dynamic programming over the distinct lengths)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    starts = [0] + [i for i in range(1, n) if lengths[i] != lengths[i - 1]]
+    s = np.asarray(starts + [n], dtype=np.int64)
+    v = np.asarray([lengths[i] for i in starts], dtype=np.int64)
+    m = len(starts)
+    best = np.zeros(m + 1, dtype=np.int64)
+    cut = np.zeros(m + 1, dtype=np.int64)
+    for k in range(1, m + 1):  # the best grouping of the first k runs: its last group starts at run j
+        costs = best[:k] + (s[k] - s[:k]) * v[:k] + call_cost
+        j = int(np.argmin(costs))
+        best[k], cut[k] = costs[j], j
+    groups, k = [], m
+    while k > 0:
+        groups.append((int(s[cut[k]]), int(s[k])))
+        k = int(cut[k])
+    return groups[::-1]
+
+
 def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, state: StreamState | None = None,
-               outputs: str = "all", n_buckets: int | None = None):
+               outputs: str = "all"):
     """Run rows of items (left-aligned [R, W], lengths [R] >= 1) through ``model.forward_chunk``
     ``chunk`` items at a time, each chunk from the state the row's previous chunk ended with
     (``state``, or the empty state, before the first). Returns (out, final state):
@@ -102,11 +131,9 @@ def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, st
 
     The rows run longest first: in wave k every row still running takes items [k*chunk,
     (k+1)*chunk); the rows that go on past it run together (all exactly ``chunk`` long), the
-    rows that end in it run in up to ``n_buckets`` length buckets (default: the model's
-    length_buckets), each cut at its longest row. Differentiable (gradients flow through the
-    carried states) unless called under no_grad."""
+    rows that end in it run in the groups :func:`padding_groups` picks, each cut at its longest
+    row. Differentiable (gradients flow through the carried states) unless called under no_grad."""
     R = items.shape[0]
-    n_buckets = int(n_buckets or getattr(model, "length_buckets", 4) or 1)
     order = torch.argsort(lengths, descending=True, stable=True)
     lens = lengths[order]
     host = lens.tolist()
@@ -116,10 +143,8 @@ def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, st
         active = sum(1 for n in host if n > start)
         going_on = sum(1 for n in host if n > start + chunk)
         groups = [(0, going_on)] if going_on else []
-        ending = torch.arange(going_on, active)
-        if len(ending):
-            groups += [(int(g[0]), int(g[-1]) + 1) for g in torch.tensor_split(ending, min(n_buckets, len(ending)))
-                       if len(g)]
+        groups += [(going_on + a, going_on + b) for a, b in
+                   padding_groups([n - start for n in host[going_on:active]])]
         nxt = None
         for a, b in groups:
             width = min(host[a] - start, chunk)  # the group's longest row: rows run longest first

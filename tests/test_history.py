@@ -244,3 +244,22 @@ def test_window_models_are_unchanged_by_the_history_keys(in_tmp):
                                                                        checkpoint_dir=str(in_tmp / "b"),
                                                                        eval_history="window", history_chunk=9))
     assert a.test_result == b.test_result
+
+
+def test_padding_groups_are_the_cheapest_contiguous_grouping():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = sorted(rng.integers(1, 40, size=int(rng.integers(1, 9))).tolist(), reverse=True)
+        cost = int(rng.integers(0, 50))
+        groups = hi.padding_groups(lengths, cost)
+        assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+        assert all(a < b for a, b in groups) and all(g[1] == h[0] for g, h in zip(groups, groups[1:]))
+
+        def total(cuts):
+            bounds = [0, *cuts, len(lengths)]
+            return sum((b - a) * lengths[a] + cost for a, b in zip(bounds, bounds[1:]))
+
+        best = min(total(c) for r in range(len(lengths)) for c in itertools.combinations(range(1, len(lengths)), r))
+        assert total([a for a, _ in groups[1:]]) == best
