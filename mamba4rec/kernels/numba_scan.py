@@ -16,6 +16,14 @@ own rounding is 6e-8); below -87 it returns exp(-87) ~ 1.6e-38 instead of a deno
 An argument above 0 (a positive A or dt, which Mamba never makes) is clamped to 0 by the
 same code, so ``selective_scan_numba`` checks for it and hands such calls to the torch scan.
 
+Elementwise work outside the loops. softplus (exp and log1p) of delta + bias, the backward's
+sigmoid of it, and the gate's silu(z) and its derivative are one value per (sequence, channel,
+t), not per state. Inside the loops they were scalar libm calls in sequential code; they are
+computed before the kernels run instead, with torch's vectorised ops over whole (batch, dim, L)
+tensors in float32, and passed in (dt, sigmoid, silu and its derivative): what is left in the
+loops is multiplications and additions. The backward recomputes them rather than keep them from
+the forward: nothing (batch, dim, L)-sized is held between the two beyond the inputs.
+
 Contract: mamba_ssm's selective_scan_fn plus initial_state (see mamba4rec/kernels/reference.py). float32, bfloat16 and
 float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
 in float64. Gradients come back in each input's dtype.
@@ -78,20 +86,17 @@ def _exp_nonpos(x, out, bits):
 
 
 def softplus_f32(v):
-    """softplus with torch's threshold, for numba: the one definition the numba scan and the numba
-    step (mamba4rec/numba_step.py) both compile."""
+    """torch.nn.functional.softplus (threshold 20) on one float32, for numba: the numba step
+    (mamba4rec/numba_step.py) compiles it; the scan applies torch's own to whole tensors."""
     return v if v > 20.0 else np.float32(math.log1p(math.exp(v)))
-
-
-_softplus = softplus_f32  # rebound to its compiled form by _compile
 
 
 def _chunk_range(c, n_chunks, batch):
     return (c * batch) // n_chunks, ((c + 1) * batch) // n_chunks
 
 
-def _states(b, d, g, u, delta, A, BT, CT, bias, softplus, h0, has_h0, L, N, dts, dtu, x, dA, bits, H, ys):
-    """For sequence b, channel d (group g): dts = dt (after bias and softplus), dtu = dt * u,
+def _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, x, dA, bits, H, ys):
+    """For sequence b, channel d (group g), with dt (after bias and softplus): dtu = dt * u,
     dA = exp(dt * A), H = every state and ys = C . h (the output before D and the gate).
 
     Flat t-major buffers with a zero row on each side, so the loops need no branch at the ends:
@@ -99,10 +104,7 @@ def _states(b, d, g, u, delta, A, BT, CT, bias, softplus, h0, has_h0, L, N, dts,
     backward's G_{L-1} = gy C + 1 * glast). BT, CT are (G, L, N) and passed whole with g: a BT[g] slice is typed
     as any-layout, which stops LLVM from vectorising the loops over N."""
     for t in range(L):
-        v = delta[b, d, t] + bias[d]
-        if softplus:
-            v = _softplus(v)
-        dts[t] = v
+        v = dt[b, d, t]
         dtu[t] = v * u[b, d, t]
         for n in range(N):
             x[t * N + n] = v * A[d, n]
@@ -131,42 +133,44 @@ def _transpose_bc(Bm, Cm, b, G, L, N, BT, CT):
 
 def _buffers(G, L, N):
     return (np.empty((G, L, N), np.float32), np.empty((G, L, N), np.float32), np.empty(L, np.float32),
-            np.empty(L, np.float32), np.empty(L, np.float32), np.empty(L * N, np.float32),
-            np.empty((L + 1) * N, np.float32), np.empty((L + 1) * N, np.float32), np.empty(L * N, np.int32))
+            np.empty(L, np.float32), np.empty(L * N, np.float32), np.empty((L + 1) * N, np.float32),
+            np.empty((L + 1) * N, np.float32), np.empty(L * N, np.int32))
 
 
-def _forward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, h0, has_h0, n_chunks, out, last, want_last):
+def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last, want_last):
+    """gate = silu(z) (has_z), dt = softplus(delta + bias) or delta + bias, both (batch, dim, L)."""
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
     for c in _prange(n_chunks):
         b0, b1 = _chunk_range(c, n_chunks, batch)
-        BT, CT, dts, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
+        BT, CT, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
         for b in range(b0, b1):
             _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, h0, has_h0, L, N, dts, dtu, x, dA, bits, H,
-                        ys)
+                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, x, dA, bits, H, ys)
+                Dd = Dv[d]
                 for t in range(L):
-                    y = ys[t] + Dv[d] * u[b, d, t]
+                    y = ys[t] + Dd * u[b, d, t]
                     if has_z:
-                        zz = z[b, d, t]
-                        y *= zz / (np.float32(1.0) + np.exp(-zz))
+                        y *= gate[b, d, t]
                     out[b, d, t] = y
                 if want_last:
                     for n in range(N):
                         last[b, d, n] = H[L * N + n]
 
 
-def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, h0, has_h0, gout, glast, has_glast, n_chunks,
-              du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part):
+def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h0, gout, glast, has_glast,
+              n_chunks, du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part):
+    """dt as in _forward, sig = sigmoid(delta + bias) (softplus), gate = silu(z) and dgate = its
+    derivative (has_z), all (batch, dim, L)."""
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
     for c in _prange(n_chunks):
         b0, b1 = _chunk_range(c, n_chunks, batch)
-        BT, CT, dts, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
+        BT, CT, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
         dBT = np.empty((G, L, N), np.float32)
         dCT = np.empty((G, L, N), np.float32)
         gy = np.empty(L, np.float32)
@@ -180,17 +184,14 @@ def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, h0, has_h0, gou
             dCT[:] = 0.0
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, delta, A, BT, CT, bias, softplus, h0, has_h0, L, N, dts, dtu, x, dA, bits, H,
-                        ys)
+                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, x, dA, bits, H, ys)
                 Dd = Dv[d]
                 dD = np.float32(0.0)
                 for t in range(L):  # the gate: gy = dL/dy before it, and dz
                     go = gout[b, d, t]
                     if has_z:
-                        zz = z[b, d, t]
-                        s = np.float32(1.0) / (np.float32(1.0) + np.exp(-zz))
-                        dz[b, d, t] = go * (ys[t] + Dd * u[b, d, t]) * s * (np.float32(1.0) + zz * (np.float32(1.0) - s))
-                        go = go * zz * s
+                        dz[b, d, t] = go * (ys[t] + Dd * u[b, d, t]) * dgate[b, d, t]
+                        go = go * gate[b, d, t]
                     gy[t] = go
                     dD += go * u[b, d, t]
                 dD_part[c, d] += dD
@@ -222,7 +223,7 @@ def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, h0, has_h0, gou
                 dbias = np.float32(0.0)
                 for t in range(L):
                     o = t * N
-                    dtt = dts[t]
+                    dtt = dt[b, d, t]
                     ddtu = np.float32(0.0)   # d(dt u) = G_t . B_t
                     ddt_x = np.float32(0.0)  # X . A
                     for n in range(N):
@@ -233,8 +234,7 @@ def _backward(u, delta, A, Bm, Cm, Dv, z, bias, softplus, has_z, h0, has_h0, gou
                     du[b, d, t] = ddtu * dtt + gy[t] * Dd
                     ddt = ddt_x + ddtu * u[b, d, t]
                     if softplus:
-                        raw = delta[b, d, t] + bias[d]
-                        ddt *= np.float32(1.0) / (np.float32(1.0) + np.exp(-raw))
+                        ddt *= sig[b, d, t]
                     ddelta[b, d, t] = ddt
                     dbias += ddt
                 dbias_part[c, d] += dbias
@@ -254,7 +254,7 @@ _lock = threading.Lock()
 
 def _compile():
     """jit the functions above on first use (numba is imported only here)."""
-    global _kernels, _prange, _exp_nonpos, _softplus, _chunk_range, _states, _transpose_bc, _buffers
+    global _kernels, _prange, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers
     with _lock:
         if _kernels is None:
             import numba
@@ -263,7 +263,7 @@ def _compile():
             # signed zeros; not the no-NaN/no-inf flags, so a NaN input still comes out as NaN
             flags = {"reassoc", "contract", "arcp", "nsz"}
             inner = numba.njit(cache=True, fastmath=flags, inline="always")
-            _exp_nonpos, _softplus, _chunk_range = inner(_exp_nonpos), inner(softplus_f32), inner(_chunk_range)
+            _exp_nonpos, _chunk_range = inner(_exp_nonpos), inner(_chunk_range)
             _states, _transpose_bc, _buffers = inner(_states), inner(_transpose_bc), inner(_buffers)
             _prange = numba.prange
             outer = numba.njit(cache=True, fastmath=flags, parallel=True)
@@ -303,6 +303,15 @@ def _as_groups(X: torch.Tensor) -> torch.Tensor:
     return X.unsqueeze(1) if X.dim() == 3 else X
 
 
+_DUMMY = np.zeros((1, 1, 1), np.float32)  # stands for an absent (batch, dim, L) input
+
+
+def _raw_dt(delta, delta_bias) -> torch.Tensor:
+    """delta + delta_bias in float32, (batch, dim, L)."""
+    raw = delta.detach().to(torch.float32)
+    return raw if delta_bias is None else raw + delta_bias.detach().to(torch.float32)[:, None]
+
+
 class _SelectiveScanNumba(torch.autograd.Function):
 
     @staticmethod
@@ -311,14 +320,15 @@ class _SelectiveScanNumba(torch.autograd.Function):
         batch, dim, L = u.shape
         n_chunks = max(1, min(CHUNKS, batch))
         Dv = D if D is not None else u.new_zeros(dim)
-        bias = delta_bias if delta_bias is not None else u.new_zeros(dim)
-        zz = z if z is not None else u.new_zeros(1, 1, 1)
-        h0 = initial_state if initial_state is not None else u.new_zeros(1, 1, 1)
+        dt = _raw_dt(delta, delta_bias)
+        if delta_softplus:
+            dt = torch.nn.functional.softplus(dt)
+        gate = _np32(torch.nn.functional.silu(z.detach().to(torch.float32))) if z is not None else _DUMMY
+        h0 = _np32(initial_state) if initial_state is not None else _DUMMY
         out = np.empty((batch, dim, L), np.float32)
         last = np.empty((batch, dim, A.shape[1]) if return_last_state else (1, 1, 1), np.float32)
-        _run(fwd, _np32(u), _np32(delta), _np32(A), _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), _np32(zz),
-            _np32(bias), bool(delta_softplus), z is not None, _np32(h0), initial_state is not None, n_chunks, out, last,
-            bool(return_last_state))
+        _run(fwd, _np32(u), _np32(dt), _np32(A), _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), gate,
+             z is not None, h0, initial_state is not None, n_chunks, out, last, bool(return_last_state))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.delta_softplus = bool(delta_softplus)
         y = torch.from_numpy(out).to(u.dtype)
@@ -335,10 +345,18 @@ class _SelectiveScanNumba(torch.autograd.Function):
         Bg, Cg = _as_groups(B), _as_groups(C)
         n_chunks = max(1, min(CHUNKS, batch))
         Dv = D if D is not None else u.new_zeros(dim)
-        bias = delta_bias if delta_bias is not None else u.new_zeros(dim)
-        zz = z if z is not None else u.new_zeros(1, 1, 1)
+        raw = _raw_dt(delta, delta_bias)
+        dt, sig = raw, _DUMMY
+        if ctx.delta_softplus:
+            dt, sig = torch.nn.functional.softplus(raw), _np32(torch.sigmoid(raw))
+        gate = dgate = _DUMMY
+        if z is not None:  # silu(z) = z s and its derivative s (1 + z (1 - s)) = s + silu(z) (1 - s)
+            zf = z.detach().to(torch.float32)
+            s = torch.sigmoid(zf)
+            silu = zf * s
+            gate, dgate = _np32(silu), _np32(torch.addcmul(s, silu, 1.0 - s))
         has_h0 = initial_state is not None
-        h0 = initial_state if has_h0 else u.new_zeros(1, 1, 1)
+        h0 = _np32(initial_state) if has_h0 else _DUMMY
         dh0 = np.empty((batch, dim, N) if has_h0 else (1, 1, 1), np.float32)
         du = np.empty((batch, dim, L), np.float32)
         ddelta = np.empty((batch, dim, L), np.float32)
@@ -349,9 +367,9 @@ class _SelectiveScanNumba(torch.autograd.Function):
         dD_part = np.zeros((n_chunks, dim), np.float32)
         dbias_part = np.zeros((n_chunks, dim), np.float32)
         gl = _np32(glast) if glast is not None else np.zeros((1, 1, 1), np.float32)
-        _run(bwd, _np32(u), _np32(delta), _np32(A), _np32(Bg), _np32(Cg), _np32(Dv), _np32(zz), _np32(bias),
-            ctx.delta_softplus, z is not None, _np32(h0), has_h0, _np32(gout), gl, glast is not None, n_chunks,
-            du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part)
+        _run(bwd, _np32(u), _np32(dt), sig, ctx.delta_softplus, _np32(A), _np32(Bg), _np32(Cg), _np32(Dv), gate, dgate,
+             z is not None, h0, has_h0, _np32(gout), gl, glast is not None, n_chunks,
+             du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part)
 
         def back(arr, like):
             return torch.from_numpy(arr).to(like.dtype)
