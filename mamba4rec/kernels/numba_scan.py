@@ -349,12 +349,14 @@ class _SelectiveScanNumba(torch.autograd.Function):
         dt, sig = raw, _DUMMY
         if ctx.delta_softplus:
             dt, sig = torch.nn.functional.softplus(raw), _np32(torch.sigmoid(raw))
+        del raw
         gate = dgate = _DUMMY
-        if z is not None:  # silu(z) = z s and its derivative s (1 + z (1 - s)) = s + silu(z) (1 - s)
+        if z is not None:  # silu(z) = z s, with s = sigmoid(z), and its derivative s (1 + z (1 - s))
             zf = z.detach().to(torch.float32)
             s = torch.sigmoid(zf)
-            silu = zf * s
-            gate, dgate = _np32(silu), _np32(torch.addcmul(s, silu, 1.0 - s))
+            gate = _np32(zf * s)
+            dgate = _np32(torch.rsub(s, 1.0).mul_(zf).add_(1.0).mul_(s))
+            del s, zf
         has_h0 = initial_state is not None
         h0 = _np32(initial_state) if has_h0 else _DUMMY
         dh0 = np.empty((batch, dim, N) if has_h0 else (1, 1, 1), np.float32)
