@@ -5,8 +5,10 @@ Times forward, backward and forward+backward (median of --repeats after one warm
 the peak RSS growth over each call (a sampling thread reading /proc/self/statm; the largest over
 the warm-up and the timed runs), with the arguments a MambaBlock passes (D, z, delta_bias,
 delta_softplus=True). The implementations of a shape run interleaved, one call each in turn (the
-order reversed every other round), so that they share the machine's conditions. Prints the
-environment and writes one CSV row per (impl, shape, budget).
+order reversed every other round), so that they share the machine's conditions; the peak RSS
+growth then compares only across runs of one implementation each (the first to run pays for
+what the allocator keeps and the others reuse). Prints the environment and writes one CSV row
+per (impl, shape, budget).
 
     python -m benchmarks.bench_scan_cpu                          # default shapes, default budget
     python -m benchmarks.bench_scan_cpu --shapes 2048x128x32x50 --budgets 8,16,32,64 --no-ref
