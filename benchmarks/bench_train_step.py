@@ -4,9 +4,10 @@ and as it was at an older commit (923e454 by default), and SASRec train_mode=seq
 
 Each contender is a worker process (benchmarks/train_step_worker.py) with its own code on its
 module path: the checkout, or the older commit extracted once with ``git archive`` into the temp
-folder. Every worker loads the data set, builds its model (the repo's configs, with
-train_batch_size and MAX_ITEM_LIST_LENGTH set here) and its first --batches real training
-batches of the seeded epoch, then waits. The parent then asks one worker at a time for one
+folder. One after another, each worker loads the data set, builds its model (the repo's configs,
+with train_batch_size and MAX_ITEM_LIST_LENGTH set here) and its first --batches real training
+batches of the seeded epoch, lets the data set go and waits (ML-1M at L = 200: about 5 GiB
+while a worker loads, 0.5 GiB each after). The parent then asks one worker at a time for one
 training step (zero_grad, loss, backward, optimizer step on its next batch), all contenders in
 turn, the order reversed every other round, so that they share the machine's conditions; the
 first --warmup rounds (numba compiles or loads its kernels) are not counted. Prints each
@@ -137,7 +138,30 @@ def data_path(path: str, dataset: str) -> str:
     return str(out)
 
 
+def available_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def wait_for_memory(gib: float, name: str, patience: float = 120.0) -> None:
+    """Start a worker only with ``gib`` GiB available (other processes of the machine must not be
+    pushed out of memory by a loading worker): wait up to ``patience`` s for it, then give up."""
+    deadline = time.monotonic() + patience
+    while (free := available_gib()) is not None and free < gib:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: only {free:.1f} GiB of memory available, --min-free-gib asks "
+                               f"{gib:g} before a worker loads the data set")
+        time.sleep(5)
+
+
 def start(c: Contender, args, data: str) -> None:
+    wait_for_memory(args.min_free_gib, c.name)
     env = dict(os.environ, PYTHONPATH=str(c.root), OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, str(WORKER), "--model", c.model, "--train-mode", c.train_mode, "--dataset", args.dataset,
            "--data-path", data, "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
@@ -196,6 +220,8 @@ def main(argv=None) -> None:
                    "(default: one per step, warm-up included)")
     p.add_argument("--pause", type=float, default=0.2, help="seconds between two steps (idle OpenMP threads "
                    "of the last worker stop spinning)")
+    p.add_argument("--min-free-gib", type=float, default=8.0, help="memory that must be available before a "
+                   "worker starts loading the data set (ML-1M's loading peaks at about 5 GiB)")
     p.add_argument("--csv", default=str(REPO / "benchmarks" / "out" / "train_step.csv"))
     args = p.parse_args(argv)
     args.max_len = args.max_len or MAX_LEN.get(args.dataset) or p.error(f"--max-len: no default for {args.dataset}")
@@ -219,9 +245,8 @@ def main(argv=None) -> None:
     contenders = [mamba_at(n.split("@", 1)[1]) if n.startswith("mamba@") else CONTENDERS[n](args) for n in names]
     live = []
     try:
-        for c in contenders:
+        for c in contenders:  # one after another: RecBole's data set takes gigabytes while it loads
             start(c, args, data)
-        for c in contenders:
             msg = receive(c)
             if "unavailable" in msg:
                 c.unavailable = msg["unavailable"]
@@ -229,7 +254,8 @@ def main(argv=None) -> None:
                 continue
             c.info = msg["ready"]
             print(f"# {c.name}: {c.model} train_mode={c.train_mode}, code {c.code} ({c.info['mamba4rec']}), "
-                  f"scan {c.info['scan']}, {c.info['params']:,} parameters, loaded in {c.info['load_s']} s; "
+                  f"scan {c.info['scan']}, {c.info['params']:,} parameters, loaded in {c.info['load_s']} s "
+                  f"(RSS {c.info['rss_mib']['loaded']} MiB, {c.info['rss_mib']['kept']} MiB kept); "
                   f"settings {json.dumps(c.info['settings'])}", flush=True)
         live = [c for c in contenders if not c.unavailable]
         for r in range(args.warmup + args.repeats):
