@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -163,7 +164,7 @@ def main(argv=None):
                     isz = 8 if dtype == torch.float64 else 4
                     bbf = torch_scan._block_size(batch, L, dim, N, 2, isz, budget)
                     bbb = torch_scan._block_size(batch, L, dim, N, 3, isz, budget)
-                    fn = lambda *x, _b=budget, **k: torch_scan.selective_scan_torch(*x, **k, workspace_bytes=_b)  # noqa: E731
+                    fn = partial(torch_scan.selective_scan_torch, workspace_bytes=budget)
                     shown = "auto" if budget is None else f"{budget / 2**20:g}M"
                     runs.append((f"torch[{shown}]" if len(budgets) > 1 else "torch", fn, shown, f"{bbf}/{bbb}",
                                  "auto" if budget is None else budget))

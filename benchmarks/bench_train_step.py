@@ -14,8 +14,8 @@ first --warmup rounds (numba compiles or loads its kernels) are not counted. Pri
 contender's settings, then a table of median ms per step and the work per step: targets, rows
 (windows), positions in them and positions computed (with the length buckets' padding), per
 target; then the ratios to Mamba4Rec now: of the medians, and the median of each round's ratio
-(steps seconds apart, which a busy machine slows alike). The project's goal: Mamba4Rec's sequence step 1.3x faster than
-923e454's on ML-1M (L=200) and on Beauty (L=50).
+(steps seconds apart, which a busy machine slows alike). The project's goal: Mamba4Rec's
+sequence step 1.3x faster than 923e454's on ML-1M (L=200) and on Beauty (L=50).
 
     python -m benchmarks.bench_train_step --dataset ml-1m --data-path /work/shared/datasets --threads 1
     python -m benchmarks.bench_train_step --dataset amazon-beauty --data-path /work/shared/datasets --threads 1
@@ -289,7 +289,8 @@ def report(args, live) -> None:
         row = dict(contender=c.name, model=c.model, train_mode=c.train_mode, code=c.code, dataset=args.dataset,
                    max_len=args.max_len, batch_size=args.batch_size, threads=args.threads,
                    ms_median=round(med, 1), ms_min=round(min(c.ms), 1), ms_max=round(max(c.ms), 1),
-                   steps=len(c.ms), targets_per_step=i["targets"] / i["batches"], rows_per_step=i["rows"] / i["batches"],
+                   steps=len(c.ms), targets_per_step=i["targets"] / i["batches"],
+                   rows_per_step=i["rows"] / i["batches"],
                    positions_per_target=i["positions"] / i["targets"], computed_per_target=i["computed"] / i["targets"],
                    cpu=cpu_name())
         rows.append(row)

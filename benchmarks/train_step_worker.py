@@ -148,8 +148,8 @@ def main(argv=None) -> int:
     from mamba4rec import pipeline
 
     t0 = time.perf_counter()
-    cfg = {"train_mode": a.train_mode, "MAX_ITEM_LIST_LENGTH": a.max_len, "train_batch_size": a.batch_size, "data_path": a.data_path,
-           "show_progress": False, "state": "ERROR", "checkpoint_dir": a.scratch}
+    cfg = {"train_mode": a.train_mode, "MAX_ITEM_LIST_LENGTH": a.max_len, "train_batch_size": a.batch_size,
+           "data_path": a.data_path, "show_progress": False, "state": "ERROR", "checkpoint_dir": a.scratch}
     try:
         PRECHECKS.get(a.train_mode, lambda: None)()
         config = pipeline.build_config(a.model, a.dataset, config_dict=cfg)
