@@ -27,9 +27,11 @@ the settings docs/DATASETS.md gives (ML-1M: items with fewer than 5 ratings drop
 
 Contenders (--contenders): mamba (Mamba4Rec, sequence, this checkout), mamba-old (the same at
 --old-rev), sasrec (SASRec, sequence, this checkout), mamba-history (Mamba4Rec,
-train_mode=history, this checkout: the hook for that mode, see train_step_worker.history_mode;
-a version of the code without it is reported as unavailable and left out of the table), and
-mamba@REV (Mamba4Rec, sequence, at any git revision REV that has the same entry points).
+train_mode=history, this checkout: each user's whole history, see train_step_worker.history_mode;
+a version of the code without that mode is reported as unavailable and left out of the table), and
+mamba@REV (Mamba4Rec, sequence, at any git revision REV that has the same entry points). Every
+mode has the same steps per epoch (train_batch_size targets a step), so the ratio of two
+contenders' steps is the ratio of their epochs.
 """
 
 from __future__ import annotations
@@ -105,8 +107,8 @@ def current_sasrec(args) -> Contender:
 
 
 def history_mamba(args) -> Contender:
-    """Mamba4Rec with train_mode=history (being built): its batches, loss and work per step come
-    from train_step_worker.history_mode, which is where that mode gets plugged in."""
+    """Mamba4Rec with train_mode=history: its batches, loss and work per step come from
+    train_step_worker.history_mode."""
     return Contender("mamba-history", REPO, "Mamba4Rec", "history", "this checkout")
 
 
@@ -208,7 +210,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-1m")
     p.add_argument("--data-path", required=True, help="RecBole data_path, or a folder of the raw benchmark files")
-    p.add_argument("--contenders", default="mamba-old,mamba,sasrec",
+    p.add_argument("--contenders", default="mamba-old,mamba,mamba-history,sasrec",
                    help=f"comma list of {', '.join(CONTENDERS)}, mamba@REV (see above)")
     p.add_argument("--old-rev", default="923e454", help="the commit mamba-old runs")
     p.add_argument("--max-len", type=int, default=None,

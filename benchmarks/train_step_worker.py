@@ -69,14 +69,39 @@ def sequence_mode(config, train, model):
 
 
 def history_mode(config, train, model):
-    """train_mode=history, the hook for the mode being built: return what :func:`sequence_mode`
-    returns, from that mode's own loader and loss. The worker steps through the batches in
-    the loader's order (a loss that carries state from one batch to the next sees them as in
-    training; when the worker cycles back to the first batch it is the start of a new epoch).
-    ``sizes`` should count as computed positions those the step really runs the model over,
-    and not the carried-in history it does not recompute."""
-    raise NotAvailable("train_mode=history exists, but benchmarks/train_step_worker.py:history_mode does not "
-                       "build its batches and loss yet")
+    """train_mode=history: what :func:`sequence_mode` returns, from that mode's loader and loss
+    (mamba4rec.history). Positions computed: those the step runs the layers over, the no-gradient
+    restart of a user that began in an earlier batch included, with the grouping's padding."""
+    from mamba4rec import history
+
+    loader = history.HistoryTrainDataLoader(config, train.dataset, train._sampler)
+    chunk, _ = history.resolve_history(config)
+
+    def loss_of(batch):
+        return history.history_loss(model, batch, chunk)
+
+    def sizes(batch):
+        end, lo = batch[model.ITEM_SEQ_LEN], batch[history.FROM]
+        earlier = lo[lo > 0].tolist()
+        run = (end - lo).tolist()
+        computed = history_positions(run, chunk) + history_positions(earlier, chunk)
+        return (len(batch[model.POS_ITEM_ID]), len(end), sum(run) + sum(earlier), computed)
+
+    return loader, loss_of, sizes
+
+
+def history_positions(lengths, chunk) -> int:
+    """Positions history.run_chunks computes over rows of these lengths: a wave of chunks at a time,
+    the rows going on past a wave run whole, those ending in it in history.padding_groups."""
+    from mamba4rec.history import padding_groups
+
+    host = sorted(lengths, reverse=True)
+    total = 0
+    for start in range(0, host[0] if host else 0, chunk):
+        going_on = sum(1 for n in host if n > start + chunk)
+        ending = [n - start for n in host if start < n <= start + chunk]
+        total += going_on * chunk + sum((b - a) * ending[a] for a, b in padding_groups(ending))
+    return total
 
 
 def history_exists() -> None:
