@@ -69,7 +69,7 @@ def _child(args, mem) -> None:
     if mode == "sequence":
         def loss_of(inter):
             return sequence.sequence_loss(model, inter, buckets)
-    elif buckets > 1:
+    elif buckets != 1:
         def loss_of(inter):
             return sequence.prefix_loss(model, inter, buckets)
     else:

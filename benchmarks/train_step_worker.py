@@ -44,6 +44,10 @@ def bucket_positions(lengths, n_buckets) -> int:
     buckets, each cut at its longest row (mamba4rec's length_buckets: sorted, stable, equal counts)."""
     import torch
 
+    if n_buckets == "auto":  # the padding-optimal groups (code that has them: it is this code's key)
+        from mamba4rec.causal import length_buckets
+
+        return sum(len(idx) * int(lengths[idx].max()) for idx in length_buckets(lengths, "auto"))
     order = torch.argsort(lengths, stable=True)
     parts = torch.tensor_split(order, max(1, min(int(n_buckets), len(order))))
     return sum(len(idx) * int(lengths[idx].max()) for idx in parts if len(idx))

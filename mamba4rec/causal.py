@@ -20,14 +20,16 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 
 from .checks import int_in
 from .compat import instance_attributes
 
-#: batches of models without a ``length_buckets`` attribute of their own run in this many buckets
-DEFAULT_BUCKETS = 4
+#: batches of models without a ``length_buckets`` attribute of their own run in these buckets:
+#: "auto", the padding-optimal groups of :func:`padding_groups`; an integer n, n equal-count buckets
+DEFAULT_BUCKETS = "auto"
 # fields of a sequence batch: target -> (row, position, user, index)
 ROW, POS, USER, INDEX = "_seq_row", "_seq_pos", "_seq_user", "_seq_index"
 logger = logging.getLogger(__name__)
@@ -53,14 +55,48 @@ def sequence_output(model, item_seq, item_seq_len) -> torch.Tensor:
         return type(model).forward(model, item_seq, item_seq_len)
 
 
-def length_buckets(lengths: torch.Tensor, n_buckets: int) -> list:
-    """The rows of a batch in up to ``n_buckets`` groups of similar length (indices, sorted by
-    length, stable; equal counts; none empty). A causal model run over each group cut at its
-    longest row gives the outputs it gives over the whole padded batch, for less work. The one
-    bucketing: Mamba4Rec's forward (its ``length_buckets``) and :func:`target_output` (RecBole's
-    causal models, and sequence batches) both use it."""
+def length_buckets(lengths: torch.Tensor, n_buckets) -> list:
+    """The rows of a batch in groups of similar length (indices, sorted by length, stable; none
+    empty): "auto", the groups with the fewest padded positions plus a per-call cost
+    (:func:`padding_groups`); an integer n, up to n groups of equal counts. A causal model run
+    over each group cut at its longest row gives the outputs it gives over the whole padded
+    batch, for less work. The one bucketing: Mamba4Rec's forward (its ``length_buckets``) and
+    :func:`target_output` (RecBole's causal models, and sequence batches) both use it."""
     order = torch.argsort(lengths, stable=True)
+    if n_buckets == "auto":
+        order = order.flip(0)  # longest first, as padding_groups takes them
+        groups = padding_groups(lengths[order].tolist())
+        return [order[a:b].flip(0) for a, b in reversed(groups)]
     return [idx for idx in torch.tensor_split(order, max(1, min(int(n_buckets), len(order)))) if len(idx)]
+
+
+#: What one more call of a model's layers costs, in positions of work: :func:`padding_groups`
+#: weighs the padding a group of rows saves against the calls it adds.
+CALL_COST = 32
+
+
+def padding_groups(lengths: list[int], call_cost: int = CALL_COST) -> list[tuple[int, int]]:
+    """Rows of ``lengths`` (sorted longest first) as contiguous groups (a, b), each to run padded to
+    its longest row, lengths[a]: the grouping with the fewest padded positions plus ``call_cost``
+    a group (exact, by dynamic programming over the distinct lengths)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    starts = [0] + [i for i in range(1, n) if lengths[i] != lengths[i - 1]]
+    s = np.asarray(starts + [n], dtype=np.int64)
+    v = np.asarray([lengths[i] for i in starts], dtype=np.int64)
+    m = len(starts)
+    best = np.zeros(m + 1, dtype=np.int64)
+    cut = np.zeros(m + 1, dtype=np.int64)
+    for k in range(1, m + 1):  # the best grouping of the first k runs: its last group starts at run j
+        costs = best[:k] + (s[k] - s[:k]) * v[:k] + call_cost
+        j = int(np.argmin(costs))
+        best[k], cut[k] = costs[j], j
+    groups, k = [], m
+    while k > 0:
+        groups.append((int(s[cut[k]]), int(s[k])))
+        k = int(cut[k])
+    return groups[::-1]
 
 
 def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor:
@@ -69,7 +105,9 @@ def target_output(model, interaction, n_buckets=DEFAULT_BUCKETS) -> torch.Tensor
     item_seq = interaction[model.ITEM_SEQ]
     item_len = interaction[model.ITEM_SEQ_LEN]
     row, pos = interaction[ROW], interaction[POS]
-    n_buckets = max(1, min(int(getattr(model, "length_buckets", n_buckets)), item_seq.shape[0]))
+    n_buckets = getattr(model, "length_buckets", n_buckets)
+    if n_buckets != "auto":
+        n_buckets = max(1, min(int(n_buckets), item_seq.shape[0]))
     if n_buckets == 1:
         full = sequence_output(model, item_seq[:, :int(item_len.max())], item_len)
         return full[row, pos]
@@ -134,7 +172,7 @@ def bucketed_forward(model, n_buckets):
     """For the duration, ``model.forward`` runs in ``n_buckets`` length buckets (:func:`last_output`):
     run() evaluates a causal RecBole model this way (full_sort_predict calls forward), with the
     buckets its training batches use. 1: the model's own forward, untouched."""
-    if n_buckets <= 1:
+    if n_buckets == 1:
         yield
         return
 
@@ -175,16 +213,20 @@ def prefix_buckets(model, config) -> int:
     return buckets
 
 
-def resolve_buckets(config) -> int:
+def resolve_buckets(config):
     """``length_buckets`` for any model (Mamba4Rec reads it as its own key; for RecBole's models
-    it sets how train_mode prefix and sequence run each batch), validated: an integer >= 1, 1 =
-    one bucket (in prefix mode: RecBole's own forward over the padded batch)."""
+    it sets how train_mode prefix and sequence run each batch), validated: "auto" (the
+    padding-optimal groups, the default) or an integer >= 1 (that many equal-count buckets; 1 = one
+    bucket: in prefix mode RecBole's own forward over the padded batch)."""
     value = _get(config, "length_buckets")
     if value is None:
         return DEFAULT_BUCKETS
+    if value == "auto":
+        return value
     if not int_in(value, 1):
-        raise ValueError(f"length_buckets={value!r} is invalid: it must be an integer >= 1 (the number of "
-                         f"length buckets each training batch runs in; 1 = off, default {DEFAULT_BUCKETS}).")
+        raise ValueError(f"length_buckets={value!r} is invalid: it must be auto (groups of similar length "
+                         f"chosen to minimise padding, the default) or an integer >= 1 (that many equal-count "
+                         f"length buckets each batch runs in; 1 = off).")
     return int(value)
 
 

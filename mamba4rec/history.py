@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 
-from .causal import INDEX, POS, ROW, USER, _get, _loss_with
+from .causal import INDEX, POS, ROW, USER, _get, _loss_with, padding_groups  # noqa: F401 (re-exported)
 from .checks import int_in
 from .sequence import SequenceTrainDataLoader, user_sequences
 from .streaming import StreamState
@@ -89,35 +89,6 @@ def _rows(state: StreamState, a: int, b: int) -> StreamState:
 def _cat(states: list[StreamState]) -> StreamState:
     return StreamState([torch.cat(t) for t in zip(*(s.conv for s in states))],
                        [torch.cat(t) for t in zip(*(s.ssm for s in states))], torch.cat([s.steps for s in states]))
-
-
-#: What one more call of the layers costs, in positions of work: :func:`padding_groups` weighs the
-#: padding a group of rows saves against the calls it adds.
-CALL_COST = 32
-
-
-def padding_groups(lengths: list[int], call_cost: int = CALL_COST) -> list[tuple[int, int]]:
-    """Rows of ``lengths`` (sorted longest first) as contiguous groups (a, b), each to run padded to
-    its longest row, lengths[a]: the grouping with the fewest padded positions plus ``call_cost``
-    a group (exact, by dynamic programming over the distinct lengths)."""
-    n = len(lengths)
-    if n == 0:
-        return []
-    starts = [0] + [i for i in range(1, n) if lengths[i] != lengths[i - 1]]
-    s = np.asarray(starts + [n], dtype=np.int64)
-    v = np.asarray([lengths[i] for i in starts], dtype=np.int64)
-    m = len(starts)
-    best = np.zeros(m + 1, dtype=np.int64)
-    cut = np.zeros(m + 1, dtype=np.int64)
-    for k in range(1, m + 1):  # the best grouping of the first k runs: its last group starts at run j
-        costs = best[:k] + (s[k] - s[:k]) * v[:k] + call_cost
-        j = int(np.argmin(costs))
-        best[k], cut[k] = costs[j], j
-    groups, k = [], m
-    while k > 0:
-        groups.append((int(s[cut[k]]), int(s[k])))
-        k = int(cut[k])
-    return groups[::-1]
 
 
 def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, state: StreamState | None = None,

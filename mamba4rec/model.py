@@ -105,10 +105,10 @@ class Mamba4Rec(Streaming, SequentialRecommender):
         """Output at position item_seq_len - 1 of each sequence.  [B, L] -> [B, H]
 
         Sequences are left-aligned and every layer is causal and per-sequence, so the padding
-        after a sequence cannot change any output we read. With length_buckets > 1 the batch is
-        sorted by length and cut into that many buckets, each run only up to its own longest
-        sequence: the same outputs for less work when lengths vary (short Amazon histories
-        next to long ones in one batch).
+        after a sequence cannot change any output we read. The batch is sorted by length and cut
+        into groups (length_buckets: auto, the groups with the least padding plus a per-call
+        cost; n, n equal-count buckets), each run only up to its own longest sequence: the same
+        outputs for less work when lengths vary (short Amazon histories next to long ones).
         """
         parts = length_buckets(item_seq_len, self.length_buckets)
         if len(parts) <= 1:

@@ -23,7 +23,7 @@ MODEL_DEFAULTS = {
     "scan_impl": "auto",
     "position_embedding": False,
     "dt_init": "paper",
-    "length_buckets": 4,
+    "length_buckets": "auto",
     "ce_chunk_rows": "auto",
     "block_residual": "auto",
 }
@@ -51,8 +51,11 @@ def resolve_model_config(config) -> dict:
         out[key] = default if value is None else value
     for key in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "length_buckets"):
         v = out[key]
+        if key == "length_buckets" and v == "auto":
+            continue
         if not int_in(v, 1):
-            raise _bad(key, v, "it must be an integer >= 1")
+            raise _bad(key, v, "it must be an integer >= 1" + (
+                " or auto (groups of similar length chosen to minimise padding)" if key == "length_buckets" else ""))
         out[key] = int(v)
     p = out["dropout_prob"]
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:

@@ -123,9 +123,9 @@ class _RunTrainer:
     history_chunk = None  # train_mode=history: items per chunk (mamba4rec.history)
     whole_history = None  # eval_history=whole: a WholeHistory, which scores each user from all of it
 
-    def batch_buckets(self) -> int:
+    def batch_buckets(self):
         """The length buckets a training batch runs in (Mamba4Rec's forward: its own length_buckets)."""
-        return int(getattr(self.model, "length_buckets", self.buckets))
+        return getattr(self.model, "length_buckets", self.buckets)
 
     def track(self, train_data, last_path, train_mode):
         """Start recording; ``last_path`` None writes no -last.pth (saved=False, or not rank 0)."""
@@ -154,7 +154,7 @@ class _RunTrainer:
 
             def loss_func(interaction):
                 return history_loss(model, interaction, chunk)
-        elif loss_func is None and (self.train_mode == "sequence" or self.buckets > 1):
+        elif loss_func is None and (self.train_mode == "sequence" or self.buckets != 1):
             model, buckets = self.model, self.buckets
             loss = sequence_loss if self.train_mode == "sequence" else prefix_loss
 

@@ -55,10 +55,12 @@ def _resume(path, trainer, net, train_data, log) -> dict:
     except Exception as exc:  # truncated, foreign, another model's weights
         raise ValueError(f"--resume: {path!r} cannot be resumed from ({type(exc).__name__}: {exc})") from None
     saved, now = state.get("buckets"), trainer.batch_buckets()
-    if saved is not None and int(saved) != now:  # other dropout draws: not the run this file continues
-        raise ValueError(f"--resume: {path!r} was trained with {saved} length bucket(s) per training batch and "
-                         f"this run would use {now}; resume with --length_buckets={saved} to continue the run "
-                         f"as it began")
+    if trainer.history_chunk is not None:  # train_mode=history: its chunks, not length buckets
+        saved = now
+    if saved is not None and saved != now:  # other dropout draws: not the run this file continues
+        raise ValueError(f"--resume: {path!r} was trained with length_buckets={saved} (how each training batch "
+                         f"is grouped by length) and this run would use {now}; resume with --length_buckets={saved} "
+                         f"to continue the run as it began")
     if "history_chunk" in state and state["history_chunk"] != trainer.history_chunk:
         raise ValueError(f"--resume: {path!r} was trained with history_chunk={state['history_chunk']} and this run "
                          f"would use {trainer.history_chunk} (None: not train_mode=history); resume with the "

@@ -385,12 +385,12 @@ def test_prefix_batches_in_buckets_give_the_models_own_loss_and_gradient(in_tmp,
     assert "forward" not in net.__dict__ and "gather_indexes" not in net.__dict__
 
 
-@pytest.mark.parametrize("model,buckets,expect", [("SASRec", None, 4), ("GRU4Rec", 3, 3), ("SASRec", 1, 0),
-                                                  ("BERT4Rec", None, 0), ("FEARec", None, 0), ("ItemKNN", None, 0),
-                                                  ("Mamba4Rec", None, 0)])
+@pytest.mark.parametrize("model,buckets,expect", [("SASRec", None, "auto"), ("GRU4Rec", 3, 3), ("SASRec", 4, 4),
+                                                  ("SASRec", 1, 0), ("BERT4Rec", None, 0), ("FEARec", None, 0),
+                                                  ("ItemKNN", None, 0), ("Mamba4Rec", None, 0)])
 def test_prefix_mode_buckets_recbole_causal_models_only(in_tmp, monkeypatch, caplog, model, buckets, expect):
     """run() in prefix mode: a causal RecBole model's batches run in length_buckets buckets (default
-    4); length_buckets 1, a non-causal model (logged) and Mamba4Rec (its forward buckets itself) go
+    auto); length_buckets 1, a non-causal model (logged) and Mamba4Rec (its forward buckets itself) go
     through the model's own calculate_loss on the padded batch."""
     calls = []
     real = pipeline.prefix_loss
@@ -434,8 +434,8 @@ def test_prefix_mode_in_buckets_resumes_exactly(in_tmp):
     full = pipeline.run("SASRec", "tiny", config_dict=cfg("full", 2))
     pipeline.run("SASRec", "tiny", config_dict=cfg("cut", 1))
     last = str(in_tmp / "cut" / "SASRec-tiny-last.pth")
-    assert torch.load(last, weights_only=False)["buckets"] == 4
-    with pytest.raises(ValueError, match="trained with 4 length bucket.*would use 1.*--length_buckets=4"):
+    assert torch.load(last, weights_only=False)["buckets"] == "auto"
+    with pytest.raises(ValueError, match="trained with length_buckets=auto .*would use 1.*--length_buckets=auto"):
         pipeline.run("SASRec", "tiny", config_dict={**cfg("cut", 2), "length_buckets": 1}, resume=last)
     resumed = pipeline.run("SASRec", "tiny", config_dict=cfg("cut", 2), resume=last)
     assert resumed.test_result == full.test_result and resumed.epochs_run == full.epochs_run == 2
@@ -480,7 +480,7 @@ def test_bucketed_forward_scores_as_the_padded_forward_and_restores_it(in_tmp, m
         assert "forward" not in net.__dict__
 
 
-@pytest.mark.parametrize("model,buckets,expect", [("SASRec", None, 4), ("GRU4Rec", 3, 3), ("SASRec", 1, 1),
+@pytest.mark.parametrize("model,buckets,expect", [("SASRec", None, "auto"), ("GRU4Rec", 3, 3), ("SASRec", 1, 1),
                                                   ("BERT4Rec", None, 1), ("Mamba4Rec", None, 1)])
 @pytest.mark.parametrize("mode", ["prefix", "sequence"])
 def test_run_evaluates_in_the_buckets_of_its_training_batches(in_tmp, monkeypatch, model, buckets, expect, mode):
@@ -546,3 +546,21 @@ def test_bucketed_forward_is_removed_after_an_error(in_tmp):
             assert "forward" in net.__dict__
             raise RuntimeError("boom")
     assert "forward" not in net.__dict__
+
+
+def test_auto_buckets_run_fewer_padded_positions_than_equal_counts():
+    from mamba4rec.causal import CALL_COST
+
+    """length_buckets: auto groups a batch of short histories and one long one so that the short
+    ones are not padded to it; the groups cover every row once."""
+    lengths = torch.tensor([3, 50, 4, 5, 3, 6, 7, 2, 4, 5, 3, 6, 48, 5])
+    auto = sq.length_buckets(lengths, "auto")
+    assert sorted(torch.cat(auto).tolist()) == list(range(len(lengths)))
+
+    def padded(parts):
+        return sum(len(p) * int(lengths[p].max()) for p in parts)
+
+    assert padded(auto) == 12 * 7 + 2 * 50 < padded(sq.length_buckets(lengths, 4))  # the long two apart
+    for n in range(1, len(lengths) + 1):  # no equal-count bucketing costs less, with the per-call cost
+        equal = sq.length_buckets(lengths, n)
+        assert padded(auto) + CALL_COST * len(auto) <= padded(equal) + CALL_COST * len(equal)
