@@ -55,9 +55,11 @@ def test_world_size_larger_than_the_processes_times_out_with_a_clear_error(in_tm
                         DistSpec(nproc=2, world_size=3, port=_free_port(), timeout_s=1), config_dict=cfg)
 
 
-def test_cli_distributed_on_cpu_two_ranks_train_and_rank0_reports_metrics(in_tmp, capfd, monkeypatch):
+@pytest.mark.parametrize("mode", ["sequence", "history"])
+def test_cli_distributed_on_cpu_two_ranks_train_and_rank0_reports_metrics(in_tmp, capfd, monkeypatch, mode):
     """run_recbole.py --nproc=2 with this process as the launcher: the two ranks are processes of
-    their own (their output is captured too, capfd). In train_mode=sequence, two epochs: each rank
+    their own (their output is captured too, capfd). In train_mode=sequence or history (whose
+    evaluation runs each rank's users from their whole histories), two epochs: each rank
     takes its share of every step's targets, with the same number of steps on both ranks (else
     an epoch would hang on the gradient all-reduce). One launch checks both: they share its
     launch path, and each launch costs two processes importing torch and RecBole."""
@@ -70,7 +72,7 @@ def test_cli_distributed_on_cpu_two_ranks_train_and_rank0_reports_metrics(in_tmp
     monkeypatch.setattr(distributed, "run_distributed", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
     code = run_recbole.main(
         ["--dataset=tiny", f"--data_path={TINY_DATA}", "--nproc=2",
-         f"--port={_free_port()}", "--dist_timeout=120", "--epochs=2", "--train_mode=sequence",
+         f"--port={_free_port()}", "--dist_timeout=120", "--epochs=2", f"--train_mode={mode}",
          "--train_batch_size=64",
          "--MAX_ITEM_LIST_LENGTH=10", "--hidden_size=16", "--d_state=4", "--show_progress=False",
          f"--checkpoint_dir={in_tmp / 'saved'}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"])
