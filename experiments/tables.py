@@ -50,7 +50,7 @@ def tables(results: Path = RESULTS) -> str:
     out = []
     for dataset in [d for d in DATASETS if d in found] + [d for d in found if d not in DATASETS]:
         per_user = _load_per_user(results, dataset)
-        for mode in ("sequence", "prefix"):
+        for mode in ("sequence", "prefix", "history"):
             recs = found[dataset].get(mode)
             if not recs:
                 continue
@@ -61,7 +61,9 @@ def tables(results: Path = RESULTS) -> str:
             out.append("| model | test HR@10 | test NDCG@10 | test MRR@10 | valid NDCG@10 | best epoch / run | "
                        "stopped by | s/epoch | x SASRec | peak MiB | x SASRec | train h to stop | threads |")
             out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-            base = recs.get("SASRec")
+            # history mode has no SASRec row (SASRec has no state to carry): its speed is set beside
+            # SASRec's sequence-mode row, the one it replaces
+            base = recs.get("SASRec") or (found[dataset].get("sequence", {}).get("SASRec") if mode == "history" else None)
             for name in [n for n in expected if n in recs] + [n for n in recs if n not in expected]:
                 r = recs[name]
                 t, v = r["test_result"], r["valid_result"]
@@ -94,6 +96,7 @@ def tables(results: Path = RESULTS) -> str:
                     if r.get("machine_by_epoch")]
             out += [""]
         out += mode_lines(dataset, found[dataset], per_user, paired_difference)
+        out += history_lines(dataset, found[dataset], per_user, paired_difference)
         out += curve_lines(results, dataset)
     return "\n".join(out).rstrip() + "\n"
 
@@ -154,6 +157,32 @@ def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec
                       if seeded else
                       "no second seed ran on this data set, so the run-to-run spread is not measured here:"),
                ""] + lines + [""])
+
+
+def history_lines(dataset, by_mode, per_user, paired_difference) -> list[str]:
+    """Each history-mode row (whole histories, evaluated whole) paired over the same test users with
+    the window row of the same variant (train_mode=sequence) and with SASRec's sequence row."""
+    lines = []
+    for name, r in by_mode.get("history", {}).items():
+        for other in (name, "SASRec"):
+            w = by_mode.get("sequence", {}).get(other)
+            if not w:
+                continue
+            paired = r.get("data_sha256") == w.get("data_sha256")
+            parts = []
+            for metric in METRICS:
+                a, b = per_user.get(f"history/{name}/{metric}"), per_user.get(f"sequence/{other}/{metric}")
+                if not paired or a is None or b is None or a.shape != b.shape:
+                    parts.append(f"{metric}: not paired")
+                    continue
+                d, lo, hi = paired_difference(a, b)
+                parts.append(f"{metric} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if lo <= 0 <= hi else " (beyond the users' noise)"))
+            lines.append(f"- {name} (history) - {other} (sequence): " + "; ".join(parts))
+    if not lines:
+        return []
+    return [f"### {dataset}: whole histories vs windows", "",
+            "Paired over the same test users (difference, 95% interval), each history-mode row against the "
+            "window row of the same variant and against SASRec:", ""] + lines + [""]
 
 
 def _masked_lines(recs: dict, mode: str, per_user: dict, paired_difference) -> list[str]:

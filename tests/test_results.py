@@ -527,6 +527,31 @@ def test_mode_lines_pair_prefix_with_sequence_beside_the_seed_spread():
     assert tables.mode_lines("d", {"sequence": {"SASRec": rec}}, per_user, paired_difference) == []
 
 
+def test_history_lines_pair_whole_histories_with_the_window_row_and_sasrec():
+    from mamba4rec.significance import paired_difference
+
+    rng = np.random.default_rng(2)
+    base = rng.random(300)
+    per_user = {}
+    for key, shift in (("history/Mamba4Rec/", 0.03), ("sequence/Mamba4Rec/", 0.0), ("sequence/SASRec/", 0.01),
+                       ("history/Mamba4Rec-2layers/", 0.0)):
+        for metric in plan.METRICS:
+            per_user[key + metric] = base + shift
+    rec = {"data_sha256": {"x.inter": "a"}}
+    by_mode = {"history": {"Mamba4Rec": rec, "Mamba4Rec-2layers": rec},
+               "sequence": {"Mamba4Rec": rec, "SASRec": rec}}
+    text = "\n".join(tables.history_lines("ml-1m", by_mode, per_user, paired_difference))
+    assert "### ml-1m: whole histories vs windows" in text
+    assert "- Mamba4Rec (history) - Mamba4Rec (sequence): hit@10 +0.0300 [+0.0300, +0.0300] (beyond" in text
+    assert "- Mamba4Rec (history) - SASRec (sequence): hit@10 +0.0200" in text
+    # no window row of the 2-layer variant: paired with SASRec only
+    assert "Mamba4Rec-2layers (history) - SASRec (sequence): hit@10 -0.0100" in text
+    assert "Mamba4Rec-2layers (history) - Mamba4Rec-2layers" not in text
+    other = {"history": {"Mamba4Rec": {"data_sha256": {"x.inter": "b"}}}, "sequence": {"Mamba4Rec": rec}}
+    assert "hit@10: not paired" in "\n".join(tables.history_lines("d", other, per_user, paired_difference))
+    assert tables.history_lines("d", {"sequence": {"SASRec": rec}}, per_user, paired_difference) == []
+
+
 def test_seconds_are_a_ratio_to_sasrec_only_for_rows_of_one_machine_and_threads(tmp_path):
     xeon, epyc = "Intel Xeon, 2 cpus", "AMD EPYC, 2 cpus"
     sasrec = {"machine": xeon, "threads": 1}
