@@ -41,9 +41,12 @@ def test_quick_cpu_run_passes_and_reports_every_path(tmp_path, monkeypatch):
     assert [e["path"] for e in scans] == [p for p in scan_paths for _ in cli.TINY_CASES]
     for e in scans:
         assert e["passed"] and e["error"] is None and e["dtype"] == "fp32"
-        assert [c["quantity"] for c in e["checks"]] == ["out", "last_state", *GRADS]
+        h0 = ["dinitial_state"] if e["shape"]["initial_state"] else []  # the "odd" case starts from a state
+        assert [c["quantity"] for c in e["checks"]] == ["out", "last_state", *GRADS, *h0]
         assert all(0 <= c["worst"] <= 1 and c["passed"] for c in e["checks"])
         assert e["worst"] == max(c["worst"] for c in e["checks"])
+    assert [e["shape"]["initial_state"] for e in scans] == [c.h0 for _ in scan_paths for c in cli.TINY_CASES]
+    assert any(c.h0 for c in cli.TINY_CASES) and not all(c.h0 for c in cli.TINY_CASES)
     steps = [e for e in rep["correctness"] if e["kind"] == "step"]
     assert [e["path"] for e in steps] == ["torch"] * len(cli.TINY_CASES)
     assert all(e["passed"] and [c["quantity"] for c in e["checks"]] == ["out", "last_state"] for e in steps)

@@ -2,11 +2,12 @@
 selective_scan_ref (the fp32 loop, mamba4rec/kernels/reference.py), at the tolerances of
 mamba4rec/kernels/tolerances.py.
 
-A scan is run forward with ``return_last_state=True``, then random upstream gradients for the
-output and the last state are backpropagated into all eight inputs; output, last state and
-each gradient (u, delta, A, B, C, D, z, delta_bias) must lie within the path's (rtol, atol),
-element by element as torch.isclose reads it. A step path folds the same inputs into a zero
-state one time step at a time; its outputs and final state must match the scan's.
+A scan is run forward with ``return_last_state=True`` (a case with ``h0`` starts from a random
+initial state, as train_mode=history's chunks do), then random upstream gradients for the
+output and the last state are backpropagated into every input; output, last state and each
+gradient (u, delta, A, B, C, D, z, delta_bias, and initial_state) must lie within the path's (rtol, atol),
+element by element as torch.isclose reads it. A step path folds the same inputs into the same
+state (zeros without ``h0``) one time step at a time; its outputs and final state must match the scan's.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 @dataclass(frozen=True)
 class ScanCase:
-    """One input shape: u, delta, z (batch, dim, L); B, C (batch, N, L); A (dim, N); D, bias (dim,)."""
+    """One input shape: u, delta, z (batch, dim, L); B, C (batch, N, L); A (dim, N); D, bias (dim,);
+    with ``h0`` also an initial state (batch, dim, N)."""
     name: str
     batch: int
     dim: int
     N: int
     L: int
+    h0: bool = False
 
     def shape(self) -> dict:
-        return {"batch": self.batch, "dim": self.dim, "N": self.N, "L": self.L}
+        return {"batch": self.batch, "dim": self.dim, "N": self.N, "L": self.L, "initial_state": self.h0}
 
 
 def make_inputs(case: ScanCase, dtype: torch.dtype, device, seed: int = 0) -> dict:
@@ -47,26 +50,31 @@ def make_inputs(case: ScanCase, dtype: torch.dtype, device, seed: int = 0) -> di
     def rnd(*shape, scale=1.0, shift=0.0, dt=dtype):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dt)
 
-    return dict(u=rnd(b, d, L), delta=rnd(b, d, L, scale=0.5, shift=-0.5),
-                A=(-torch.rand(d, n, generator=g, dtype=torch.float64) - 0.2).to(device, wtype),
-                B=rnd(b, n, L), C=rnd(b, n, L), D=rnd(d, dt=wtype), z=rnd(b, d, L),
-                delta_bias=rnd(d, scale=0.3, dt=wtype))
+    x = dict(u=rnd(b, d, L), delta=rnd(b, d, L, scale=0.5, shift=-0.5),
+             A=(-torch.rand(d, n, generator=g, dtype=torch.float64) - 0.2).to(device, wtype),
+             B=rnd(b, n, L), C=rnd(b, n, L), D=rnd(d, dt=wtype), z=rnd(b, d, L),
+             delta_bias=rnd(d, scale=0.3, dt=wtype))
+    if case.h0:
+        x["initial_state"] = rnd(b, d, n, dt=wtype)
+    return x
 
 
 def run_scan(fn, x: dict, seed: int = 1):
     """(out, last_state, {name: gradient}) of fn on leaf copies of ``x``, backpropagating
     seeded random gradients for out and the last state."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    h0 = {"initial_state": leaves["initial_state"]} if "initial_state" in leaves else {}
     out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
-                   z=leaves["z"], delta_bias=leaves["delta_bias"], delta_softplus=True, return_last_state=True)
+                   z=leaves["z"], delta_bias=leaves["delta_bias"], delta_softplus=True, return_last_state=True, **h0)
     g = torch.Generator().manual_seed(seed)
     gout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     glast = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.device, last.dtype)
-    grads = torch.autograd.grad([out, last], [leaves[n] for n in NAMES], [gout, glast], allow_unused=True)
-    missing = [n for n, gr in zip(NAMES, grads) if gr is None]
+    names = [n for n in (*NAMES, "initial_state") if n in leaves]
+    grads = torch.autograd.grad([out, last], [leaves[n] for n in names], [gout, glast], allow_unused=True)
+    missing = [n for n, gr in zip(names, grads) if gr is None]
     if missing:
         raise RuntimeError(f"no gradient reached {', '.join(missing)}")
-    return out.detach(), last.detach(), dict(zip(NAMES, grads))
+    return out.detach(), last.detach(), dict(zip(names, grads))
 
 
 def compare(quantity: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> dict:
@@ -130,7 +138,7 @@ def check_scan(path: str, dtype_name: str, case: ScanCase, device, cache: dict |
     (out, last, grads), (out_r, last_r, grads_r) = got, want
     checks = [compare("out", out, out_r, *tol(table, dtype, "out")),
               compare("last_state", last, last_r, *tol(table, dtype, "last_state"))]
-    for name in NAMES:
+    for name in grads_r:
         rtol, atol = tol(table, dtype, "d" + name)
         if path == "ref":
             atol *= max(1.0, float(grads_r[name].abs().max()))
@@ -139,7 +147,8 @@ def check_scan(path: str, dtype_name: str, case: ScanCase, device, cache: dict |
 
 
 def check_step(path: str, dtype_name: str, case: ScanCase, device) -> dict:
-    """``update_state(impl=path)`` stepped over the case's sequence from a zero state, against
+    """``update_state(impl=path)`` stepped over the case's sequence from its initial state (zeros
+    without ``h0``), against
     selective_scan_ref's output and last state on the same inputs (tolerance "step_triton" for
     the Triton kernel, "step_ref" for the torch step)."""
     dtype = DTYPES[dtype_name]
@@ -149,8 +158,9 @@ def check_step(path: str, dtype_name: str, case: ScanCase, device) -> dict:
         with torch.no_grad():
             want_out, want_last = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"],
                                                      delta_bias=x["delta_bias"], delta_softplus=True,
-                                                     return_last_state=True)
-            state = torch.zeros(case.batch, case.dim, case.N, device=device, dtype=torch.float32)
+                                                     return_last_state=True, initial_state=x.get("initial_state"))
+            state = (x["initial_state"].float().clone() if case.h0 else
+                     torch.zeros(case.batch, case.dim, case.N, device=device, dtype=torch.float32))
             outs = [kernels.update_state(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
                                          x["C"][..., t], D=x["D"], z=x["z"][..., t], dt_bias=x["delta_bias"],
                                          dt_softplus=True, impl=path)
