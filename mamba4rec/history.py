@@ -92,10 +92,11 @@ def _cat(states: list[StreamState]) -> StreamState:
 
 
 def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, state: StreamState | None = None,
-               outputs: str = "all"):
+               outputs: str = "all", final_state: bool = True):
     """Run rows of items (left-aligned [R, W], lengths [R] >= 1) through ``model.forward_chunk``
     ``chunk`` items at a time, each chunk from the state the row's previous chunk ended with
-    (``state``, or the empty state, before the first). Returns (out, final state):
+    (``state``, or the empty state, before the first). Returns (out, final state), the final
+    state None unless ``final_state``:
 
     outputs "all": out [sum(lengths), H], every row's outputs in row order, position order;
             "last": out [R, H], each row's output at its last item; None: out None.
@@ -131,13 +132,15 @@ def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, st
                 parts.append((rows, None, hidden[torch.arange(b - a, device=hidden.device), part_len - 1]))
             if a == 0 and going_on:
                 nxt = after
-            else:
+            elif final_state:
                 done.append((a, after))
         current = nxt
-    final = _cat([s for _, s in sorted(done, key=lambda x: x[0])])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(R, device=order.device)
-    final = final.select(inverse)
+    final = None
+    if final_state:
+        final = _cat([s for _, s in sorted(done, key=lambda x: x[0])])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(R, device=order.device)
+        final = final.select(inverse)
     if outputs is None:
         return None, final
     rows = torch.cat([p[0] for p in parts])
@@ -225,7 +228,7 @@ def history_loss(model, interaction, chunk: int):
     width = int((end - lo).max())
     idx = (lo[:, None] + torch.arange(width, device=items.device)[None, :]).clamp(max=items.shape[1] - 1)
     rest = items.gather(1, idx)
-    out, _ = run_chunks(model, rest, end - lo, chunk, state=state, outputs="all")
+    out, _ = run_chunks(model, rest, end - lo, chunk, state=state, outputs="all", final_state=False)
     return _loss_with(model, interaction, out)
 
 
@@ -295,7 +298,7 @@ class WholeHistory:
     def _scores(self, model, dataset, interaction, full):
         items, lengths = self.histories(dataset, interaction, model)
         with torch.no_grad():
-            out, _ = run_chunks(model, items, lengths, self.chunk, outputs="last")
+            out, _ = run_chunks(model, items, lengths, self.chunk, outputs="last", final_state=False)
         if full:
             return torch.matmul(out, model.item_embedding.weight.t())
         return (out * model.item_embedding(interaction[model.ITEM_ID])).sum(-1)
