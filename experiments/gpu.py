@@ -4,8 +4,8 @@ several trainings beside each other, where a CPU takes them a lane per core.
     python -m experiments.gpu OUT [DATASET ...] [--only DATASET/MODE/MODEL ...] [--seconds S]
                               [--lanes N] [--rerun] [--shared DIR]
 
-The jobs: :data:`experiments.plan.JOBS`' sequence-mode ones (or those of the data sets named, or
-the jobs ``--only`` names, of either mode), every one at once unless ``--lanes`` says how many,
+The jobs: :data:`experiments.plan.JOBS`' sequence- and history-mode ones (or those of the data
+sets named, or the jobs ``--only`` names, of any mode), every one at once unless ``--lanes`` says how many,
 each its own ``run_recbole.py ... --resume`` process with one CPU thread, as
 ``python -m experiments.results run`` starts them. Jobs results/ holds are skipped (``--rerun``
 trains them again); each finished job is exported to results/ as it finishes. ``--seconds``: the
@@ -31,7 +31,7 @@ class UsageError(Exception):
 
 
 def select_jobs(datasets=(), only=None) -> list:
-    """The plan's sequence-mode jobs, or the jobs ``only`` names (any of JOBS), kept to
+    """The plan's sequence- and history-mode jobs, or the jobs ``only`` names (any of JOBS), kept to
     ``datasets`` when given."""
     known = {j.key: j for j in plan.JOBS}
     bad = [d for d in datasets if d not in plan.DATASETS]
@@ -43,7 +43,7 @@ def select_jobs(datasets=(), only=None) -> list:
             raise UsageError(f"unknown job(s) {', '.join(stray)}; known: {', '.join(known)}")
         jobs = [known[k] for k in dict.fromkeys(only)]
     else:
-        jobs = [j for j in plan.JOBS if j.mode == "sequence"]
+        jobs = [j for j in plan.JOBS if j.mode in ("sequence", "history")]
     if datasets:
         jobs = [j for j in jobs if j.dataset in datasets]
     if not jobs:
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="the run folder (resumes what an earlier run there left)")
     p.add_argument("datasets", nargs="*", metavar="DATASET", help=f"only these of {', '.join(plan.DATASETS)}")
     p.add_argument("--only", nargs="+", default=None, metavar="KEY",
-                   help="these jobs (DATASET/MODE/MODEL, either mode) instead of the sequence-mode ones")
+                   help="these jobs (DATASET/MODE/MODEL, any mode) instead of the sequence- and history-mode ones")
     p.add_argument("--seconds", type=_positive(float), default=None,
                    help="stop the trainings still running this long after the start (they resume next time)")
     p.add_argument("--lanes", type=_positive(int), default=None, help="trainings at a time (default: all at once)")

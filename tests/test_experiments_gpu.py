@@ -126,9 +126,9 @@ def test_train_runs_every_job_at_once_stops_at_the_limit_and_resumes_on_the_same
         f"{j.name}.json" for j in VG)
 
 
-def test_the_jobs_are_the_plan_s_sequence_mode_ones_unless_chosen():
+def test_the_jobs_are_the_plan_s_sequence_and_history_mode_ones_unless_chosen():
     jobs = gpu.select_jobs()
-    assert jobs == [j for j in plan.JOBS if j.mode == "sequence"] and len(jobs) == 16
+    assert jobs == [j for j in plan.JOBS if j.mode in ("sequence", "history")] and len(jobs) == 19
     assert {j.dataset for j in gpu.select_jobs(["ml-1m"])} == {"ml-1m"}
     assert gpu.select_jobs(only=["amazon-video-games/prefix/Mamba4Rec"]) == [
         plan.Job("amazon-video-games", "prefix", "Mamba4Rec")]
