@@ -9,9 +9,9 @@ spread over threads (numba prange); per-thread partial sums of dA, dD and d(delt
 added in a fixed order, so results do not depend on the thread count.
 
 exp. numba's exp is a scalar libm call, which keeps LLVM from vectorising the loop over N. The
-decays exp(dt * A) have dt * A <= 0 (dt > 0 after softplus, A < 0), so ``_exp_nonpos`` does
+decays exp(dt * A) have dt * A <= 0 (dt > 0 after softplus, A < 0), so ``_exp1`` does
 exp on (-87, 0] as Cody-Waite range reduction plus a degree-7 polynomial and a 2^k built from
-its bits: plain arithmetic, vectorised. Max relative error 3e-7 against float64 exp (float32's
+its bits (an LLVM bitcast): plain arithmetic, vectorised inside the loop of the states. Max relative error 3e-7 against float64 exp (float32's
 own rounding is 6e-8); below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0.
 An argument above 0 (a positive A or dt, which Mamba never makes) is clamped to 0 by the
 same code, so ``selective_scan_numba`` checks for it and hands such calls to the torch scan.
@@ -60,29 +60,29 @@ def available() -> bool:
     return _available
 
 
-def _exp_nonpos(x, out, bits):
-    """out = exp(x) for x <= 0, elementwise over 1-D float32 arrays; ``bits`` is int32 scratch."""
+def _exp1(v):
+    """exp(v) for one float32 v <= 0, in plain arithmetic that vectorises once inlined in a loop."""
+    # clamp to [-87, 0] with comparisons that are false for NaN, so a NaN stays NaN (it then
+    # poisons the polynomial; min/max would turn it into a finite bound)
+    if v < np.float32(-87.0):
+        v = np.float32(-87.0)
+    if v > np.float32(0.0):
+        v = np.float32(0.0)
+    kf = np.floor(v * np.float32(_LOG2E) + np.float32(0.5))
+    r = v - kf * np.float32(_LN2_HI) - kf * np.float32(_LN2_LO)   # |r| <= ln2 / 2
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return (p * r * r + r + np.float32(1.0)) * _as_f32((np.int32(kf) + np.int32(127)) << np.int32(23))  # * 2^k
+
+
+def _exp_nonpos(x, out):
+    """out = exp(x) for x <= 0, elementwise over 1-D float32 arrays."""
     for i in range(x.shape[0]):
-        v = x[i]
-        # clamp to [-87, 0] with comparisons that are false for NaN, so a NaN stays NaN (it
-        # then poisons the polynomial; min/max would turn it into a finite bound)
-        if v < np.float32(-87.0):
-            v = np.float32(-87.0)
-        if v > np.float32(0.0):
-            v = np.float32(0.0)
-        kf = np.floor(v * np.float32(_LOG2E) + np.float32(0.5))
-        r = v - kf * np.float32(_LN2_HI) - kf * np.float32(_LN2_LO)   # |r| <= ln2 / 2
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        out[i] = p * r * r + r + np.float32(1.0)
-        bits[i] = (np.int32(kf) + np.int32(127)) << np.int32(23)        # 2^k as float32 bits
-    scale = bits.view(np.float32)
-    for i in range(x.shape[0]):
-        out[i] *= scale[i]
+        out[i] = _exp1(x[i])
 
 
 def softplus_f32(v):
@@ -95,29 +95,27 @@ def _chunk_range(c, n_chunks, batch):
     return (c * batch) // n_chunks, ((c + 1) * batch) // n_chunks
 
 
-def _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, x, dA, bits, H, ys):
+def _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys):
     """For sequence b, channel d (group g), with dt (after bias and softplus): dtu = dt * u,
     dA = exp(dt * A), H = every state and ys = C . h (the output before D and the gate).
 
     Flat t-major buffers with a zero row on each side, so the loops need no branch at the ends:
     H row t + 1 holds h_t (row 0: h_{-1}, the initial state or 0), dA row t holds exp(dt_t A) (row L: 1, so that the
-    backward's G_{L-1} = gy C + 1 * glast). BT, CT are (G, L, N) and passed whole with g: a BT[g] slice is typed
-    as any-layout, which stops LLVM from vectorising the loops over N."""
-    for t in range(L):
-        v = dt[b, d, t]
-        dtu[t] = v * u[b, d, t]
-        for n in range(N):
-            x[t * N + n] = v * A[d, n]
-    _exp_nonpos(x[:L * N], dA[:L * N], bits)
+    backward's G_{L-1} = gy C + 1 * glast). BT, CT are (G, L, N) and passed whole with g. The decays are
+    computed in the loop of the states (one pass, nothing in between stored)."""
     for n in range(N):
         H[n] = h0[b, d, n] if has_h0 else np.float32(0.0)
         dA[L * N + n] = np.float32(1.0)  # G_{L-1} = gy C + 1 * G_L, with G_L = d(loss)/d(last state)
     for t in range(L):
         o, q = t * N, (t + 1) * N
-        w = dtu[t]
+        v = dt[b, d, t]
+        w = v * u[b, d, t]
+        dtu[t] = w
         acc = np.float32(0.0)
         for n in range(N):
-            h = dA[o + n] * H[o + n] + w * BT[g, t, n]
+            a = _exp1(v * A[d, n])
+            dA[o + n] = a
+            h = a * H[o + n] + w * BT[g, t, n]
             H[q + n] = h
             acc += h * CT[g, t, n]
         ys[t] = acc
@@ -133,8 +131,7 @@ def _transpose_bc(Bm, Cm, b, G, L, N, BT, CT):
 
 def _buffers(G, L, N):
     return (np.empty((G, L, N), np.float32), np.empty((G, L, N), np.float32), np.empty(L, np.float32),
-            np.empty(L, np.float32), np.empty(L * N, np.float32), np.empty((L + 1) * N, np.float32),
-            np.empty((L + 1) * N, np.float32), np.empty(L * N, np.int32))
+            np.empty(L, np.float32), np.empty((L + 1) * N, np.float32), np.empty((L + 1) * N, np.float32))
 
 
 def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last, want_last):
@@ -144,12 +141,12 @@ def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last,
     Dg = dim // G
     for c in _prange(n_chunks):
         b0, b1 = _chunk_range(c, n_chunks, batch)
-        BT, CT, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
+        BT, CT, dtu, ys, dA, H = _buffers(G, L, N)
         for b in range(b0, b1):
             _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, x, dA, bits, H, ys)
+                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys)
                 Dd = Dv[d]
                 for t in range(L):
                     y = ys[t] + Dd * u[b, d, t]
@@ -170,7 +167,7 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h
     Dg = dim // G
     for c in _prange(n_chunks):
         b0, b1 = _chunk_range(c, n_chunks, batch)
-        BT, CT, dtu, ys, x, dA, H, bits = _buffers(G, L, N)
+        BT, CT, dtu, ys, dA, H = _buffers(G, L, N)
         dBT = np.empty((G, L, N), np.float32)
         dCT = np.empty((G, L, N), np.float32)
         gy = np.empty(L, np.float32)
@@ -183,7 +180,7 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h
             dCT[:] = 0.0
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, x, dA, bits, H, ys)
+                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys)
                 Dd = Dv[d]
                 dD = np.float32(0.0)
                 for t in range(L):  # the gate: gy = dL/dy before it, and dz
@@ -249,20 +246,31 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h
 
 _prange = range
 _kernels = None
+_as_f32 = None  # set by _compile
 _lock = threading.Lock()
 
 
 def _compile():
     """jit the functions above on first use (numba is imported only here)."""
-    global _kernels, _prange, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers
+    global _kernels, _prange, _as_f32, _exp1, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers
     with _lock:
         if _kernels is None:
             import numba
+            from llvmlite import ir
+            from numba.extending import intrinsic
+
+            @intrinsic
+            def as_f32(typingctx, i):  # the float32 with the bits of an int32
+                return numba.float32(numba.int32), lambda context, builder, sig, args: builder.bitcast(
+                    args[0], ir.FloatType())
+
+            _as_f32 = as_f32
 
             # fastmath: reassociation (vectorised sums), FMA contraction, reciprocals and no
             # signed zeros; not the no-NaN/no-inf flags, so a NaN input still comes out as NaN
             flags = {"reassoc", "contract", "arcp", "nsz"}
             inner = numba.njit(cache=True, fastmath=flags, inline="always")
+            _exp1 = inner(_exp1)
             _exp_nonpos, _chunk_range = inner(_exp_nonpos), inner(_chunk_range)
             _states, _transpose_bc, _buffers = inner(_states), inner(_transpose_bc), inner(_buffers)
             _prange = numba.prange
