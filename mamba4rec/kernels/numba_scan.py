@@ -209,25 +209,20 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h
                 if has_h0:  # h_0 = dA_0 h_{-1} + ...: dL/dh_{-1} = dA_0 G_0
                     for n in range(N):
                         dh0[b, d, n] = dA[n] * GG[n]
-                for t in range(L):  # dC += gy h_t, dB += G_t dt u
-                    o, q = t * N, (t + 1) * N
-                    gt, w = gy[t], dtu[t]
-                    for n in range(N):
-                        dCT[g, t, n] += gt * H[q + n]
-                        dBT[g, t, n] += GG[o + n] * w
-                for i in range(L * N):  # X = G_t dA_t h_{t-1}, in place over dA
-                    dA[i] = GG[i] * dA[i] * H[i]
                 dbias = np.float32(0.0)
-                for t in range(L):
-                    o = t * N
-                    dtt = dt[b, d, t]
+                for t in range(L):  # dC += gy h_t, dB += G_t dt u, and the decays' gradient
+                    o, q = t * N, (t + 1) * N
+                    gt, w, dtt = gy[t], dtu[t], dt[b, d, t]
                     ddtu = np.float32(0.0)   # d(dt u) = G_t . B_t
-                    ddt_x = np.float32(0.0)  # X . A
+                    ddt_x = np.float32(0.0)  # X . A, with X = G_t dA_t h_{t-1}
                     for n in range(N):
-                        ddtu += GG[o + n] * BT[g, t, n]
-                        ddt_x += dA[o + n] * Ad[n]
-                    for n in range(N):
-                        accA[n] += dA[o + n] * dtt
+                        Gn = GG[o + n]
+                        dCT[g, t, n] += gt * H[q + n]
+                        dBT[g, t, n] += Gn * w
+                        X = Gn * dA[o + n] * H[o + n]
+                        ddtu += Gn * BT[g, t, n]
+                        ddt_x += X * Ad[n]
+                        accA[n] += X * dtt
                     du[b, d, t] = ddtu * dtt + gy[t] * Dd
                     ddt = ddt_x + ddtu * u[b, d, t]
                     if softplus:
