@@ -141,21 +141,30 @@ def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last,
     Dg = dim // G
     for c in _prange(n_chunks):
         b0, b1 = _chunk_range(c, n_chunks, batch)
-        BT, CT, dtu, ys, dA, H = _buffers(G, L, N)
+        BT, CT = np.empty((G, L, N), np.float32), np.empty((G, L, N), np.float32)
+        hs = np.empty(N, np.float32)  # the state: only the outputs and the last state are kept
         for b in range(b0, b1):
             _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys)
                 Dd = Dv[d]
+                for n in range(N):
+                    hs[n] = h0[b, d, n] if has_h0 else np.float32(0.0)
                 for t in range(L):
-                    y = ys[t] + Dd * u[b, d, t]
+                    v, ut = dt[b, d, t], u[b, d, t]
+                    w = v * ut
+                    acc = np.float32(0.0)
+                    for n in range(N):
+                        h = _exp1(v * A[d, n]) * hs[n] + w * BT[g, t, n]
+                        hs[n] = h
+                        acc += h * CT[g, t, n]
+                    y = acc + Dd * ut
                     if has_z:
                         y *= gate[b, d, t]
                     out[b, d, t] = y
                 if want_last:
                     for n in range(N):
-                        last[b, d, n] = H[L * N + n]
+                        last[b, d, n] = hs[n]
 
 
 def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h0, gout, glast, has_glast,
