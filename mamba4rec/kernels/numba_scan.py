@@ -9,20 +9,22 @@ spread over threads (numba prange); per-thread partial sums of dA, dD and d(delt
 added in a fixed order, so results do not depend on the thread count.
 
 exp. numba's exp is a scalar libm call, which keeps LLVM from vectorising the loop over N. The
-decays exp(dt * A) have dt * A <= 0 (dt > 0 after softplus, A < 0), so ``_exp1`` does
-exp on (-87, 0] as Cody-Waite range reduction plus a degree-7 polynomial and a 2^k built from
-its bits (an LLVM bitcast): plain arithmetic, vectorised inside the loop of the states. Max relative error 3e-7 against float64 exp (float32's
-own rounding is 6e-8); below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0.
-An argument above 0 (a positive A or dt, which Mamba never makes) is clamped to 0 by the
-same code, so ``selective_scan_numba`` checks for it and hands such calls to the torch scan.
+decays exp(dt * A) have dt * A <= 0 (dt > 0 after softplus, A < 0), so ``_exp1`` does exp on
+(-87, 0] as Cody-Waite range reduction plus a degree-7 polynomial and a 2^k built from its bits
+(an LLVM bitcast): plain arithmetic, vectorised inside the loop of the states. Max relative
+error 3e-7 against float64 exp (float32's own rounding is 6e-8); below -87 it returns
+exp(-87) ~ 1.6e-38 instead of a denormal or 0. An argument above 0 (a positive A or dt, which
+Mamba never makes) is clamped to 0 by the same code, so ``selective_scan_numba`` checks for it
+and hands such calls to the torch scan.
 
 Elementwise work outside the loops. softplus (exp and log1p) of delta + bias, the backward's
 sigmoid of it, and the gate's silu(z) and its derivative are one value per (sequence, channel,
 t), not per state. Inside the loops they were scalar libm calls in sequential code; they are
 computed before the kernels run instead, with torch's vectorised ops over whole (batch, dim, L)
-tensors in float32, and passed in (dt, sigmoid, silu and its derivative): what is left in the
-loops is multiplications and additions. The backward recomputes them rather than keep them from
-the forward: nothing (batch, dim, L)-sized is held between the two beyond the inputs.
+tensors in float32, and passed in (dt, sigmoid, silu; the backward gets sigmoid(z) and forms
+the gate and its derivative itself): what is left in the loops is multiplications and
+additions. The backward recomputes them rather than keep them from the forward: nothing
+(batch, dim, L)-sized is held between the two beyond the inputs.
 
 Contract: mamba_ssm's selective_scan_fn plus initial_state (see mamba4rec/kernels/reference.py). float32, bfloat16 and
 float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
@@ -167,10 +169,10 @@ def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last,
                         last[b, d, n] = hs[n]
 
 
-def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h0, gout, glast, has_glast,
+def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, gout, glast, has_glast,
               n_chunks, du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part):
-    """dt as in _forward, sig = sigmoid(delta + bias) (softplus), gate = silu(z) and dgate = its
-    derivative (has_z), all (batch, dim, L)."""
+    """dt as in _forward, sig = sigmoid(delta + bias) (softplus), zf = z and sz = sigmoid(z) (has_z),
+    all (batch, dim, L)."""
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
@@ -195,8 +197,11 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, gate, dgate, has_z, h0, has_h
                 for t in range(L):  # the gate: gy = dL/dy before it, and dz
                     go = gout[b, d, t]
                     if has_z:
-                        dz[b, d, t] = go * (ys[t] + Dd * u[b, d, t]) * dgate[b, d, t]
-                        go = go * gate[b, d, t]
+                        # silu(z) = z s and its derivative s (1 + z (1 - s)), with s = sigmoid(z)
+                        zt, st = zf[b, d, t], sz[b, d, t]
+                        dgate = st * (np.float32(1.0) + zt * (np.float32(1.0) - st))
+                        dz[b, d, t] = go * (ys[t] + Dd * u[b, d, t]) * dgate
+                        go = go * (zt * st)
                     gy[t] = go
                     dD += go * u[b, d, t]
                 dD_part[c, d] += dD
@@ -362,13 +367,10 @@ class _SelectiveScanNumba(torch.autograd.Function):
         if ctx.delta_softplus:
             dt, sig = torch.nn.functional.softplus(raw), _np32(torch.sigmoid(raw))
         del raw
-        gate = dgate = _DUMMY
-        if z is not None:  # silu(z) = z s, with s = sigmoid(z), and its derivative s (1 + z (1 - s))
-            zf = z.detach().to(torch.float32)
-            s = torch.sigmoid(zf)
-            gate = _np32(zf * s)
-            dgate = _np32(torch.rsub(s, 1.0).mul_(zf).add_(1.0).mul_(s))
-            del s, zf
+        zf = sz = _DUMMY
+        if z is not None:  # the gate and its derivative come from z and sigmoid(z) in the kernel
+            zt = z.detach().to(torch.float32)
+            zf, sz = _np32(zt), _np32(torch.sigmoid(zt))
         has_h0 = initial_state is not None
         h0 = _np32(initial_state) if has_h0 else _DUMMY
         dh0 = np.empty((batch, dim, N) if has_h0 else (1, 1, 1), np.float32)
@@ -381,7 +383,7 @@ class _SelectiveScanNumba(torch.autograd.Function):
         dD_part = np.zeros((n_chunks, dim), np.float32)
         dbias_part = np.zeros((n_chunks, dim), np.float32)
         gl = _np32(glast) if glast is not None else np.zeros((1, 1, 1), np.float32)
-        _run(bwd, _np32(u), _np32(dt), sig, ctx.delta_softplus, _np32(A), _np32(Bg), _np32(Cg), _np32(Dv), gate, dgate,
+        _run(bwd, _np32(u), _np32(dt), sig, ctx.delta_softplus, _np32(A), _np32(Bg), _np32(Cg), _np32(Dv), zf, sz,
              z is not None, h0, has_h0, _np32(gout), gl, glast is not None, n_chunks,
              du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part)
 
