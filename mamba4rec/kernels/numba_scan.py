@@ -17,14 +17,12 @@ exp(-87) ~ 1.6e-38 instead of a denormal or 0. An argument above 0 (a positive A
 Mamba never makes) is clamped to 0 by the same code, so ``selective_scan_numba`` checks for it
 and hands such calls to the torch scan.
 
-Elementwise work outside the loops. softplus (exp and log1p) of delta + bias, the backward's
-sigmoid of it, and the gate's silu(z) and its derivative are one value per (sequence, channel,
-t), not per state. Inside the loops they were scalar libm calls in sequential code; they are
-computed before the kernels run instead, with torch's vectorised ops over whole (batch, dim, L)
-tensors in float32, and passed in (dt, sigmoid, silu; the backward gets sigmoid(z) and forms
-the gate and its derivative itself): what is left in the loops is multiplications and
-additions. The backward recomputes them rather than keep them from the forward: nothing
-(batch, dim, L)-sized is held between the two beyond the inputs.
+Elementwise work per (sequence, channel, t), not per state. softplus of delta + bias and the
+backward's sigmoid of it are computed per (sequence, channel) as a loop over t before its states
+(``_dt_row``: the fast exp and a series, vectorised over t; libm calls would be scalar). silu(z)
+(forward) and sigmoid(z) (backward) come from torch's vectorised ops; the backward forms the gate
+and its derivative from sigmoid(z). The backward recomputes all of them rather than keep them
+from the forward: nothing (batch, dim, L)-sized is held between the two beyond the inputs.
 
 Contract: mamba_ssm's selective_scan_fn plus initial_state (see mamba4rec/kernels/reference.py). float32, bfloat16 and
 float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
@@ -87,6 +85,31 @@ def _exp_nonpos(x, out):
         out[i] = _exp1(x[i])
 
 
+def _dt_row(b, d, delta, bias, softplus, dtb, sgb, want_sig):
+    """dtb = softplus(x) (torch's: x above 20 as it is) or x, with x = delta + bias, for sequence
+    b, channel d, and sgb = sigmoid(x) (want_sig). One exp(-|x|) for both, and log1p(e) =
+    2 atanh(e / (2 + e)) as its series (|s| <= 1/3, 7 terms): plain arithmetic, vectorised over t."""
+    for t in range(dtb.shape[0]):
+        x = delta[b, d, t] + bias[d]
+        if not softplus:
+            dtb[t] = x
+            continue
+        e = _exp1(-abs(x))
+        s = e / (np.float32(2.0) + e)
+        s2 = s * s
+        q = np.float32(1.0 / 13.0)
+        q = q * s2 + np.float32(1.0 / 11.0)
+        q = q * s2 + np.float32(1.0 / 9.0)
+        q = q * s2 + np.float32(1.0 / 7.0)
+        q = q * s2 + np.float32(1.0 / 5.0)
+        q = q * s2 + np.float32(1.0 / 3.0)
+        sp = (x if x > np.float32(0.0) else np.float32(0.0)) + np.float32(2.0) * s * (q * s2 + np.float32(1.0))
+        dtb[t] = x if x > np.float32(20.0) else sp
+        if want_sig:
+            r = np.float32(1.0) / (np.float32(1.0) + e)
+            sgb[t] = r if x >= np.float32(0.0) else e * r
+
+
 def softplus_f32(v):
     """torch.nn.functional.softplus (threshold 20) on one float32, for numba: the numba step
     (mamba4rec/numba_step.py) compiles it; the scan applies torch's own to whole tensors."""
@@ -97,8 +120,8 @@ def _chunk_range(c, n_chunks, batch):
     return (c * batch) // n_chunks, ((c + 1) * batch) // n_chunks
 
 
-def _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys):
-    """For sequence b, channel d (group g), with dt (after bias and softplus): dtu = dt * u,
+def _states(b, d, g, u, dtb, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys):
+    """For sequence b, channel d (group g), with dtb = its dt (after bias and softplus): dtu = dt * u,
     dA = exp(dt * A), H = every state and ys = C . h (the output before D and the gate).
 
     Flat t-major buffers with a zero row on each side, so the loops need no branch at the ends:
@@ -110,7 +133,7 @@ def _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys):
         dA[L * N + n] = np.float32(1.0)  # G_{L-1} = gy C + 1 * G_L, with G_L = d(loss)/d(last state)
     for t in range(L):
         o, q = t * N, (t + 1) * N
-        v = dt[b, d, t]
+        v = dtb[t]
         w = v * u[b, d, t]
         dtu[t] = w
         acc = np.float32(0.0)
@@ -136,8 +159,8 @@ def _buffers(G, L, N):
             np.empty(L, np.float32), np.empty((L + 1) * N, np.float32), np.empty((L + 1) * N, np.float32))
 
 
-def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last, want_last):
-    """gate = silu(z) (has_z), dt = softplus(delta + bias) or delta + bias, both (batch, dim, L)."""
+def _forward(u, delta, bias, softplus, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last, want_last):
+    """gate = silu(z) (has_z), (batch, dim, L); dt = softplus(delta + bias) or delta + bias."""
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
@@ -145,15 +168,17 @@ def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last,
         b0, b1 = _chunk_range(c, n_chunks, batch)
         BT, CT = np.empty((G, L, N), np.float32), np.empty((G, L, N), np.float32)
         hs = np.empty(N, np.float32)  # the state: only the outputs and the last state are kept
+        dtb = np.empty(L, np.float32)
         for b in range(b0, b1):
             _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
             for d in range(dim):
                 g = d // Dg
                 Dd = Dv[d]
+                _dt_row(b, d, delta, bias, softplus, dtb, dtb, False)
                 for n in range(N):
                     hs[n] = h0[b, d, n] if has_h0 else np.float32(0.0)
                 for t in range(L):
-                    v, ut = dt[b, d, t], u[b, d, t]
+                    v, ut = dtb[t], u[b, d, t]
                     w = v * ut
                     acc = np.float32(0.0)
                     for n in range(N):
@@ -169,10 +194,9 @@ def _forward(u, dt, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last,
                         last[b, d, n] = hs[n]
 
 
-def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, gout, glast, has_glast,
+def _backward(u, delta, bias, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, gout, glast, has_glast,
               n_chunks, du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part):
-    """dt as in _forward, sig = sigmoid(delta + bias) (softplus), zf = z and sz = sigmoid(z) (has_z),
-    all (batch, dim, L)."""
+    """dt as in _forward, zf = z and sz = sigmoid(z) (has_z), (batch, dim, L)."""
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
@@ -181,7 +205,7 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, go
         BT, CT, dtu, ys, dA, H = _buffers(G, L, N)
         dBT = np.empty((G, L, N), np.float32)
         dCT = np.empty((G, L, N), np.float32)
-        gy = np.empty(L, np.float32)
+        gy, dtb, sgb = np.empty(L, np.float32), np.empty(L, np.float32), np.empty(L, np.float32)
         GG = np.empty((L + 1) * N, np.float32)
         accA = np.empty(N, np.float32)
         Ad = np.empty(N, np.float32)
@@ -191,7 +215,8 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, go
             dCT[:] = 0.0
             for d in range(dim):
                 g = d // Dg
-                _states(b, d, g, u, dt, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys)
+                _dt_row(b, d, delta, bias, softplus, dtb, sgb, True)
+                _states(b, d, g, u, dtb, A, BT, CT, h0, has_h0, L, N, dtu, dA, H, ys)
                 Dd = Dv[d]
                 dD = np.float32(0.0)
                 for t in range(L):  # the gate: gy = dL/dy before it, and dz
@@ -226,7 +251,7 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, go
                 dbias = np.float32(0.0)
                 for t in range(L):  # dC += gy h_t, dB += G_t dt u, and the decays' gradient
                     o, q = t * N, (t + 1) * N
-                    gt, w, dtt = gy[t], dtu[t], dt[b, d, t]
+                    gt, w, dtt = gy[t], dtu[t], dtb[t]
                     ddtu = np.float32(0.0)   # d(dt u) = G_t . B_t
                     ddt_x = np.float32(0.0)  # X . A, with X = G_t dA_t h_{t-1}
                     for n in range(N):
@@ -240,7 +265,7 @@ def _backward(u, dt, sig, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, go
                     du[b, d, t] = ddtu * dtt + gy[t] * Dd
                     ddt = ddt_x + ddtu * u[b, d, t]
                     if softplus:
-                        ddt *= sig[b, d, t]
+                        ddt *= sgb[t]
                     ddelta[b, d, t] = ddt
                     dbias += ddt
                 dbias_part[c, d] += dbias
@@ -261,7 +286,7 @@ _lock = threading.Lock()
 
 def _compile():
     """jit the functions above on first use (numba is imported only here)."""
-    global _kernels, _prange, _as_f32, _exp1, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers
+    global _kernels, _prange, _as_f32, _exp1, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers, _dt_row
     with _lock:
         if _kernels is None:
             import numba
@@ -282,6 +307,7 @@ def _compile():
             _exp1 = inner(_exp1)
             _exp_nonpos, _chunk_range = inner(_exp_nonpos), inner(_chunk_range)
             _states, _transpose_bc, _buffers = inner(_states), inner(_transpose_bc), inner(_buffers)
+            _dt_row = inner(_dt_row)
             _prange = numba.prange
             outer = numba.njit(cache=True, fastmath=flags, parallel=True)
             _kernels = outer(_forward), outer(_backward)
@@ -323,10 +349,8 @@ def _as_groups(X: torch.Tensor) -> torch.Tensor:
 _DUMMY = np.zeros((1, 1, 1), np.float32)  # stands for an absent (batch, dim, L) input
 
 
-def _raw_dt(delta, delta_bias) -> torch.Tensor:
-    """delta + delta_bias in float32, (batch, dim, L)."""
-    raw = delta.detach().to(torch.float32)
-    return raw if delta_bias is None else raw + delta_bias.detach().to(torch.float32)[:, None]
+def _bias(delta_bias, dim) -> np.ndarray:
+    return _np32(delta_bias) if delta_bias is not None else np.zeros(dim, np.float32)
 
 
 class _SelectiveScanNumba(torch.autograd.Function):
@@ -337,14 +361,12 @@ class _SelectiveScanNumba(torch.autograd.Function):
         batch, dim, L = u.shape
         n_chunks = max(1, min(CHUNKS, batch))
         Dv = D if D is not None else u.new_zeros(dim)
-        dt = _raw_dt(delta, delta_bias)
-        if delta_softplus:
-            dt = torch.nn.functional.softplus(dt)
         gate = _np32(torch.nn.functional.silu(z.detach().to(torch.float32))) if z is not None else _DUMMY
         h0 = _np32(initial_state) if initial_state is not None else _DUMMY
         out = np.empty((batch, dim, L), np.float32)
         last = np.empty((batch, dim, A.shape[1]) if return_last_state else (1, 1, 1), np.float32)
-        _run(fwd, _np32(u), _np32(dt), _np32(A), _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), gate,
+        _run(fwd, _np32(u), _np32(delta), _bias(delta_bias, dim), bool(delta_softplus), _np32(A),
+             _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), gate,
              z is not None, h0, initial_state is not None, n_chunks, out, last, bool(return_last_state))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.delta_softplus = bool(delta_softplus)
@@ -362,11 +384,6 @@ class _SelectiveScanNumba(torch.autograd.Function):
         Bg, Cg = _as_groups(B), _as_groups(C)
         n_chunks = max(1, min(CHUNKS, batch))
         Dv = D if D is not None else u.new_zeros(dim)
-        raw = _raw_dt(delta, delta_bias)
-        dt, sig = raw, _DUMMY
-        if ctx.delta_softplus:
-            dt, sig = torch.nn.functional.softplus(raw), _np32(torch.sigmoid(raw))
-        del raw
         zf = sz = _DUMMY
         if z is not None:  # the gate and its derivative come from z and sigmoid(z) in the kernel
             zt = z.detach().to(torch.float32)
@@ -383,8 +400,8 @@ class _SelectiveScanNumba(torch.autograd.Function):
         dD_part = np.zeros((n_chunks, dim), np.float32)
         dbias_part = np.zeros((n_chunks, dim), np.float32)
         gl = _np32(glast) if glast is not None else np.zeros((1, 1, 1), np.float32)
-        _run(bwd, _np32(u), _np32(dt), sig, ctx.delta_softplus, _np32(A), _np32(Bg), _np32(Cg), _np32(Dv), zf, sz,
-             z is not None, h0, has_h0, _np32(gout), gl, glast is not None, n_chunks,
+        _run(bwd, _np32(u), _np32(delta), _bias(delta_bias, dim), ctx.delta_softplus, _np32(A), _np32(Bg),
+             _np32(Cg), _np32(Dv), zf, sz, z is not None, h0, has_h0, _np32(gout), gl, glast is not None, n_chunks,
              du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part)
 
         def back(arr, like):
