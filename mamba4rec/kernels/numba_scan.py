@@ -19,9 +19,8 @@ and hands such calls to the torch scan.
 
 Elementwise work per (sequence, channel, t), not per state. softplus of delta + bias and the
 backward's sigmoid of it are computed per (sequence, channel) as a loop over t before its states
-(``_dt_row``: the fast exp and a series, vectorised over t; libm calls would be scalar). silu(z)
-(forward) and sigmoid(z) (backward) come from torch's vectorised ops; the backward forms the gate
-and its derivative from sigmoid(z). The backward recomputes all of them rather than keep them
+(``_dt_row``: the fast exp and a series, vectorised over t; libm calls would be scalar), and so
+are the gate silu(z) = z sigmoid(z) and its derivative. The backward recomputes all of them rather than keep them
 from the forward: nothing (batch, dim, L)-sized is held between the two beyond the inputs.
 
 Contract: mamba_ssm's selective_scan_fn plus initial_state (see mamba4rec/kernels/reference.py). float32, bfloat16 and
@@ -106,8 +105,13 @@ def _dt_row(b, d, delta, bias, softplus, dtb, sgb, want_sig):
         sp = (x if x > np.float32(0.0) else np.float32(0.0)) + np.float32(2.0) * s * (q * s2 + np.float32(1.0))
         dtb[t] = x if x > np.float32(20.0) else sp
         if want_sig:
-            r = np.float32(1.0) / (np.float32(1.0) + e)
-            sgb[t] = r if x >= np.float32(0.0) else e * r
+            sgb[t] = _sigmoid(x, e)
+
+
+def _sigmoid(x, e):
+    """sigmoid(x), given e = exp(-|x|)."""
+    r = np.float32(1.0) / (np.float32(1.0) + e)
+    return r if x >= np.float32(0.0) else e * r
 
 
 def softplus_f32(v):
@@ -159,8 +163,8 @@ def _buffers(G, L, N):
             np.empty(L, np.float32), np.empty((L + 1) * N, np.float32), np.empty((L + 1) * N, np.float32))
 
 
-def _forward(u, delta, bias, softplus, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n_chunks, out, last, want_last):
-    """gate = silu(z) (has_z), (batch, dim, L); dt = softplus(delta + bias) or delta + bias."""
+def _forward(u, delta, bias, softplus, A, Bm, Cm, Dv, z, has_z, h0, has_h0, n_chunks, out, last, want_last):
+    """z (has_z), (batch, dim, L); dt = softplus(delta + bias) or delta + bias."""
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
@@ -168,13 +172,16 @@ def _forward(u, delta, bias, softplus, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n
         b0, b1 = _chunk_range(c, n_chunks, batch)
         BT, CT = np.empty((G, L, N), np.float32), np.empty((G, L, N), np.float32)
         hs = np.empty(N, np.float32)  # the state: only the outputs and the last state are kept
-        dtb = np.empty(L, np.float32)
+        dtb, gate = np.empty(L, np.float32), np.empty(L, np.float32)
         for b in range(b0, b1):
             _transpose_bc(Bm, Cm, b, G, L, N, BT, CT)
             for d in range(dim):
                 g = d // Dg
                 Dd = Dv[d]
                 _dt_row(b, d, delta, bias, softplus, dtb, dtb, False)
+                for t in range(L if has_z else 0):
+                    zt = z[b, d, t]
+                    gate[t] = zt * _sigmoid(zt, _exp1(-abs(zt)))
                 for n in range(N):
                     hs[n] = h0[b, d, n] if has_h0 else np.float32(0.0)
                 for t in range(L):
@@ -187,16 +194,16 @@ def _forward(u, delta, bias, softplus, A, Bm, Cm, Dv, gate, has_z, h0, has_h0, n
                         acc += h * CT[g, t, n]
                     y = acc + Dd * ut
                     if has_z:
-                        y *= gate[b, d, t]
+                        y *= gate[t]
                     out[b, d, t] = y
                 if want_last:
                     for n in range(N):
                         last[b, d, n] = hs[n]
 
 
-def _backward(u, delta, bias, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0, gout, glast, has_glast,
+def _backward(u, delta, bias, softplus, A, Bm, Cm, Dv, zf, has_z, h0, has_h0, gout, glast, has_glast,
               n_chunks, du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part):
-    """dt as in _forward, zf = z and sz = sigmoid(z) (has_z), (batch, dim, L)."""
+    """dt as in _forward, zf = z (has_z), (batch, dim, L)."""
     batch, dim, L = u.shape
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
@@ -223,7 +230,8 @@ def _backward(u, delta, bias, softplus, A, Bm, Cm, Dv, zf, sz, has_z, h0, has_h0
                     go = gout[b, d, t]
                     if has_z:
                         # silu(z) = z s and its derivative s (1 + z (1 - s)), with s = sigmoid(z)
-                        zt, st = zf[b, d, t], sz[b, d, t]
+                        zt = zf[b, d, t]
+                        st = _sigmoid(zt, _exp1(-abs(zt)))
                         dgate = st * (np.float32(1.0) + zt * (np.float32(1.0) - st))
                         dz[b, d, t] = go * (ys[t] + Dd * u[b, d, t]) * dgate
                         go = go * (zt * st)
@@ -286,7 +294,8 @@ _lock = threading.Lock()
 
 def _compile():
     """jit the functions above on first use (numba is imported only here)."""
-    global _kernels, _prange, _as_f32, _exp1, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers, _dt_row
+    global _kernels, _prange, _as_f32, _exp1, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers
+    global _dt_row, _sigmoid
     with _lock:
         if _kernels is None:
             import numba
@@ -307,7 +316,7 @@ def _compile():
             _exp1 = inner(_exp1)
             _exp_nonpos, _chunk_range = inner(_exp_nonpos), inner(_chunk_range)
             _states, _transpose_bc, _buffers = inner(_states), inner(_transpose_bc), inner(_buffers)
-            _dt_row = inner(_dt_row)
+            _dt_row, _sigmoid = inner(_dt_row), inner(_sigmoid)
             _prange = numba.prange
             outer = numba.njit(cache=True, fastmath=flags, parallel=True)
             _kernels = outer(_forward), outer(_backward)
@@ -361,12 +370,12 @@ class _SelectiveScanNumba(torch.autograd.Function):
         batch, dim, L = u.shape
         n_chunks = max(1, min(CHUNKS, batch))
         Dv = D if D is not None else u.new_zeros(dim)
-        gate = _np32(torch.nn.functional.silu(z.detach().to(torch.float32))) if z is not None else _DUMMY
+        zf = _np32(z) if z is not None else _DUMMY
         h0 = _np32(initial_state) if initial_state is not None else _DUMMY
         out = np.empty((batch, dim, L), np.float32)
         last = np.empty((batch, dim, A.shape[1]) if return_last_state else (1, 1, 1), np.float32)
         _run(fwd, _np32(u), _np32(delta), _bias(delta_bias, dim), bool(delta_softplus), _np32(A),
-             _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), gate,
+             _np32(_as_groups(B)), _np32(_as_groups(C)), _np32(Dv), zf,
              z is not None, h0, initial_state is not None, n_chunks, out, last, bool(return_last_state))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
         ctx.delta_softplus = bool(delta_softplus)
@@ -384,10 +393,7 @@ class _SelectiveScanNumba(torch.autograd.Function):
         Bg, Cg = _as_groups(B), _as_groups(C)
         n_chunks = max(1, min(CHUNKS, batch))
         Dv = D if D is not None else u.new_zeros(dim)
-        zf = sz = _DUMMY
-        if z is not None:  # the gate and its derivative come from z and sigmoid(z) in the kernel
-            zt = z.detach().to(torch.float32)
-            zf, sz = _np32(zt), _np32(torch.sigmoid(zt))
+        zf = _np32(z) if z is not None else _DUMMY
         has_h0 = initial_state is not None
         h0 = _np32(initial_state) if has_h0 else _DUMMY
         dh0 = np.empty((batch, dim, N) if has_h0 else (1, 1, 1), np.float32)
@@ -401,7 +407,7 @@ class _SelectiveScanNumba(torch.autograd.Function):
         dbias_part = np.zeros((n_chunks, dim), np.float32)
         gl = _np32(glast) if glast is not None else np.zeros((1, 1, 1), np.float32)
         _run(bwd, _np32(u), _np32(delta), _bias(delta_bias, dim), ctx.delta_softplus, _np32(A), _np32(Bg),
-             _np32(Cg), _np32(Dv), zf, sz, z is not None, h0, has_h0, _np32(gout), gl, glast is not None, n_chunks,
+             _np32(Cg), _np32(Dv), zf, z is not None, h0, has_h0, _np32(gout), gl, glast is not None, n_chunks,
              du, ddelta, dB, dC, dz, dh0, dA_part, dD_part, dbias_part)
 
         def back(arr, like):
