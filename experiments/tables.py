@@ -138,15 +138,7 @@ def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec
             pairs.append(("sequence, seed 2021 - seed 2020", f"sequence/{m}-seed2021/", f"sequence/{m}/",
                           other.get("data_sha256") == seq.get("data_sha256")))
         for label, a_key, b_key, paired in pairs:
-            parts = []
-            for metric in METRICS:
-                a, b = per_user.get(a_key + metric), per_user.get(b_key + metric)
-                if not paired or a is None or b is None or a.shape != b.shape:
-                    parts.append(f"{metric}: not paired")
-                    continue
-                d, lo, hi = paired_difference(a, b)
-                parts.append(f"{metric} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if lo <= 0 <= hi else " (beyond the users' noise)"))
-            lines.append(f"- {m}, {label}: " + "; ".join(parts))
+            lines.append(f"- {m}, {label}: " + _paired_parts(per_user, a_key, b_key, paired, paired_difference))
     if not rows:
         return []
     return ([f"### {dataset}: prefix vs sequence mode at the stopping point", "",
@@ -159,6 +151,20 @@ def mode_lines(dataset, by_mode, per_user, paired_difference, models=("Mamba4Rec
                ""] + lines + [""])
 
 
+def _paired_parts(per_user, a_key, b_key, paired, paired_difference) -> str:
+    """Per metric, the mean of a - b over the same test users and its 95% interval ("not paired" when
+    the rows trained on other data or lack per-user values)."""
+    parts = []
+    for metric in METRICS:
+        a, b = per_user.get(a_key + metric), per_user.get(b_key + metric)
+        if not paired or a is None or b is None or a.shape != b.shape:
+            parts.append(f"{metric}: not paired")
+            continue
+        d, lo, hi = paired_difference(a, b)
+        parts.append(f"{metric} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if lo <= 0 <= hi else " (beyond the users' noise)"))
+    return "; ".join(parts)
+
+
 def history_lines(dataset, by_mode, per_user, paired_difference) -> list[str]:
     """Each history-mode row (whole histories, evaluated whole) paired over the same test users with
     the window row of the same variant (train_mode=sequence) and with SASRec's sequence row."""
@@ -169,15 +175,8 @@ def history_lines(dataset, by_mode, per_user, paired_difference) -> list[str]:
             if not w:
                 continue
             paired = r.get("data_sha256") == w.get("data_sha256")
-            parts = []
-            for metric in METRICS:
-                a, b = per_user.get(f"history/{name}/{metric}"), per_user.get(f"sequence/{other}/{metric}")
-                if not paired or a is None or b is None or a.shape != b.shape:
-                    parts.append(f"{metric}: not paired")
-                    continue
-                d, lo, hi = paired_difference(a, b)
-                parts.append(f"{metric} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if lo <= 0 <= hi else " (beyond the users' noise)"))
-            lines.append(f"- {name} (history) - {other} (sequence): " + "; ".join(parts))
+            lines.append(f"- {name} (history) - {other} (sequence): " + _paired_parts(
+                per_user, f"history/{name}/", f"sequence/{other}/", paired, paired_difference))
     if not lines:
         return []
     return [f"### {dataset}: whole histories vs windows", "",
