@@ -75,7 +75,12 @@ def run_queue(out: Path, jobs, lanes: int, python: str, log=print, results: Path
             with lock:
                 if stopped:
                     return
-                procs[job] = subprocess.Popen([python, *job.command(out)], cwd=REPO, env=env,
+                # run in the job's own folder: RecBole writes log/ and log_tensorboard/ to the working
+                # directory, and a checkout being tidied must not take a running job's files with it
+                cwd = job.compare_dir(out)
+                cwd.mkdir(parents=True, exist_ok=True)
+                cmd = job.command(out)
+                procs[job] = subprocess.Popen([python, str(REPO / cmd[0]), *cmd[1:]], cwd=cwd, env=env,
                                               stdout=fh, stderr=subprocess.STDOUT)
             try:
                 rc = procs[job].wait()

@@ -105,7 +105,7 @@ def test_train_runs_every_job_at_once_stops_at_the_limit_and_resumes_on_the_same
     assert [c["prepare"] for c in calls if "prepare" in c] == ["amazon-video-games"]
     trains = [c for c in calls if "argv" in c]
     # every job at once (a stopped one holds its lane until the limit), each its plan's command
-    assert sorted(c["argv"] for c in trains) == sorted(j.command(machine["out"]) for j in VG)
+    assert sorted(c["argv"] for c in trains) == sorted(_launched(j, machine["out"]) for j in VG)
     assert all(c["omp"] == "1" and not c["had_last"] for c in trains)
     text = "\n".join(lines)
     assert "amazon-video-games/sequence/SASRec: finished" in text
@@ -117,13 +117,19 @@ def test_train_runs_every_job_at_once_stops_at_the_limit_and_resumes_on_the_same
     machine["set_plan"](**{j.name: "finish" for j in VG})
     assert gpu.train(VG, machine["out"], machine["shared"], machine["python"], seconds=60, results=store,
                      grace=5, log=lambda m: None) == 0
-    by_job = {tuple(j.command(machine["out"])): j.name for j in VG}
+    by_job = {tuple(_launched(j, machine["out"])): j.name for j in VG}
     trains = {by_job[tuple(c["argv"])]: c["had_last"] for c in machine["calls"]() if "argv" in c}
     assert trains == {"Mamba4Rec": True, "GRU4Rec": True, "Mamba4Rec-2layers": True, "Mamba4Rec-residual": True}
     record = json.loads((store / "amazon-video-games" / "sequence" / "Mamba4Rec.json").read_text())
     assert record["git_commit"] == "abc123" and record["test_result"]["ndcg@10"] == 0.25
     assert sorted(p.name for p in (store / "amazon-video-games" / "sequence").iterdir()) == sorted(
         f"{j.name}.json" for j in VG)
+
+
+def _launched(job, out) -> list[str]:
+    """The job's command as the queue starts it: run_recbole.py by its path (the job runs in its own folder)."""
+    cmd = job.command(out)
+    return [str(plan.REPO / cmd[0]), *cmd[1:]]
 
 
 def test_the_jobs_are_the_plan_s_sequence_and_history_mode_ones_unless_chosen():

@@ -194,6 +194,9 @@ def test_run_queue_skips_finished_jobs_runs_the_rest_in_lanes_and_reports_failur
         rows = os.path.join(args["--compare_dir"], "rows")
         os.makedirs(rows, exist_ok=True)
         assert os.environ["OMP_NUM_THREADS"] == "1"
+        # in the job's own folder (RecBole's log/ goes there, not into the checkout), the script by its path
+        assert os.getcwd() == os.path.realpath(args["--compare_dir"]), os.getcwd()
+        assert sys.argv[1] == {str(plan.REPO / "run_recbole.py")!r}
         with open(os.path.join(rows, model + ".json"), "w") as fh:
             json.dump({{"row": {{"model": model, "status": "ok", "epochs_run": 1}}, "settings": {{}}, "data": {{}}}}, fh)
         """))
