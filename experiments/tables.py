@@ -82,7 +82,8 @@ def tables(results: Path = RESULTS) -> str:
             missing = [n for n in expected if n not in recs]
             if missing:
                 out += ["", f"Not finished yet: {', '.join(missing)}."]
-            goal = _goal_lines(dataset, mode, recs, per_user, paired_difference)
+            # history rows have no SASRec of their own: their pairing is the "whole histories" block
+            goal = _goal_lines(dataset, mode, recs, per_user, paired_difference) if mode != "history" else []
             out += [""] + (goal + [""] if goal else [])
             out += _masked_lines(recs, mode, per_user, paired_difference)
             out += _noise_lines(recs, noise)
