@@ -86,11 +86,6 @@ def _rows(state: StreamState, a: int, b: int) -> StreamState:
     return StreamState([c[a:b] for c in state.conv], [s[a:b] for s in state.ssm], state.steps[a:b])
 
 
-def _cat(states: list[StreamState]) -> StreamState:
-    return StreamState([torch.cat(t) for t in zip(*(s.conv for s in states))],
-                       [torch.cat(t) for t in zip(*(s.ssm for s in states))], torch.cat([s.steps for s in states]))
-
-
 def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, state: StreamState | None = None,
                outputs: str = "all", final_state: bool = True):
     """Run rows of items (left-aligned [R, W], lengths [R] >= 1) through ``model.forward_chunk``
@@ -137,7 +132,7 @@ def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, st
         current = nxt
     final = None
     if final_state:
-        final = _cat([s for _, s in sorted(done, key=lambda x: x[0])])
+        final = StreamState.cat([s for _, s in sorted(done, key=lambda x: x[0])])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(R, device=order.device)
         final = final.select(inverse)
