@@ -3,6 +3,11 @@
 
     python -m experiments.per_user_analysis --dataset amazon-beauty --mode sequence \\
         --models Mamba4Rec,SASRec --data-path DIR [--results results] [--buckets 3,5,8,15,50]
+    python -m experiments.per_user_analysis --dataset ml-1m \\
+        --models history/Mamba4Rec,sequence/Mamba4Rec,sequence/SASRec --data-path DIR
+
+A model given as MODE/NAME is the row of that train mode (rows of different modes pair user by
+user: every mode is tested on the same users and targets); a bare NAME takes --mode.
 
 Reads the per-user test values ``results/<dataset>/per_user.npz`` (keys "<mode>/<model>/<metric>",
 written by ``python -m experiments.results export``) and the result rows ``results/<dataset>/<mode>/<model>.json``,
@@ -256,7 +261,8 @@ def build_test_split(dataset, records, data_path) -> dict:
     from mamba4rec.pipeline import build_config
 
     built, out = {}, {}
-    for name, record in records.items():
+    for label, record in records.items():
+        name = label.rsplit("/", 1)[-1]  # MODE/NAME or NAME: the results file's name
         config = build_config(name.split("-", 1)[0], dataset, None,
                               {"data_path": str(data_path), "show_progress": False, "state": "WARNING",
                                "save_dataset": False, "save_dataloaders": False},
@@ -279,7 +285,7 @@ def build_test_split(dataset, records, data_path) -> dict:
             built[key] = (utok[np.concatenate(users)].astype(str), itok[np.concatenate(targets)].astype(str),
                           itok[np.concatenate(lasts)].astype(str), np.concatenate(lengths),
                           int(config["MAX_ITEM_LIST_LENGTH"]))
-        out[name] = built[key]
+        out[label] = built[key]
     return out
 
 
@@ -368,6 +374,23 @@ def analyse(values, models, n_train, brank, edges, paired_difference, repeats=No
     return "\n".join(out)
 
 
+#: the train modes whose rows results/ holds (results/<dataset>/<mode>/)
+MODES = ("prefix", "sequence", "history")
+
+
+def model_mode(spec: str, default: str | None) -> tuple[str, str]:
+    """(mode, name) of a --models entry: MODE/NAME, or NAME with the --mode default."""
+    mode, _, name = spec.rpartition("/")
+    mode = mode or default
+    if mode is None:
+        raise ValueError(f"{spec!r} has no train mode: write MODE/{spec} or pass --mode")
+    if mode not in MODES:
+        raise ValueError(f"{spec!r}: unknown train mode {mode!r}, expected one of {', '.join(MODES)}")
+    if not name:
+        raise ValueError(f"{spec!r}: no model name after the mode")
+    return mode, name
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["checkpoint"]:
@@ -376,8 +399,9 @@ def main(argv=None) -> int:
         return checkpoint_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--mode", required=True, choices=("prefix", "sequence"))
-    p.add_argument("--models", required=True, help="comma-separated, the first compared with each other one")
+    p.add_argument("--mode", choices=MODES, help="train mode of the models given without one")
+    p.add_argument("--models", required=True, help="comma-separated NAME or MODE/NAME, the first compared with "
+                   "each other one")
     p.add_argument("--data-path", required=True, type=Path,
                    help="folder holding <dataset>/<dataset>.inter (experiments.results' OUT/dataset)")
     p.add_argument("--results", type=Path, default=REPO / "results")
@@ -387,6 +411,10 @@ def main(argv=None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if len(models) < 2:
         p.error("--models needs at least two models")
+    try:
+        where = {m: model_mode(m, args.mode) for m in models}
+    except ValueError as exc:
+        p.error(str(exc))
     edges = [int(e) for e in args.buckets.split(",")]
     inter = args.data_path / args.dataset / f"{args.dataset}.inter"
     if not inter.is_file():
@@ -395,14 +423,16 @@ def main(argv=None) -> int:
     if not npz.is_file():
         raise SystemExit(f"no {npz}: export finished runs first (python -m experiments.results export OUT)")
     with np.load(npz) as data:
-        missing = [f"{args.mode}/{m}/{met}" for m in models for met in METRICS if f"{args.mode}/{m}/{met}" not in data]
+        missing = [f"{where[m][0]}/{where[m][1]}/{met}" for m in models for met in METRICS
+                   if f"{where[m][0]}/{where[m][1]}/{met}" not in data]
         if missing:
             raise SystemExit(f"{npz} lacks {', '.join(missing)}; it holds {', '.join(sorted(data.files))}")
-        values = {m: {met: data[f"{args.mode}/{m}/{met}"].astype(np.float64) for met in METRICS} for m in models}
+        values = {m: {met: data[f"{where[m][0]}/{where[m][1]}/{met}"].astype(np.float64) for met in METRICS}
+                  for m in models}
     records = {}
     digest = _sha256(inter)
     for m in models:
-        path = args.results / args.dataset / args.mode / f"{m}.json"
+        path = args.results / args.dataset / where[m][0] / f"{where[m][1]}.json"
         if not path.is_file():
             raise SystemExit(f"no {path}: the row of {m} (its settings) is needed to rebuild the split")
         records[m] = json.loads(path.read_text())
@@ -425,7 +455,9 @@ def main(argv=None) -> int:
     brank = bigram_ranks([s[:-2] for s in sequences.values()], [(s[-2], s[-1]) for s in seqs])
     repeats = float(np.mean([s[-1] in set(s[:-1]) for s in seqs]))
     text = analyse(values, models, n_train, brank, edges, paired_difference, repeats)
-    print(f"### {args.dataset}, {args.mode} mode: {', '.join(models)} per test user\n")
+    modes = sorted({mode for mode, _ in where.values()})
+    heading = f"{modes[0]} mode" if len(modes) == 1 else "modes " + ", ".join(modes)
+    print(f"### {args.dataset}, {heading}: {', '.join(models)} per test user\n")
     print(f"Order checked: {len(users):,} test users of RecBole's test dataloader; each target is the user's "
           f"last item of {inter}, item_length = min(n - 1, {splits[models[0]][4]}); sha256 {digest[:12]}.\n")
     print(text)

@@ -110,6 +110,24 @@ def test_check_order_accepts_the_leave_one_out_split_and_names_what_is_off():
         pua.check_order((users, targets, lasts, lengths, 5), seqs, 4)
 
 
+def test_model_mode_reads_mode_slash_name_or_takes_the_default():
+    assert pua.model_mode("history/Mamba4Rec", None) == ("history", "Mamba4Rec")
+    assert pua.model_mode("sequence/Mamba4Rec-2layers", "history") == ("sequence", "Mamba4Rec-2layers")
+    assert pua.model_mode("SASRec", "sequence") == ("sequence", "SASRec")
+    with pytest.raises(ValueError, match="no train mode"):
+        pua.model_mode("SASRec", None)
+    with pytest.raises(ValueError, match="unknown train mode 'windows'"):
+        pua.model_mode("windows/SASRec", None)
+    with pytest.raises(ValueError, match="no model name"):
+        pua.model_mode("history/", None)
+
+
+def test_main_refuses_a_model_without_a_mode_before_reading_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pua.main(["--dataset", "ml-1m", "--models", "history/Mamba4Rec,SASRec", "--data-path", str(tmp_path)])
+    assert "'SASRec' has no train mode" in capsys.readouterr().err
+
+
 def test_read_inter_orders_by_time(tmp_path):
     path = tmp_path / "d.inter"
     path.write_text("user_id:token\titem_id:token\ttimestamp:float\n"
