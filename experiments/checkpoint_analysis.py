@@ -17,6 +17,16 @@ the test item's hits at rank 1 and 2; and the first model paired with each other
 equal the checkpoint's best_valid_score (--skip-valid to skip), and where
 ``<results>/<dataset>/<mode>/<name>.json`` exists and is the checkpoint's run (best epoch and
 valid metric equal), its test values must equal RecBole's unmasked ones.
+
+Users are scored as the run scored them: from the window (RecBole's protocol) or, where the run
+evaluated with ``eval_history: whole`` (the default of ``train_mode: history``), from each user's
+whole history. ``--eval-history`` scores checkpoints another way (one value for all, or one per
+checkpoint: run, as the run did; window; whole); a checkpoint scored otherwise than its run is
+compared with neither its valid score nor its row. The same checkpoint named twice pairs the two
+ways user by user:
+
+    python -m experiments.per_user_analysis checkpoint BEST.pth BEST.pth --names whole,window \
+        --eval-history whole,window --data-path DIR
 """
 
 from __future__ import annotations
@@ -188,9 +198,24 @@ def evaluate_checkpoint(path, data_path=None, eval_batch_size=None, device=None,
         raise SystemExit(f"{path}: its weights do not fit {model_name} built from its own config "
                          f"({str(exc).splitlines()[0]})") from None
     net.load_other_parameter(state.get("other_parameter"))
-    scored, users, targets, target_in = _score_loader(net, test, config)
+    from mamba4rec.history import WholeHistory, resolve_history
+
+    chunk, whole = resolve_history(config, model_class)
+    as_run = whole == resolve_history(state["config"])[1]  # scored the way the run scored it
+    whole_history = WholeHistory(train.dataset, valid.dataset, test.dataset, chunk) if whole else None
+
+    def score(loader, masked=True):
+        """As the run scored it: eval_history=whole from each user's whole history."""
+        if whole_history is None:
+            return _score_loader(net, loader, config, masked)
+        with whole_history.scoring(net, loader.dataset):
+            return _score_loader(net, loader, config, masked)
+
+    scored, users, targets, target_in = score(test)
     out = {"name": name or model_name, "path": str(path), "model": model_name, "dataset": config["dataset"],
-           "mode": str(config["train_mode"]), "epoch": int(state["epoch"]), "drift": drift,
+           "mode": str(config["train_mode"]), "eval_history": "whole" if whole else "window",
+           "as_run": as_run,
+           "epoch": int(state["epoch"]), "drift": drift,
            "best_valid_score": state.get("best_valid_score"), "valid_metric": config["valid_metric"].lower(),
            "valid_recomputed": None, "scored": scored, "target_in_seq": target_in,
            "users": ds.field2id_token[config["USER_ID_FIELD"]][users].astype(str),
@@ -198,9 +223,9 @@ def evaluate_checkpoint(path, data_path=None, eval_batch_size=None, device=None,
            "inter": Path(config["data_path"]) / f"{config['dataset']}.inter",
            "decimals": int(config["metric_decimal_place"])}
     if check_valid:
-        vres = _score_loader(net, valid, config, masked=False)[0]["unmasked"][0]
+        vres = score(valid, masked=False)[0]["unmasked"][0]
         out["valid_recomputed"] = float(vres[out["valid_metric"]])
-        if out["best_valid_score"] is not None and not math.isclose(
+        if as_run and out["best_valid_score"] is not None and not math.isclose(
                 out["valid_recomputed"], float(out["best_valid_score"]), abs_tol=0.5 * 10 ** -out["decimals"] + 1e-12):
             raise SystemExit(f"{path}: valid {out['valid_metric']} recomputed {out['valid_recomputed']} != the "
                              f"checkpoint's best_valid_score {out['best_valid_score']}: the model or the data "
@@ -218,6 +243,9 @@ def compare_with_row(ev, row) -> str:
     if not same_valid or (best is not None and best != ev["epoch"]):  # another run's row, or another epoch's
         return (f"- {ev['name']}: not the row's best checkpoint (row: best epoch {best}, valid {ev['valid_metric']} "
                 f"{valid}; checkpoint: epoch {ev['epoch']}, {ev['best_valid_score']}): test values not compared")
+    if not ev.get("as_run", True):
+        return (f"- {ev['name']}: scored with eval_history={ev['eval_history']}, not as its run scored: test values "
+                "not compared with the row")
     got = ev["scored"]["unmasked"][0]
     off = {m: (got.get(m), v) for m, v in (row.get("test_result") or {}).items()
            if m in got and abs(float(got[m]) - float(v)) > tol}
@@ -231,8 +259,8 @@ def compare_with_row(ev, row) -> str:
 def checkpoint_report(evs, paired_difference, notes=()) -> str:
     """Markdown tables of evaluate_checkpoint's results, the first model paired with the others."""
     out = []
-    head = ["model", "checkpoint", "epoch", "valid metric: checkpoint / recomputed", "test users"]
-    body = [[e["name"], Path(e["path"]).name, e["epoch"],
+    head = ["model", "checkpoint", "epoch", "eval_history", "valid metric: checkpoint / recomputed", "test users"]
+    body = [[e["name"], Path(e["path"]).name, e["epoch"], e.get("eval_history", "window"),
              f"{e['valid_metric']} {_f(e['best_valid_score'])} / {_f(e['valid_recomputed'])}", f"{len(e['users']):,}"]
             for e in evs]
     out += [markdown(head, body), ""]
@@ -298,6 +326,8 @@ def checkpoint_main(argv) -> int:
     p.add_argument("--device", help="e.g. cpu (default: the checkpoint's config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. scan_impl=torch (repeatable)")
+    p.add_argument("--eval-history", help="comma-separated, one for all or one per checkpoint: run (as the run "
+                   "scored; default), window or whole")
     p.add_argument("--skip-valid", action="store_true",
                    help="do not recompute the valid metric (checked against the checkpoint's best_valid_score)")
     args = p.parse_args(argv)
@@ -307,12 +337,21 @@ def checkpoint_main(argv) -> int:
     for o in args.set:
         if "=" not in o or not o.split("=", 1)[0]:
             p.error(f"--set {o!r}: not KEY=VALUE")
+        if o.split("=", 1)[0] == "eval_history":
+            p.error("--set eval_history=...: use --eval-history, which can differ between checkpoints")
+    ways = [w.strip() for w in args.eval_history.split(",")] if args.eval_history else ["run"]
+    if len(ways) == 1:
+        ways *= len(args.checkpoints)
+    if len(ways) != len(args.checkpoints) or any(w not in ("run", "window", "whole") for w in ways):
+        p.error(f"--eval-history {args.eval_history!r}: one of run, window, whole, or one per checkpoint "
+                f"({len(args.checkpoints)})")
     from mamba4rec.significance import paired_difference
 
     cache, evs = {}, []
-    for path, name in zip(args.checkpoints, names):
+    for path, name, way in zip(args.checkpoints, names, ways):
+        overrides = list(args.set) + ([] if way == "run" else [f"eval_history={way}"])
         evs.append(evaluate_checkpoint(path, args.data_path.resolve() if args.data_path else None,
-                                       args.eval_batch_size, args.device, args.set, not args.skip_valid, name, cache))
+                                       args.eval_batch_size, args.device, overrides, not args.skip_valid, name, cache))
     if len({(e["dataset"], str(e["inter"])) for e in evs}) > 1:
         raise SystemExit("the checkpoints are not of one data set: "
                          + ", ".join(f"{e['name']} {e['dataset']} at {e['inter']}" for e in evs))

@@ -219,3 +219,57 @@ def test_checkpoint_mode_reproduces_the_runs_test_and_masks_the_input_sequence(t
     torch.save(state, tmp_path / "off.pth")
     with pytest.raises(SystemExit, match="best_valid_score"):
         ca.evaluate_checkpoint(tmp_path / "off.pth")
+
+
+def test_checkpoint_mode_scores_a_history_run_from_whole_histories_and_pairs_it_with_windows(
+        tmp_path, monkeypatch, capsys):
+    """A train_mode=history run tested from each user's whole history (eval_history: whole): the
+    checkpoint mode scores each user from that history (longer than MAX_ITEM_LIST_LENGTH for
+    some), reproducing the run's test values user by user and its valid score; with
+    --eval-history window it scores the windows only and compares with neither."""
+    import json
+
+    from mamba4rec import history, pipeline
+    from tests.conftest import tiny_config_dict
+
+    monkeypatch.chdir(tmp_path)
+    L = 8
+    run = pipeline.run("Mamba4Rec", "tiny", config_dict=tiny_config_dict(
+        tmp_path, scan_impl="torch", train_mode="history", MAX_ITEM_LIST_LENGTH=L, history_chunk=3))
+    path = run.saved_model_file
+    seen = []
+    real = history.WholeHistory.histories
+
+    def recording(self, dataset, interaction, model):
+        items, lengths = real(self, dataset, interaction, model)
+        seen.extend(lengths.tolist())
+        return items, lengths
+
+    monkeypatch.setattr(history.WholeHistory, "histories", recording)
+    whole = ca.evaluate_checkpoint(path)
+    assert whole["eval_history"] == "whole" and whole["as_run"]
+    assert max(seen) > L  # whole histories, not windows
+    assert whole["scored"]["unmasked"][0] == run.test_result
+    for met in pua.METRICS:
+        np.testing.assert_array_equal(whole["scored"]["unmasked"][1][met], run.extra["per_user_test"][met])
+    assert whole["valid_recomputed"] == pytest.approx(run.best_valid_score, abs=1e-12)
+
+    seen.clear()
+    window = ca.evaluate_checkpoint(path, overrides=["eval_history=window"])
+    assert window["eval_history"] == "window" and not window["as_run"] and not seen
+    np.testing.assert_array_equal(window["users"], whole["users"])
+
+    rows = tmp_path / "results" / "tiny" / "history"
+    rows.mkdir(parents=True)
+    row = {"test_result": run.test_result, "best_epoch": run.best_epoch, "valid_result": run.best_valid_result}
+    (rows / "Mamba4Rec.json").write_text(json.dumps(row))
+    assert pua.main(["checkpoint", str(path), str(path), "--names", "Mamba4Rec,window", "--eval-history",
+                     "run,window", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "- Mamba4Rec: test metrics equal the row's" in out
+    window["name"] = "Mamba4Rec"
+    assert ca.compare_with_row(window, row).startswith("- Mamba4Rec: scored with eval_history=window, not as its run")
+    assert "#### Paired over the same 40 test users: Mamba4Rec - window" in out
+    with pytest.raises(SystemExit):
+        pua.main(["checkpoint", str(path), "--eval-history", "all"])
+    assert "--eval-history 'all'" in capsys.readouterr().err
