@@ -148,6 +148,40 @@ def test_the_scan_leaves_torchs_thread_count_as_the_user_set_it():
     assert proc.stdout.split() == ["1", "1"]
 
 
+def _subnormal_case():
+    """A scan whose every output is subnormal: h_0 = dt B u = 1e-40 (float32 keeps it as a
+    subnormal), y = C h = 1e-40, and later steps decay it (A = -1)."""
+    u = torch.full((2, 3, 5), 1e-20)
+    dt = torch.ones(2, 3, 5)
+    A = -torch.ones(3, 2)
+    B = torch.full((2, 2, 5), 1e-20)
+    C = torch.ones(2, 2, 5)
+    return u, dt, A, B, C
+
+
+@pytest.mark.skipif(not numba_scan._x86(), reason="flushing subnormals is x86's MXCSR")
+def test_subnormals_are_flushed_inside_the_kernels_only(numba_calls):
+    """Inside the kernels (x86) subnormal results are zero: a gradient decaying through positions
+    without a target otherwise falls into the subnormal range, where each operation costs a
+    microcode assist. The calling thread's floating-point mode is as it was before, after the
+    forward and the backward, whether or not it flushed subnormals itself."""
+    u, dt, A, B, C = _subnormal_case()
+    ref = selective_scan_ref(u, dt, A, B, C)
+    assert (ref != 0).all() and (ref.abs() < torch.finfo(torch.float32).tiny).all()  # subnormal, not flushed
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny])
+    for flushing in (False, True):
+        torch.set_flush_denormal(flushing)
+        try:
+            x = u.clone().requires_grad_()
+            y = selective_scan_numba(x, dt, A, B, C)
+            assert (y == 0).all()
+            y.sum().backward()
+            assert bool(((tiny / 4) == 0).item()) == flushing  # the thread's own mode, untouched
+        finally:
+            torch.set_flush_denormal(False)
+    assert len(numba_calls) == 2
+
+
 def test_calls_from_two_python_threads_are_serialised():
     """numba's default threading layer aborts on concurrent entry into parallel code; the scan
     queues callers instead (a threaded server calling prefill must not crash)."""

@@ -23,6 +23,14 @@ backward's sigmoid of it are computed per (sequence, channel) as a loop over t b
 are the gate silu(z) = z sigmoid(z) and its derivative. The backward recomputes all of them rather than keep them
 from the forward: nothing (batch, dim, L)-sized is held between the two beyond the inputs.
 
+Subnormals. On x86 each chunk of sequences runs with the thread's MXCSR set to flush subnormal
+results and inputs to zero (FTZ and DAZ), and puts the caller's value back after it. In sequence
+mode's overlapping windows the first half of each window has no targets: there the backward's
+dL/dh only decays, exp(dt A) at a time, into the subnormal range (below 1.2e-38), where each
+float operation costs a microcode assist. With a trained ML-1M model that made the training step
+1.26x as long. Flushing changes only values below 1.2e-38. Other CPUs keep subnormals: the
+same results, without the speed-up.
+
 Contract: mamba_ssm's selective_scan_fn plus initial_state (see mamba4rec/kernels/reference.py). float32, bfloat16 and
 float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
 in float64. Gradients come back in each input's dtype.
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import platform
 import threading
 
 import numpy as np
@@ -169,6 +178,7 @@ def _forward(u, delta, bias, softplus, A, Bm, Cm, Dv, z, has_z, h0, has_h0, n_ch
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
     for c in _prange(n_chunks):
+        csr = _flush_subnormals()
         b0, b1 = _chunk_range(c, n_chunks, batch)
         BT, CT = np.empty((G, L, N), np.float32), np.empty((G, L, N), np.float32)
         hs = np.empty(N, np.float32)  # the state: only the outputs and the last state are kept
@@ -199,6 +209,7 @@ def _forward(u, delta, bias, softplus, A, Bm, Cm, Dv, z, has_z, h0, has_h0, n_ch
                 if want_last:
                     for n in range(N):
                         last[b, d, n] = hs[n]
+        _restore_fp(csr)
 
 
 def _backward(u, delta, bias, softplus, A, Bm, Cm, Dv, zf, has_z, h0, has_h0, gout, glast, has_glast,
@@ -208,6 +219,7 @@ def _backward(u, delta, bias, softplus, A, Bm, Cm, Dv, zf, has_z, h0, has_h0, go
     G, N = Bm.shape[1], A.shape[1]
     Dg = dim // G
     for c in _prange(n_chunks):
+        csr = _flush_subnormals()
         b0, b1 = _chunk_range(c, n_chunks, batch)
         BT, CT, dtu, ys, dA, H = _buffers(G, L, N)
         dBT = np.empty((G, L, N), np.float32)
@@ -284,6 +296,61 @@ def _backward(u, delta, bias, softplus, A, Bm, Cm, Dv, zf, has_z, h0, has_h0, go
                     for t in range(L):
                         dB[b, gg, n, t] = dBT[gg, t, n]
                         dC[b, gg, n, t] = dCT[gg, t, n]
+        _restore_fp(csr)
+
+
+def _flush_subnormals():
+    """Run like this until _compile replaces it: compiled, it sets the x86 thread's MXCSR to flush
+    subnormal results and inputs to zero (FTZ, DAZ) and returns its previous value."""
+    return 0
+
+
+def _restore_fp(csr):
+    """Compiled: put back the MXCSR value _flush_subnormals returned."""
+
+
+#: MXCSR bits: flush-to-zero (15) and denormals-are-zero (6)
+_FTZ_DAZ = 0x8040
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def _fp_intrinsics(intrinsic, types, ir, cgutils):
+    """(_flush_subnormals, _restore_fp) as numba intrinsics: LLVM's stmxcsr / ldmxcsr on x86,
+    no-ops elsewhere (other CPUs keep subnormals: the same results, without the speed-up)."""
+    x86 = _x86()
+    i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+    csr_fn = ir.FunctionType(ir.VoidType(), [i8p])
+
+    def _load_csr(builder, value):
+        slot = cgutils.alloca_once_value(builder, value)
+        fn = cgutils.get_or_insert_function(builder.module, csr_fn, "llvm.x86.sse.ldmxcsr")
+        builder.call(fn, [builder.bitcast(slot, i8p)])
+
+    @intrinsic
+    def flush(typingctx):
+        def codegen(context, builder, sig, args):
+            if not x86:
+                return ir.Constant(i32, 0)
+            slot = cgutils.alloca_once(builder, i32)
+            fn = cgutils.get_or_insert_function(builder.module, csr_fn, "llvm.x86.sse.stmxcsr")
+            builder.call(fn, [builder.bitcast(slot, i8p)])
+            old = builder.load(slot)
+            _load_csr(builder, builder.or_(old, ir.Constant(i32, _FTZ_DAZ)))
+            return old
+        return types.uint32(), codegen
+
+    @intrinsic
+    def restore(typingctx, csr):
+        def codegen(context, builder, sig, args):
+            if x86:
+                _load_csr(builder, args[0])
+            return context.get_dummy_value()
+        return types.void(types.uint32), codegen
+
+    return flush, restore
 
 
 _prange = range
@@ -295,12 +362,15 @@ _lock = threading.Lock()
 def _compile():
     """jit the functions above on first use (numba is imported only here)."""
     global _kernels, _prange, _as_f32, _exp1, _exp_nonpos, _chunk_range, _states, _transpose_bc, _buffers
-    global _dt_row, _sigmoid
+    global _dt_row, _sigmoid, _flush_subnormals, _restore_fp
     with _lock:
         if _kernels is None:
             import numba
             from llvmlite import ir
+            from numba.core import cgutils, types
             from numba.extending import intrinsic
+
+            _flush_subnormals, _restore_fp = _fp_intrinsics(intrinsic, types, ir, cgutils)
 
             @intrinsic
             def as_f32(typingctx, i):  # the float32 with the bits of an int32
