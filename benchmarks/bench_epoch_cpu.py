@@ -13,7 +13,7 @@ s/epoch is the timed batches' mean times the batches in an epoch.
     python -m benchmarks.bench_epoch_cpu --lengths 50 --models Mamba4Rec,SASRec
     python -m benchmarks.bench_epoch_cpu --scan-impl numba,torch --models Mamba4Rec,SASRec   # both CPU scans
     python -m benchmarks.bench_epoch_cpu --scan-impl numba --fast-dropout on,off              # both dropouts
-    python -m benchmarks.bench_epoch_cpu --dataset amazon-beauty --data-path /work/runs/dataset/ --lengths 50
+    python -m benchmarks.bench_epoch_cpu --dataset amazon-beauty --data-path OUT/dataset/ --lengths 50
     python -m benchmarks.bench_epoch_cpu --dataset ml-1m --data-path DIR --lengths 200 --prefix-max-batches 3
 """
 

@@ -17,8 +17,8 @@ target; then the ratios to Mamba4Rec now: of the medians, and the median of each
 (steps seconds apart, which a busy machine slows alike). The project's goal: Mamba4Rec's
 sequence step 1.3x faster than 923e454's on ML-1M (L=200) and on Beauty (L=50).
 
-    python -m benchmarks.bench_train_step --dataset ml-1m --data-path /work/shared/datasets --threads 1
-    python -m benchmarks.bench_train_step --dataset amazon-beauty --data-path /work/shared/datasets --threads 1
+    python -m benchmarks.bench_train_step --dataset ml-1m --data-path ../shared/datasets --threads 1
+    python -m benchmarks.bench_train_step --dataset amazon-beauty --data-path ../shared/datasets --threads 1
     python -m benchmarks.bench_train_step --dataset ml-1m --data-path DIR --contenders mamba-old,mamba --repeats 9
 
 --data-path is RecBole's data_path (DIR/<dataset>/<dataset>.inter), or a folder of the raw benchmark
