@@ -20,6 +20,8 @@ sequence step 1.3x faster than 923e454's on ML-1M (L=200) and on Beauty (L=50).
     python -m benchmarks.bench_train_step --dataset ml-1m --data-path ../shared/datasets --threads 1
     python -m benchmarks.bench_train_step --dataset amazon-beauty --data-path ../shared/datasets --threads 1
     python -m benchmarks.bench_train_step --dataset ml-1m --data-path DIR --contenders mamba-old,mamba --repeats 9
+    python -m benchmarks.bench_train_step --dataset ml-1m --data-path DIR --contenders mamba@REV,mamba \
+        --init-from BEST.pth        # every Mamba4Rec contender with a trained model's weights
 
 --data-path is RecBole's data_path (DIR/<dataset>/<dataset>.inter), or a folder of the raw benchmark
 files (../shared/datasets: SOURCES.md there): these are prepared once into the temp folder with
@@ -169,6 +171,8 @@ def start(c: Contender, args, data: str) -> None:
     cmd = [sys.executable, str(WORKER), "--model", c.model, "--train-mode", c.train_mode, "--dataset", args.dataset,
            "--data-path", data, "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
            "--threads", str(args.threads), "--batches", str(args.batches), "--scratch", str(SCRATCH / "saved")]
+    if args.init_from and c.model == "Mamba4Rec":
+        cmd += ["--init-from", str(Path(args.init_from).resolve())]
     c.stderr = open(SCRATCH / f"worker-{c.name}.log", "w")  # RecBole writes log/ in its working folder
     c.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=c.stderr, text=True,
                               bufsize=1, env=env, cwd=SCRATCH)
@@ -225,6 +229,9 @@ def main(argv=None) -> None:
                    "of the last worker stop spinning)")
     p.add_argument("--min-free-gib", type=float, default=8.0, help="memory that must be available before a "
                    "worker starts loading the data set (ML-1M's loading peaks at about 5 GiB)")
+    p.add_argument("--init-from", help="a Mamba4Rec checkpoint (RecBole's best .pth, of this data set and "
+                   "settings) every Mamba4Rec contender starts from: a trained model's step (its dt, and so its "
+                   "decays, differ from the initial ones); SASRec starts from its initialisation")
     p.add_argument("--csv", default=str(REPO / "benchmarks" / "out" / "train_step.csv"))
     args = p.parse_args(argv)
     args.max_len = args.max_len or MAX_LEN.get(args.dataset) or p.error(f"--max-len: no default for {args.dataset}")

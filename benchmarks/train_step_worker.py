@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--batches", type=int, required=True, help="distinct batches to cycle through")
     p.add_argument("--scratch", required=True, help="checkpoint_dir (RecBole's trainer makes it)")
+    p.add_argument("--init-from", help="a checkpoint (RecBole's best .pth) whose weights the model starts from")
     a = p.parse_args(argv)
 
     import torch
@@ -185,6 +186,9 @@ def main(argv=None) -> int:
         init_seed(config["seed"], config["reproducibility"])
         train, valid, test = data_preparation(config, create_dataset(config))
         model = pipeline.build_model(config, train.dataset)
+        if a.init_from:
+            state = torch.load(a.init_from, map_location="cpu", weights_only=False)
+            model.load_state_dict(state.get("state_dict", state))
         loader, loss_of, sizes = MODES[a.train_mode](config, train, model)
     except NotAvailable as exc:
         say({"unavailable": str(exc)})
@@ -209,6 +213,8 @@ def main(argv=None) -> int:
             continue
         if value is not None:
             settings[key] = value
+    if a.init_from:
+        settings["init_from"] = os.path.basename(a.init_from)
     say({"ready": {
         "mamba4rec": mamba4rec.__file__, "load_s": round(time.perf_counter() - t0, 1), "settings": settings,
         "scan": resolved_scan(model), "params": sum(p.numel() for p in model.parameters()),
