@@ -73,7 +73,7 @@ def analyse(model, histories, max_len, horizons, batch=32):
     import torch
 
     layers = [layer.mamba for layer in model.mamba_layers]
-    A = [-torch.exp(b.A_log.float()) for b in layers]
+    A = [-torch.exp(b.A_log.detach().float()) for b in layers]
     carry = [{k: [] for k in horizons} for _ in layers]
     dt_sum = [torch.zeros(b.d_inner, dtype=torch.float64) for b in layers]
     dt_n = 0
@@ -173,7 +173,6 @@ def main(argv=None) -> int:
     if args.batch < 1:
         p.error("--batch must be >= 1")
 
-    import torch
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
@@ -197,7 +196,6 @@ def main(argv=None) -> int:
     test_users = test.dataset.inter_feat[test.dataset.uid_field].numpy()
     histories = [table[int(u)] for u in test_users if int(u) in table]
     max_len = int(config["MAX_ITEM_LIST_LENGTH"])
-    torch.set_grad_enabled(False)
     per_layer, A, outputs = analyse(model, histories, max_len, horizons, args.batch)
     lengths = np.array([len(h) for h in histories])
     print(f"### {config['dataset']}: how far back {name}'s state reaches ({args.checkpoint.name}, epoch "

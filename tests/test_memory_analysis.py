@@ -61,6 +61,7 @@ def test_cli_on_a_trained_checkpoint(tiny_run, capsys):
     """The tables for a trained model: carries in (0, 1], each horizon over the users that have it,
     and the whole-vs-window section over the test users longer than MAX_ITEM_LIST_LENGTH (10)."""
     assert ma.main([str(tiny_run["recbole"]), "--horizons", "2,5,12", "--batch", "7"]) == 0
+    assert torch.is_grad_enabled()  # no process-wide state left behind (the tests share a process)
     out = capsys.readouterr().out
     assert "#### Layer 1: carry" in out and "#### Layer 2" not in out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "e-" in line}

@@ -23,13 +23,8 @@ backward's sigmoid of it are computed per (sequence, channel) as a loop over t b
 are the gate silu(z) = z sigmoid(z) and its derivative. The backward recomputes all of them rather than keep them
 from the forward: nothing (batch, dim, L)-sized is held between the two beyond the inputs.
 
-Subnormals. On x86 each chunk of sequences runs with the thread's MXCSR set to flush subnormal
-results and inputs to zero (FTZ and DAZ), and puts the caller's value back after it. In sequence
-mode's overlapping windows the first half of each window has no targets: there the backward's
-dL/dh only decays, exp(dt A) at a time, into the subnormal range (below 1.2e-38), where each
-float operation costs a microcode assist. With a trained ML-1M model that made the training step
-1.26x as long. Flushing changes only values below 1.2e-38. Other CPUs keep subnormals: the
-same results, without the speed-up.
+Subnormals: on x86 each chunk of sequences runs with subnormals flushed to zero (see
+mamba4rec/kernels/numba_env.py for why).
 
 Contract: mamba_ssm's selective_scan_fn plus initial_state (see mamba4rec/kernels/reference.py). float32, bfloat16 and
 float16 inputs compute in float32; float64 (gradcheck) goes to the torch scan, which computes
@@ -40,13 +35,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import platform
 import threading
 
 import numpy as np
 import torch
 
 from ._validate import check_scan_inputs
+from .numba_env import fp_intrinsics as _fp_intrinsics
+from .numba_env import run as _run
+from .numba_env import x86 as _x86  # noqa: F401 (tests ask the scan whether it flushes)
 
 #: Sequences are split into this many chunks, each with its own dA/dD/dbias partial sums; a
 #: fixed number (not the thread count) keeps the summation order, so results are reproducible
@@ -309,50 +306,6 @@ def _restore_fp(csr):
     """Compiled: put back the MXCSR value _flush_subnormals returned."""
 
 
-#: MXCSR bits: flush-to-zero (15) and denormals-are-zero (6)
-_FTZ_DAZ = 0x8040
-
-
-def _x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
-
-
-def _fp_intrinsics(intrinsic, types, ir, cgutils):
-    """(_flush_subnormals, _restore_fp) as numba intrinsics: LLVM's stmxcsr / ldmxcsr on x86,
-    no-ops elsewhere (other CPUs keep subnormals: the same results, without the speed-up)."""
-    x86 = _x86()
-    i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-    csr_fn = ir.FunctionType(ir.VoidType(), [i8p])
-
-    def _load_csr(builder, value):
-        slot = cgutils.alloca_once_value(builder, value)
-        fn = cgutils.get_or_insert_function(builder.module, csr_fn, "llvm.x86.sse.ldmxcsr")
-        builder.call(fn, [builder.bitcast(slot, i8p)])
-
-    @intrinsic
-    def flush(typingctx):
-        def codegen(context, builder, sig, args):
-            if not x86:
-                return ir.Constant(i32, 0)
-            slot = cgutils.alloca_once(builder, i32)
-            fn = cgutils.get_or_insert_function(builder.module, csr_fn, "llvm.x86.sse.stmxcsr")
-            builder.call(fn, [builder.bitcast(slot, i8p)])
-            old = builder.load(slot)
-            _load_csr(builder, builder.or_(old, ir.Constant(i32, _FTZ_DAZ)))
-            return old
-        return types.uint32(), codegen
-
-    @intrinsic
-    def restore(typingctx, csr):
-        def codegen(context, builder, sig, args):
-            if x86:
-                _load_csr(builder, args[0])
-            return context.get_dummy_value()
-        return types.void(types.uint32), codegen
-
-    return flush, restore
-
-
 _prange = range
 _kernels = None
 _as_f32 = None  # set by _compile
@@ -391,30 +344,6 @@ def _compile():
             outer = numba.njit(cache=True, fastmath=flags, parallel=True)
             _kernels = outer(_forward), outer(_backward)
     return _kernels
-
-
-def _run(kernel, *args):
-    """Call a parallel kernel with as many threads as torch uses (torch.set_num_threads is the
-    knob users already turn), one call at a time: numba's default threading layer aborts the
-    process if two Python threads enter parallel code at once (a threaded server calling
-    prefill), so calls from several threads queue here instead.
-
-    numba's OpenMP layer shares the OpenMP runtime with torch and, when it starts its threads,
-    sets the runtime's thread count to NUMBA_NUM_THREADS (all cores): torch's own count, as the
-    user set it (torch.set_num_threads, OMP_NUM_THREADS), is put back after every call."""
-    import numba
-
-    with _call_lock:
-        threads = torch.get_num_threads()
-        try:
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-            kernel(*args)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-
-
-_call_lock = threading.Lock()
 
 
 def _np32(t: torch.Tensor) -> np.ndarray:
