@@ -10,8 +10,8 @@ it. In sequence
 mode's overlapping windows the first half of each window has no targets: there the backward's
 dL/dh only decays, exp(dt A) at a time, into the subnormal range (below 1.2e-38), where each
 float operation costs a microcode assist. With a trained ML-1M model that made the training step
-1.26x as long. Flushing changes only values below 1.2e-38. Other CPUs keep subnormals: the
-same results, without the speed-up.
+1.38x as long (docs/ARCHITECTURE.md, "The compiled CPU path"). Flushing changes only values
+below 1.2e-38. Other CPUs keep subnormals: the same results, without the speed-up.
 """
 
 from __future__ import annotations
