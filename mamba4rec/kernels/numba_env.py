@@ -6,10 +6,10 @@ and restore the thread's floating-point mode around their work.
 
 Subnormals. On x86 each chunk of sequences of the numba scan runs with the thread's MXCSR set to
 flush subnormal results and inputs to zero (FTZ and DAZ), and puts the caller's value back after
-it. In sequence mode's overlapping windows the first half of each window has no targets: there
-the backward's dL/dh only decays, exp(dt A) at a time, into the subnormal range (below
-1.2e-38), where each float operation costs a microcode assist. With a trained ML-1M model that made the training step
-1.38x as long (docs/ARCHITECTURE.md, "The compiled CPU path"). Flushing changes only values
+it. In sequence mode's overlapping windows the first half of each window has no targets: there the
+backward's dL/dh only decays, exp(dt A) at a time, into the subnormal range (below 1.2e-38), where
+each float operation costs a microcode assist. With a trained ML-1M model that made the training
+step 1.38x as long (docs/ARCHITECTURE.md, "The compiled CPU path"). Flushing changes only values
 below 1.2e-38. Other CPUs keep subnormals: the same results, without the speed-up.
 """
 
