@@ -80,8 +80,11 @@ def checkpoint_config(state, data_path=None, eval_batch_size=None, device=None, 
         given["eval_batch_size"] = int(eval_batch_size)
     given["metrics"] = list(dict.fromkeys(list(saved["metrics"]) + ["Hit", "NDCG", "MRR"]))
     given["topk"] = sorted(set(saved["topk"]) | {10})
-    config = build_config(saved["model"], saved["dataset"], None, given, [f"--{o}" for o in overrides],
-                          use_default_configs=False)
+    try:
+        config = build_config(saved["model"], saved["dataset"], None, given, [f"--{o}" for o in overrides],
+                              use_default_configs=False)
+    except ValueError as exc:  # a setting the model refuses (eval_history=whole for SASRec, say)
+        raise SystemExit(f"{saved['model']} checkpoint: {exc}") from None
     if device is not None:
         import torch
 
@@ -200,7 +203,7 @@ def evaluate_checkpoint(path, data_path=None, eval_batch_size=None, device=None,
     net.load_other_parameter(state.get("other_parameter"))
     from mamba4rec.history import WholeHistory, resolve_history
 
-    chunk, whole = resolve_history(config, model_class)
+    chunk, whole = resolve_history(config, model_class)  # checked when the config was built
     as_run = whole == resolve_history(state["config"])[1]  # scored the way the run scored it
     whole_history = WholeHistory(train.dataset, valid.dataset, test.dataset, chunk) if whole else None
 
@@ -374,6 +377,7 @@ def checkpoint_main(argv) -> int:
     print(f"### {evs[0]['dataset']}, {evs[0]['mode']} mode: the input sequence in the ranking, from checkpoints\n")
     print(f"Test users scored with each checkpoint's full_sort_predict (eval mode, no grad), data "
           f"{evs[0]['inter']} (sha256 {digest[:12]}); 'input seq' = the model's input item list "
-          f"(the last MAX_ITEM_LIST_LENGTH items before the test item).\n")
+          f"(the last MAX_ITEM_LIST_LENGTH items before the test item; the window, also where a "
+          f"model is scored from the whole history).\n")
     print(checkpoint_report(evs, paired_difference, notes))
     return 0

@@ -55,7 +55,9 @@ def carry_stats(dt, A, lengths, horizons):
     at least k items; dt [B, Di, L] (left-aligned rows of ``lengths``), A [Di, N] (< 0)."""
     import torch
 
-    csum = torch.nn.functional.pad(dt.cumsum(-1), (1, 0))  # [B, Di, L + 1], csum[..., t] = sum dt[:t]
+    # float64: a difference of running sums over thousands of items, whose small carries would
+    # otherwise carry float32's rounding of the whole sum
+    csum = torch.nn.functional.pad(dt.double().cumsum(-1), (1, 0))  # [B, Di, L + 1]: sum dt[:t]
     out = {}
     for k in horizons:
         rows = torch.nonzero(lengths >= k).reshape(-1)
@@ -63,7 +65,7 @@ def carry_stats(dt, A, lengths, horizons):
             continue
         end = lengths[rows].view(-1, 1, 1).expand(-1, dt.shape[1], 1)
         s = csum[rows].gather(2, end) - csum[rows].gather(2, end - k)  # [R, Di, 1]: sum of the last k dt
-        out[k] = torch.exp(s * A[None]).reshape(-1).numpy()  # [R * Di * N]
+        out[k] = torch.exp(s * A.double()[None]).reshape(-1).numpy()  # [R * Di * N]
     return out
 
 

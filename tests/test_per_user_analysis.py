@@ -219,6 +219,8 @@ def test_checkpoint_mode_reproduces_the_runs_test_and_masks_the_input_sequence(t
     torch.save(state, tmp_path / "off.pth")
     with pytest.raises(SystemExit, match="best_valid_score"):
         ca.evaluate_checkpoint(tmp_path / "off.pth")
+    with pytest.raises(SystemExit, match="eval_history=whole cannot run SASRec"):
+        ca.evaluate_checkpoint(files[0], overrides=["eval_history=whole"])
 
 
 def test_checkpoint_mode_scores_a_history_run_from_whole_histories_and_pairs_it_with_windows(

@@ -6,11 +6,13 @@ and restore the thread's floating-point mode around their work.
 
 Subnormals. On x86 each chunk of sequences of the numba scan runs with the thread's MXCSR set to
 flush subnormal results and inputs to zero (FTZ and DAZ), and puts the caller's value back after
-it. In sequence mode's overlapping windows the first half of each window has no targets: there the
-backward's dL/dh only decays, exp(dt A) at a time, into the subnormal range (below 1.2e-38), where
-each float operation costs a microcode assist. With a trained ML-1M model that made the training
-step 1.38x as long (docs/ARCHITECTURE.md, "The compiled CPU path"). Flushing changes only values
-below 1.2e-38. Other CPUs keep subnormals: the same results, without the speed-up.
+it. In sequence mode a window overlaps the previous one of its user (stride L/2 by default), and
+the positions they share have no targets in the later window: there the backward's dL/dh only
+decays, exp(dt A) at a time, into the subnormal range (below 1.2e-38), where each float operation
+costs a microcode assist. With a trained ML-1M model that made the training step 1.38x as long
+(docs/ARCHITECTURE.md, "The compiled CPU path"). Flushing zeroes only results below 1.2e-38, and
+changes what is computed from them by as little. Other CPUs keep subnormals: the same results,
+without the speed-up.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+# The numba scan's cached kernels inline what follows; numba checks only numba_scan.py to reuse
+# them: with any change below, bump numba_scan.ENV_REVISION.
 def fp_intrinsics(intrinsic, types, ir, cgutils):
     """(_flush_subnormals, _restore_fp) as numba intrinsics: LLVM's stmxcsr / ldmxcsr on x86,
     no-ops elsewhere (other CPUs keep subnormals: the same results, without the speed-up)."""

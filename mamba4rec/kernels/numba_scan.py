@@ -41,9 +41,11 @@ import numpy as np
 import torch
 
 from ._validate import check_scan_inputs
-from .numba_env import fp_intrinsics as _fp_intrinsics
-from .numba_env import run as _run
-from .numba_env import x86 as _x86  # noqa: F401 (tests ask the scan whether it flushes)
+from .numba_env import fp_intrinsics as _fp_intrinsics, run as _run, x86 as _x86  # noqa: F401 (_x86: tests)
+
+#: numba caches the kernels keyed on this file only; they inline numba_env's intrinsics: bump this
+#: with any change there, so that no kernel compiled from the old intrinsics is loaded again
+ENV_REVISION = 1
 
 #: Sequences are split into this many chunks, each with its own dA/dD/dbias partial sums; a
 #: fixed number (not the thread count) keeps the summation order, so results are reproducible
