@@ -1,8 +1,9 @@
 """Calling numba's parallel kernels from torch code: threads, and the floating-point environment.
 
 ``run`` calls a compiled parallel kernel (the numba scan's, the compiled dropout's) with torch's
-thread count, one call at a time. ``fp_intrinsics`` gives kernels two numba intrinsics that set
-and restore the thread's floating-point mode around their work.
+thread count, one call at a time, and its first call in a process under an inter-process lock.
+``fp_intrinsics`` gives kernels two numba intrinsics that set and restore the thread's
+floating-point mode around their work.
 
 Subnormals. On x86 each chunk of sequences of the numba scan runs with the thread's MXCSR set to
 flush subnormal results and inputs to zero (FTZ and DAZ), and puts the caller's value back after
@@ -17,7 +18,10 @@ without the speed-up.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
+import tempfile
 import threading
 
 import torch
@@ -38,13 +42,45 @@ def run(kernel, *args):
         threads = torch.get_num_threads()
         try:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-            kernel(*args)
+            if kernel.signatures:
+                kernel(*args)
+            else:  # its first call here compiles it or loads it from numba's disk cache
+                with compile_lock():
+                    kernel(*args)
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 
 
 _call_lock = threading.Lock()
+
+#: the file whose lock serialises first calls across processes (see compile_lock)
+COMPILE_LOCK = os.path.join(tempfile.gettempdir(), "mamba4rec-numba-compile.lock")
+
+
+@contextlib.contextmanager
+def compile_lock(path=COMPILE_LOCK):
+    """Hold an exclusive lock on ``path`` (POSIX flock; elsewhere nothing): one process at a time
+    compiles a parallel kernel and writes numba's cache, or loads it. Parallel kernels are cached
+    as several files, and processes that compile the same kernel at once (DDP ranks, test
+    workers, on a cold cache) can write mismatched ones that crash whoever loads them (numba
+    issues 4807 and 10128). The others wait, then load what the first one wrote."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fh = open(path, "a")
+    except OSError:  # another user's lock file, a read-only temp folder: go on unlocked
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 #: MXCSR bits: flush-to-zero (15) and denormals-are-zero (6)
