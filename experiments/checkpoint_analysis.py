@@ -171,13 +171,10 @@ def _score_loader(net, loader, config, masked=True):
     return out, np.concatenate(users), np.concatenate(targets), np.concatenate(target_in)
 
 
-def evaluate_checkpoint(path, data_path=None, eval_batch_size=None, device=None, overrides=(), check_valid=True,
-                        name=None, _cache=None) -> dict:
-    """Rebuild ``path``'s model and test dataloader from its own config (checkpoint_config), load
-    its weights and score the test users (RecBole's ranking and with the input sequence masked);
-    with ``check_valid`` also the validation users, whose valid metric must equal the
-    checkpoint's best_valid_score. ``_cache`` (a dict) shares the data between checkpoints that
-    split it the same way."""
+def checkpoint_model(path, data_path=None, eval_batch_size=None, device=None, overrides=(), _cache=None):
+    """A checkpoint's run rebuilt: (state, config, drift, model class, model name, data set,
+    train, valid and test dataloaders, the model with the checkpoint's weights). ``_cache`` (a
+    dict) shares the data between checkpoints that split it the same way."""
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
@@ -201,6 +198,18 @@ def evaluate_checkpoint(path, data_path=None, eval_batch_size=None, device=None,
         raise SystemExit(f"{path}: its weights do not fit {model_name} built from its own config "
                          f"({str(exc).splitlines()[0]})") from None
     net.load_other_parameter(state.get("other_parameter"))
+    return state, config, drift, model_class, model_name, ds, train, valid, test, net
+
+
+def evaluate_checkpoint(path, data_path=None, eval_batch_size=None, device=None, overrides=(), check_valid=True,
+                        name=None, _cache=None) -> dict:
+    """Rebuild ``path``'s model and test dataloader from its own config (checkpoint_model), load
+    its weights and score the test users (RecBole's ranking and with the input sequence masked);
+    with ``check_valid`` also the validation users, whose valid metric must equal the
+    checkpoint's best_valid_score. ``_cache`` (a dict) shares the data between checkpoints that
+    split it the same way."""
+    state, config, drift, model_class, model_name, ds, train, valid, test, net = checkpoint_model(
+        path, data_path, eval_batch_size, device, overrides, _cache)
     from mamba4rec.history import WholeHistory, resolve_history
 
     chunk, whole = resolve_history(config, model_class)  # checked when the config was built

@@ -175,25 +175,14 @@ def main(argv=None) -> int:
     if args.batch < 1:
         p.error("--batch must be >= 1")
 
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
-
     from mamba4rec.history import WholeHistory
-    from mamba4rec.registry import build_model, resolve_model
 
-    from .checkpoint_analysis import checkpoint_config, load_checkpoint
+    from .checkpoint_analysis import checkpoint_model
 
-    state = load_checkpoint(args.checkpoint)
-    config, _ = checkpoint_config(state, args.data_path.resolve() if args.data_path else None, device="cpu")
-    model_class, name = resolve_model(config["model"])
+    state, config, _, model_class, name, _, train, valid, test, model = checkpoint_model(
+        args.checkpoint, args.data_path.resolve() if args.data_path else None, device="cpu")
     if not hasattr(model_class, "forward_chunk"):
         raise SystemExit(f"{args.checkpoint}: a {name} checkpoint; this analysis reads a Mamba4Rec's SSM state")
-    init_seed(config["seed"], config["reproducibility"])
-    ds = create_dataset(config)
-    train, valid, test = data_preparation(config, ds)
-    model = build_model(config, train.dataset, model_class)
-    model.load_state_dict(state["state_dict"])
-    model.load_other_parameter(state.get("other_parameter"))
     table = WholeHistory(train.dataset, valid.dataset, test.dataset, 1).by_split[id(test.dataset)]
     test_users = test.dataset.inter_feat[test.dataset.uid_field].numpy()
     histories = [table[int(u)] for u in test_users if int(u) in table]

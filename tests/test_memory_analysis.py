@@ -72,17 +72,10 @@ def test_cli_on_a_trained_checkpoint(tiny_run, capsys):
 
 
 def test_carry_values_lie_in_zero_one_and_shrink_with_the_horizon(tiny_run):
-    from recbole.data import create_dataset, data_preparation
-
-    from experiments.checkpoint_analysis import checkpoint_config, load_checkpoint
+    from experiments.checkpoint_analysis import checkpoint_model
     from mamba4rec.history import WholeHistory
-    from mamba4rec.registry import build_model, resolve_model
 
-    state = load_checkpoint(tiny_run["recbole"])
-    config, _ = checkpoint_config(state, device="cpu")
-    train, valid, test = data_preparation(config, create_dataset(config))
-    model = build_model(config, train.dataset, resolve_model(config["model"])[0])
-    model.load_state_dict(state["state_dict"])
+    *_, train, valid, test, model = checkpoint_model(tiny_run["recbole"], device="cpu")
     hist = list(WholeHistory(train.dataset, valid.dataset, test.dataset, 1).by_split[id(test.dataset)].values())
     per_layer, A, outputs = ma.analyse(model, hist, 10, [1, 4, 8], batch=5)
     c = per_layer[0]["carry"]
