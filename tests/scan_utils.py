@@ -244,3 +244,36 @@ def gradcheck_scan(fn, case: Case, seed: int = 0, return_last_state: bool = True
 
     rtol, atol = tol("gradcheck", torch.float64, "grad")
     assert torch.autograd.gradcheck(f, [x[n] for n in names], eps=GRADCHECK_EPS, atol=atol, rtol=rtol)
+
+
+def check_padding_by_minus_inf(fn, path: str, device="cpu"):
+    """MambaBlock pads ragged rows with delta = -inf (softplus on): dt must be 0 there. So each
+    row's outputs up to its end and its last state equal the scan of the row cut at its end, no
+    gradient reaches the padded delta, and every gradient equals the one of dt =
+    softplus(delta + bias) * mask computed outside the scan (the reference, softplus off)."""
+    from mamba4rec.kernels.reference import selective_scan_ref
+
+    case = Case(3, 9, 8, 4, h0=True)
+    x = make_inputs(case, seed=3, device=device)
+    lengths = torch.tensor([9, 5, 1], device=device)
+    pad = torch.arange(case.L, device=device)[None, None, :] >= lengths[:, None, None]
+    delta = x["delta"].detach().masked_fill(pad, float("-inf")).requires_grad_()
+    padded = dict(x, delta=delta)
+    out, last, grads = run_scan(fn, padded, case)
+    assert torch.isfinite(out).all() and torch.isfinite(last).all()
+    assert (grads["delta"][pad.expand_as(delta)] == 0).all(), "a gradient reached a padded position"
+    for r, n in enumerate(lengths.tolist()):
+        row = {k: (v.detach()[r:r + 1, ..., :n].contiguous() if k in ("u", "delta", "B", "C", "z") else
+                   v.detach()[r:r + 1] if k == "initial_state" else v.detach()) for k, v in x.items()}
+        cut_out, cut_last = call_scan(fn, row, case, return_last_state=True)
+        # within rounding, not bit for bit: a compiled loop over 9 steps runs vectorised, over 5 not
+        assert_close(f"row {r} last_state", last[r:r + 1], cut_last, path, case.dtype)
+        assert_close(f"row {r} out", out[r:r + 1, :, :n], cut_out, path, case.dtype)
+
+    def masked_outside(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, **kw):
+        dt = torch.nn.functional.softplus(delta + delta_bias[:, None]) * ~pad
+        return selective_scan_ref(u, dt, A, B, C, D=D, z=z, delta_softplus=False, **kw)
+
+    want = run_scan(masked_outside, dict(detached_copy(x)), case)
+    # the masked reference gives the padded delta no gradient either; compare the rest
+    compare(path, (out, last, grads), want, case)

@@ -18,7 +18,8 @@ import mamba4rec.kernels as kernels
 from mamba4rec.kernels import numba_scan
 from mamba4rec.kernels.reference import selective_scan_ref
 from mamba4rec.kernels.torch_scan import selective_scan_torch
-from tests.scan_utils import Case, assert_close, compare_with_reference, detached_copy, make_inputs, run_scan
+from tests.scan_utils import (Case, assert_close, check_padding_by_minus_inf, compare_with_reference, detached_copy,
+                              make_inputs, run_scan)
 
 pytest.importorskip("numba", reason="the numba scan needs numba (the fast extra)")
 #: The compiled kernels run in parallel: two threads, as the numba path gets on a 2-core machine.
@@ -271,3 +272,10 @@ def test_nan_in_A_or_delta_comes_out_as_nan_not_a_finite_number():
         out = selective_scan_numba(**x, delta_softplus=True)
         ref = selective_scan_ref(**x, delta_softplus=True)
         assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out).any(), name
+
+
+@pytest.mark.parametrize("path", ["numba", "torch", "reference"])
+def test_minus_inf_delta_gives_dt_zero_exactly(path, numba_calls):
+    fn = {"numba": selective_scan_numba, "torch": selective_scan_torch, "reference": selective_scan_ref}[path]
+    check_padding_by_minus_inf(fn, "torch" if path == "reference" else path)  # the reference: torch's tolerances
+    assert len(numba_calls) == (1 + 3 if path == "numba" else 0)  # the padded call, then each row cut

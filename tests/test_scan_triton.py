@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from tests.scan_utils import TRITON_DEVICE as DEVICE
-from tests.scan_utils import (Case, compare_with_reference, detached_copy, enable_triton_interpreter, make_inputs,
-                              tol)
+from tests.scan_utils import (Case, check_padding_by_minus_inf, compare_with_reference, detached_copy,
+                              enable_triton_interpreter, make_inputs, tol)
 
 _SKIP = enable_triton_interpreter()
 if _SKIP:
@@ -185,6 +185,11 @@ def test_scan_in_two_parts_is_the_whole_scan():
         if v is not None:
             rtol, atol = tol("triton", torch.float32, "d" + k)
             torch.testing.assert_close(parts[k].grad, v.grad, rtol=rtol, atol=atol, msg=lambda m: f"d{k}: {m}")
+
+
+def test_minus_inf_delta_gives_dt_zero_exactly():
+    """The padding of ragged rows (MambaBlock: delta = -inf): dt = 0 there, no gradient (scan_utils)."""
+    check_padding_by_minus_inf(ss.selective_scan_fn, "triton", device=DEVICE)
 
 
 def test_initial_state_without_grad():

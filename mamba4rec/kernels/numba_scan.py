@@ -94,8 +94,8 @@ def _exp_nonpos(x, out):
 
 def _dt_row(b, d, delta, bias, softplus, dtb, sgb, want_sig):
     """dtb = softplus(x) (torch's: x above 20 as it is) or x, with x = delta + bias, for sequence
-    b, channel d, and sgb = sigmoid(x) (want_sig). One exp(-|x|) for both, and log1p(e) =
-    2 atanh(e / (2 + e)) as its series (|s| <= 1/3, 7 terms): plain arithmetic, vectorised over t."""
+    b, channel d, and sgb = sigmoid(x) (want_sig); both exactly 0 at x = -inf, as torch's. One exp(-|x|)
+    for both, log1p(e) = 2 atanh(e / (2 + e)) as its series (|s| <= 1/3, 7 terms), vectorised over t."""
     for t in range(dtb.shape[0]):
         x = delta[b, d, t] + bias[d]
         if not softplus:
@@ -111,9 +111,9 @@ def _dt_row(b, d, delta, bias, softplus, dtb, sgb, want_sig):
         q = q * s2 + np.float32(1.0 / 5.0)
         q = q * s2 + np.float32(1.0 / 3.0)
         sp = (x if x > np.float32(0.0) else np.float32(0.0)) + np.float32(2.0) * s * (q * s2 + np.float32(1.0))
-        dtb[t] = x if x > np.float32(20.0) else sp
+        dtb[t] = x if x > np.float32(20.0) else (sp if x != np.float32(-np.inf) else np.float32(0.0))
         if want_sig:
-            sgb[t] = _sigmoid(x, e)
+            sgb[t] = _sigmoid(x, e) if x != np.float32(-np.inf) else np.float32(0.0)
 
 
 def _sigmoid(x, e):
