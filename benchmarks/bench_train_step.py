@@ -20,6 +20,7 @@ sequence step 1.3x faster than 923e454's on ML-1M (L=200) and on Beauty (L=50).
     python -m benchmarks.bench_train_step --dataset ml-1m --data-path ../shared/datasets --threads 1
     python -m benchmarks.bench_train_step --dataset amazon-beauty --data-path ../shared/datasets --threads 1
     python -m benchmarks.bench_train_step --dataset ml-1m --data-path DIR --contenders mamba-old,mamba --repeats 9
+    python -m benchmarks.bench_train_step --dataset ml-1m --data-path DIR --contenders mamba-history@HEAD,mamba-history
     python -m benchmarks.bench_train_step --dataset ml-1m --data-path DIR --contenders mamba@REV,mamba \
         --init-from BEST.pth        # every Mamba4Rec contender with a trained model's weights
 
@@ -30,8 +31,9 @@ the settings docs/DATASETS.md gives (ML-1M: items with fewer than 5 ratings drop
 Contenders (--contenders): mamba (Mamba4Rec, sequence, this checkout), mamba-old (the same at
 --old-rev), sasrec (SASRec, sequence, this checkout), mamba-history (Mamba4Rec,
 train_mode=history, this checkout: each user's whole history, see train_step_worker.history_mode;
-a version of the code without that mode is reported as unavailable and left out of the table), and
-mamba@REV (Mamba4Rec, sequence, at any git revision REV that has the same entry points). Every
+a version of the code without that mode is reported as unavailable and left out of the table),
+mamba@REV (Mamba4Rec, sequence, at any git revision REV that has the same entry points) and
+mamba-history@REV (the same in history mode). Every
 mode has the same steps per epoch (train_batch_size targets a step), so the ratio of two
 contenders' steps is the ratio of their epochs.
 """
@@ -99,9 +101,11 @@ def old_mamba(args) -> Contender:
     return Contender("mamba-old", root, "Mamba4Rec", "sequence", sha)
 
 
-def mamba_at(rev: str) -> Contender:
+def mamba_at(spec: str) -> Contender:
+    """mamba@REV (sequence mode) or mamba-history@REV (history mode) at git revision REV."""
+    name, rev = spec.split("@", 1)
     root, sha = old_code(rev)
-    return Contender(f"mamba@{sha}", root, "Mamba4Rec", "sequence", sha)
+    return Contender(f"{name}@{sha}", root, "Mamba4Rec", AT_REV[name], sha)
 
 
 def current_sasrec(args) -> Contender:
@@ -114,6 +118,8 @@ def history_mamba(args) -> Contender:
     return Contender("mamba-history", REPO, "Mamba4Rec", "history", "this checkout")
 
 
+#: NAME@REV contenders -> their train mode
+AT_REV = {"mamba": "sequence", "mamba-history": "history"}
 #: --contenders choices, in the table's order
 CONTENDERS = {"mamba-old": old_mamba, "mamba": current_mamba, "sasrec": current_sasrec,
               "mamba-history": history_mamba}
@@ -215,7 +221,7 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="ml-1m")
     p.add_argument("--data-path", required=True, help="RecBole data_path, or a folder of the raw benchmark files")
     p.add_argument("--contenders", default="mamba-old,mamba,mamba-history,sasrec",
-                   help=f"comma list of {', '.join(CONTENDERS)}, mamba@REV (see above)")
+                   help=f"comma list of {', '.join(CONTENDERS)}, mamba@REV, mamba-history@REV (see above)")
     p.add_argument("--old-rev", default="923e454", help="the commit mamba-old runs")
     p.add_argument("--max-len", type=int, default=None,
                    help="MAX_ITEM_LIST_LENGTH (default: the paper's, 200 on ml-1m and 50 on the Amazon sets)")
@@ -237,7 +243,7 @@ def main(argv=None) -> None:
     args.max_len = args.max_len or MAX_LEN.get(args.dataset) or p.error(f"--max-len: no default for {args.dataset}")
     args.batches = args.batches or args.repeats + args.warmup
     names = [n for n in args.contenders.split(",") if n]
-    unknown = [n for n in names if n not in CONTENDERS and not n.startswith("mamba@")]
+    unknown = [n for n in names if n not in CONTENDERS and n.split("@", 1)[0] not in AT_REV]
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}: choose from {', '.join(CONTENDERS)}")
     SCRATCH.mkdir(parents=True, exist_ok=True)
@@ -252,7 +258,7 @@ def main(argv=None) -> None:
           f"torch {torch.__version__} | threads {args.threads} | load avg {load_avg()}")
     print(f"# {args.dataset} ({data}), MAX_ITEM_LIST_LENGTH {args.max_len}, train_batch_size {args.batch_size}; "
           f"{args.warmup} warm-up + {args.repeats} timed steps per contender, interleaved")
-    contenders = [mamba_at(n.split("@", 1)[1]) if n.startswith("mamba@") else CONTENDERS[n](args) for n in names]
+    contenders = [CONTENDERS[n](args) if n in CONTENDERS else mamba_at(n) for n in names]
     live = []
     try:
         for c in contenders:  # one after another: RecBole's data set takes gigabytes while it loads
