@@ -16,6 +16,9 @@ torch.profiler's own table of the top operations by self time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
 
 #: group -> (operations whose CPU time *including their children* counts, operations whose own time counts)
 GROUPS = {
@@ -55,7 +58,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     max_len = a.max_len or MAX_LEN.get(a.dataset) or p.error(f"--max-len: no default for {a.dataset}")
     cfg = {"train_mode": a.train_mode, "MAX_ITEM_LIST_LENGTH": max_len, "train_batch_size": a.batch_size,
-           "data_path": a.data_path, "show_progress": False, "state": "ERROR"}
+           "data_path": os.path.abspath(a.data_path), "show_progress": False, "state": "ERROR"}
     config = pipeline.build_config("Mamba4Rec", a.dataset, config_dict=cfg)
     init_seed(config["seed"], config["reproducibility"])
     train, _, _ = data_preparation(config, create_dataset(config))
@@ -66,7 +69,9 @@ def main(argv=None) -> None:
         batches.append(batch)
         if len(batches) >= a.warmup + a.steps:
             break
-    optimizer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model).optimizer
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        # RecBole's trainer opens a tensorboard folder (log_tensorboard/) in the working directory
+        optimizer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model).optimizer
     model.train()
 
     def step(batch):
