@@ -40,9 +40,9 @@ from .checks import int_in
 from .sequence import SequenceTrainDataLoader, user_sequences
 from .streaming import StreamState
 
-#: Default ``history_chunk``: items per chunk of a row. On CPU a chunk's scan buffers (a few
-#: chunk x d_state blocks per thread) still fit in L2 at 1024; smaller chunks mean more, smaller
-#: calls of the layers (ML-1M's history step: 114 ms at 256, 105 at 1024, docs/RESULTS.md).
+#: Default ``history_chunk``: items per chunk of a row. Smaller chunks mean more, smaller calls
+#: of the layers; at 1024 a chunk's scan buffers (a few chunk x d_state blocks per thread) still
+#: fit in a CPU core's L2, and ML-1M's history step was the shortest of 256 to 2,400.
 DEFAULT_CHUNK = 1024
 EVAL_HISTORY = ("window", "whole")
 #: field of a history batch: the position (in the row's items) of each row's first trained target

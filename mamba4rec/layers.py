@@ -83,8 +83,9 @@ class MambaBlock(nn.Module):
         flow back through both states (train_mode=history).
 
         Ragged rows in one scan: dt is set to 0 after each row's end (its input to softplus to
-        -inf), so exp(dt * A) = 1 and dt * B * x = 0 there: the scan carries every row's state unchanged through its padding
-        and its last state is the state at the row's own end. out is exact up to each length.
+        -inf), so exp(dt * A) = 1 and dt * B * x = 0 there: the scan carries every row's state
+        unchanged through its padding and its last state is the state at the row's own end. out
+        is exact up to each length.
         """
         Bsz, L, _ = hidden_states.shape
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)       # [B, L, Di] each
@@ -114,8 +115,8 @@ class MambaBlock(nn.Module):
         padding = torch.arange(L, device=x.device)[None, None, :] >= lengths[:, None, None]  # [B, 1, L]
         dt = dt.float().masked_fill(padding, float("-inf"))
         h0 = {} if ssm_state is None else {"initial_state": ssm_state}
-        y, ssm_state = scan(x, dt, *args, D=self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
-                            delta_softplus=True, return_last_state=True, **h0)
+        y, ssm_state = scan(x, dt, *args, D=self.D.float(), z=z.transpose(1, 2),
+                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True, **h0)
         return self.out_proj(y.transpose(1, 2)), conv_state.contiguous(), ssm_state.float().contiguous()
 
     def prefill(self, hidden_states: torch.Tensor, lengths: torch.Tensor):
