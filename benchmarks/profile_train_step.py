@@ -26,8 +26,9 @@ GROUPS = {
     "selective scan, forward and backward": (("_SelectiveScanNumba", "_SelectiveScanNumbaBackward",
                                               "SelectiveScanFn", "SelectiveScanFnBackward"), ()),
     "dropout": (("_Dropout", "_DropoutBackward"), ("aten::bernoulli_",)),
-    "depthwise conv": ((), ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_conv_depthwise2d",
-                            "aten::thnn_conv2d")),
+    "depthwise conv": (("_CausalConvSiLU", "_CausalConvSiLUBackward"),
+                       ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_conv_depthwise2d",
+                        "aten::thnn_conv2d")),
     "optimizer": (("Optimizer.step#Adam.step",), ()),
 }
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mamba4rec.kernels import get_scan_fn, resolve_scan_impl, update_state
 
 from mamba4rec.kernels.fast_dropout import FastDropout
+from mamba4rec.kernels.numba_conv import causal_conv_silu
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,10 @@ class MambaBlock(nn.Module):
             padded = F.pad(x, (k, 0)) if start is None else torch.cat([start.to(x.dtype), x], dim=-1)
             window_idx = (lengths[:, None] + torch.arange(k, device=x.device))[:, None, :]  # into the padded x
             conv_state = padded.gather(2, window_idx.expand(Bsz, x.shape[1], k))
-        if start is None:
+        path = self.scan_path(x.device)
+        if path == "numba":  # conv and SiLU as one compiled pass (kernels/numba_conv.py), from the state
+            x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, start)
+        elif start is None:
             x = F.silu(self.conv1d(x)[..., :L])                   # causal: drop the right padding
         else:  # the d_conv - 1 inputs before position 0 are the state's, not zeros
             x = F.silu(F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
@@ -104,7 +108,7 @@ class MambaBlock(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]; bias goes to the scan
         A = -torch.exp(self.A_log.float())                        # [Di, N]
-        scan = get_scan_fn(self.scan_path(x.device))
+        scan = get_scan_fn(path)
         args = (A, B.transpose(1, 2), C.transpose(1, 2))
         if lengths is None:
             y = scan(x, dt, *args, D=self.D.float(), z=z.transpose(1, 2),

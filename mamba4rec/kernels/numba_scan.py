@@ -44,7 +44,7 @@ from ._validate import check_scan_inputs
 from .numba_env import fp_intrinsics as _fp_intrinsics, run as _run, x86 as _x86  # noqa: F401 (_x86: tests)
 
 #: numba caches the kernels keyed on this file only; they inline numba_env's intrinsics: bump this
-#: with any change there, so that no kernel compiled from the old intrinsics is loaded again
+#: with any change there (and numba_conv.SCAN_HELPERS_REVISION with any to _exp1 or _sigmoid here)
 ENV_REVISION = 1
 
 #: Sequences are split into this many chunks, each with its own dA/dD/dbias partial sums; a
