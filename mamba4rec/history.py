@@ -120,7 +120,8 @@ def run_chunks(model, items: torch.Tensor, lengths: torch.Tensor, chunk: int, st
             rows = order[a:b]
             part_len = (lens[a:b] - start).clamp(max=chunk)
             hidden, after = model.forward_chunk(items[rows, start:start + width], part_len,
-                                                None if current is None else _rows(current, a, b))
+                                                None if current is None else _rows(current, a, b),
+                                                outputs=outputs is not None)
             if outputs == "all":
                 keep = torch.arange(width, device=hidden.device)[None, :] < part_len[:, None]
                 pos = (torch.arange(width, device=hidden.device)[None, :] + start).expand(b - a, width)

@@ -93,17 +93,18 @@ class MambaBlock(nn.Module):
         x = x.transpose(1, 2)                                     # [B, Di, L]
         k = self.d_conv - 1
         start = conv_state
+        if start is not None:
+            start = start.to(x.dtype)
         if lengths is not None:  # the conv window: the d_conv - 1 inputs before each row's end
-            padded = F.pad(x, (k, 0)) if start is None else torch.cat([start.to(x.dtype), x], dim=-1)
-            window_idx = (lengths[:, None] + torch.arange(k, device=x.device))[:, None, :]  # into the padded x
-            conv_state = padded.gather(2, window_idx.expand(Bsz, x.shape[1], k))
+            conv_state = _last_inputs(x, lengths, start, k)
         path = self.scan_path(x.device)
         if path == "numba":  # conv and SiLU as one compiled pass (kernels/numba_conv.py), from the state
             x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, start)
         elif start is None:
             x = F.silu(self.conv1d(x)[..., :L])                   # causal: drop the right padding
         else:  # the d_conv - 1 inputs before position 0 are the state's, not zeros
-            x = F.silu(F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+            x = F.silu(F.conv1d(torch.cat([start, x], dim=-1), self.conv1d.weight, self.conv1d.bias,
+                                groups=self.d_inner))
         x_dbl = self.x_proj(x.transpose(1, 2))                    # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]; bias goes to the scan
@@ -179,6 +180,20 @@ class MambaBlock(nn.Module):
             "dbc_w": torch.cat([self.dt_proj.weight.float() @ xw[:R], xw[R:]]).to(dtype),     # [Di + 2N, Di]
             "dbc_b": torch.cat([self.dt_proj.bias.float(), xw.new_zeros(2 * self.d_state)]).to(dtype),
         }
+
+
+def _last_inputs(x: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The k inputs before each row's end, oldest first, [B, Di, k]: x's (x [B, Di, L]) where the
+    row has them, else the state's ``start`` [B, Di, k] (zeros when None) that precede x."""
+    Bsz, Di = x.shape[:2]
+    idx = lengths[:, None] + torch.arange(-k, 0, device=x.device)  # [B, k] into x; < 0: into the state
+
+    def take(src, i):
+        return src.gather(2, i[:, None, :].expand(Bsz, Di, k))
+
+    window = take(x, idx.clamp(min=0))
+    before = take(start, (idx + k).clamp(max=k - 1)) if start is not None else torch.zeros_like(window)
+    return torch.where((idx >= 0)[:, None, :], window, before)
 
 
 class FeedForward(nn.Module):

@@ -139,22 +139,30 @@ class Streaming:
         hidden, state = self.forward_chunk(item_seq, lengths, state)
         return self.gather_indexes(hidden, lengths - 1), state
 
-    def forward_chunk(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, state: StreamState | None = None):
+    def forward_chunk(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, state: StreamState | None = None,
+                      outputs: bool = True):
         """The layers over the next items of each row, from ``state`` (the empty state when None):
         (hidden [B, L', H] at every position up to the longest row, the state after each row's
         item_seq_len items). No checks, differentiable: gradients reach the parameters and, through
         ``state``, whatever made it. A row's history cut into pieces and run piece by piece, each
         from the state the previous one returned, gives the outputs of one run over all of it
-        (mamba4rec.history, which trains and evaluates that way). item_seq_len >= 1 per row."""
+        (mamba4rec.history, which trains and evaluates that way). item_seq_len >= 1 per row.
+        ``outputs`` False: only the state is wanted; the last layer stops after its Mamba block
+        (what follows it changes no state) and hidden is None."""
         L = int(item_seq_len.max())
         item_seq = item_seq[:, :L]
         steps = (torch.zeros_like(item_seq_len) if state is None else state.steps)
         positions = torch.arange(L, device=item_seq.device)[None] + (0 if state is None else steps[:, None])
         hidden = self._embed(item_seq, positions)  # [B, L, H]
         conv, ssm = [], []
+        last = len(self.mamba_layers) - 1
         for i, layer in enumerate(self.mamba_layers):
             start = (None, None) if state is None else (state.conv[i], state.ssm[i])
-            hidden, c, h = layer(hidden, item_seq_len, *start)
+            if i == last and not outputs:
+                _, c, h = layer.mamba(hidden, item_seq_len, *start)
+                hidden = None
+            else:
+                hidden, c, h = layer(hidden, item_seq_len, *start)
             conv.append(c)
             ssm.append(h)
         return hidden, StreamState(conv, ssm, steps + item_seq_len)
