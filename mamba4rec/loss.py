@@ -49,9 +49,15 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             lse = torch.empty(n, dtype=h.dtype, device=h.device)
             grad_h = torch.empty_like(h) if need_h else None
             grad_w = torch.zeros_like(w) if need_w else None
+            # the logits go to one buffer, reused by every chunk, from a contiguous copy of w.T:
+            # a fresh [chunk, items] result each chunk and the transposed operand made the
+            # logits' product about 1.5x slower than the other two in a CPU step (the buffer
+            # stays in cache); the copy is one pass over w
+            w_t = w.T.contiguous()
+            buf = torch.empty(min(chunk, n), w.shape[0], dtype=h.dtype, device=h.device)
             for s in range(0, n, chunk):
                 hc = h[s:s + chunk]
-                logits = hc @ w.T
+                logits = torch.mm(hc, w_t, out=buf[:hc.shape[0]])
                 if not (need_h or need_w):
                     lse[s:s + chunk] = torch.logsumexp(logits, dim=1)
                     continue
@@ -63,7 +69,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
                 p.div_(total)
                 p[torch.arange(len(hc), device=p.device), target[s:s + chunk]] -= 1  # minus one-hot
                 if need_h:
-                    grad_h[s:s + chunk] = p @ w
+                    torch.mm(p, w, out=grad_h[s:s + chunk])
                 if need_w:
                     grad_w.addmm_(p.T, hc)
             target_logit = (h * w[target]).sum(dim=1)
