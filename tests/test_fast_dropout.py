@@ -1,5 +1,5 @@
-"""kernels.fast_dropout: nn.Dropout's semantics (rate, scale, gradient, eval identity) from
-torch's random bits and a compiled mask, repeatable under torch.manual_seed."""
+"""kernels.fast_dropout: nn.Dropout's semantics (rate, scale, gradient, eval identity) from a
+compiled, counter-based mask seeded by torch's generator, repeatable under torch.manual_seed."""
 
 from __future__ import annotations
 
@@ -37,15 +37,31 @@ def test_rate_scale_and_expectation(p, compiled_calls):
     assert abs((1 - kept.float().mean().item()) - q) < 5 * sigma
     assert torch.all(y[kept] == torch.tensor(1 / (1 - q), dtype=torch.float32))
     assert abs(y.mean().item() - 1.0) < 5 * sigma / (1 - q)
-    # every 16-bit quarter of the int64 draws is used: each of the 4 phases drops at rate q
-    # (one of them has a constant top bit, which the 15-bit mask removes)
-    for phase in range(4):
-        assert abs((1 - kept[phase::4].float().mean().item()) - q) < 5 * 2 * sigma, phase
+    # each 64-bit hash serves four elements, one 16-bit quarter each, a quarter of a block
+    # apart (the elements past the last whole block: four neighbours): every quarter drops at
+    # rate q, and the four elements of one hash drop independently of each other
+    blocks = kept[:N // fast_dropout._BLOCK * fast_dropout._BLOCK].view(-1, 4, fast_dropout._BLOCK // 4)
+    for r in range(4):
+        assert abs((1 - blocks[:, r].float().mean().item()) - q) < 5 * 2 * sigma, r
+    both = (~blocks[:, 0] & ~blocks[:, 3]).float().mean().item()
+    assert abs(both - q * q) < 5 * 2 * (q * q * (1 - q * q) / (N / 4)) ** 0.5
+
+
+def test_elements_past_the_last_whole_block():
+    torch.manual_seed(2)
+    n = 3 * fast_dropout._BLOCK + 4001
+    y = FastDropout(0.5).train()(torch.ones(n))
+    tail = y[3 * fast_dropout._BLOCK:] != 0
+    assert 1700 < int(tail.sum()) < 2300                              # 4,001 elements at p = 0.5
+    for phase in range(4):                                            # each quarter of a hash
+        assert 350 < int(tail[phase::4].sum()) < 650, phase
+    groups = tail[:4000].view(-1, 4).sum(dim=1)                       # one hash's four elements:
+    assert int(((groups == 0) | (groups == 4)).sum()) < 250           # all alike 1/8 of the time
 
 
 def test_gradient_is_the_same_mask_and_scale(compiled_calls):
     torch.manual_seed(1)
-    x = torch.randn(64, 50, 256, requires_grad=True)
+    x = torch.randn(64, 50, 255, requires_grad=True)  # not a whole number of blocks
     y = FastDropout(0.3).train()(x)
     g = torch.randn_like(y)
     y.backward(g)

@@ -1,16 +1,16 @@
-"""Dropout for large float32 CPU tensors: torch's random bits, numba's mask (the `fast` extra).
+"""Dropout for float32 CPU tensors: a counter-based mask in one compiled pass (the `fast` extra).
 
-Why. On CPU, ``F.dropout`` draws one Bernoulli per element through torch's generic sampler: for
-the ~46 M activations a Mamba4Rec training batch drops (batch 2048, L 50, hidden 64: embedding,
-block output and the FFN's two dropouts) that was about 15 % of the batch (torch.profiler),
-0.44 s for a 26 M tensor on the 2-core dev box. Here torch fills one int64 per four elements
-with ``random_()`` (its fast integer path: ~20 ms for the same tensor), each 16-bit quarter
-gives 15 uniform bits, and one compiled, threaded loop keeps an element where those bits are
->= round(p * 2^15), scales it and writes the mask for the backward.
+Why. On CPU, ``F.dropout`` draws one Bernoulli per element through torch's generic sampler:
+about 5-10 ns an element on a 2-core Xeon, which made dropout 15 % of a Mamba4Rec training
+batch (batch 2048, L 50, hidden 64). Here one int64 from torch's default generator seeds a hash
+(splitmix64's finaliser over a Weyl sequence) of each group of four elements' index; each
+16-bit quarter of a hash gives an element 15 uniform bits, and the element is kept where those
+bits are >= round(p * 2^15), then scaled. The loop vectorises (about 0.35 ns an element). The
+backward computes the same mask again from the same seed: nothing but the seed is kept for it.
 
 Semantics: the same as ``nn.Dropout`` except that p is taken to the nearest multiple of 2^-15
 (p = 0.2 drops with probability 0.200012); kept elements are scaled by 1 / (1 - that p), so the
-expectation is exact. The bits come from torch's default generator, so ``torch.manual_seed``
+expectation is exact. The seed comes from torch's default generator, so ``torch.manual_seed``
 (RecBole's ``init_seed``) makes runs repeatable and ``--resume`` restores them; the result does
 not depend on the thread count. Anything else (eval mode, p = 0, small tensors, other dtypes
 or devices, no numba, ``MAMBA4REC_FAST_DROPOUT=0``) goes to ``F.dropout``.
@@ -28,75 +28,100 @@ import torch.nn.functional as F
 
 from . import numba_scan as _numba_scan
 
-#: Below this many elements F.dropout is quick enough and the kernel call not worth it.
-MIN_ELEMENTS = 1 << 16
+#: Below this many elements F.dropout is quick enough and the kernel call not worth it (forward
+#: and backward at 1 thread: about equal at 4,096 elements, 2x faster here at 16,384).
+MIN_ELEMENTS = 1 << 13
 _ONE = 1 << 15  # 15 random bits per element
+#: elements per block: a block's hashes fill it a quarter at a time (see _masked)
+_BLOCK = 1 << 12
 
 _kernels = None
 _lock = threading.Lock()
+
+# splitmix64: a Weyl sequence (the golden-ratio increment) through a 64-bit finaliser; every
+# output bit depends on every bit of seed + j * increment, so distinct j give independent bits
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_S16, _S32, _S48 = np.uint64(16), np.uint64(32), np.uint64(48)
+_LOW15 = np.uint64(0x7FFF)
 
 
 def _threshold(p: float) -> int:
     return min(_ONE, max(0, round(p * _ONE)))
 
 
-def _mask_scale(x, bits, threshold, scale, out, mask):
+def _hash(seed, j):
+    z = seed + np.uint64(j) * _GOLDEN
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def _masked(x, seed, threshold, scale, out):
+    """out[i] = x[i] * scale where element i's 15 random bits are >= threshold, else 0.
+
+    One 64-bit hash of (seed, j) gives four elements 16 bits each (15 used). In a whole block
+    of _BLOCK elements starting at b, hash j = b / 4 + k serves elements b + k, b + q + k,
+    b + 2q + k and b + 3q + k (q = _BLOCK / 4): the block's hashes go to a buffer, then each
+    quarter of the block is one contiguous loop, so both loops vectorise. The elements past the
+    last whole block take hash i // 4, quarter i % 4: hashes no block uses. The forward and the
+    backward call this with the same seed, so no mask is stored."""
     n = x.shape[0]
-    chunk = 1 << 16
-    for c in _prange((n + chunk - 1) // chunk):
-        for i in range(c * chunk, min(n, (c + 1) * chunk)):  # branch-free, so it vectorises
-            keep = np.uint8((bits[i] & np.int16(0x7FFF)) >= threshold)
-            mask[i] = keep
-            out[i] = x[i] * (scale * np.float32(keep))
-
-
-def _apply_mask(g, mask, scale, out):
-    n = g.shape[0]
-    chunk = 1 << 16
-    for c in _prange((n + chunk - 1) // chunk):
-        for i in range(c * chunk, min(n, (c + 1) * chunk)):
-            out[i] = g[i] * (scale * np.float32(mask[i]))
+    q = _BLOCK // 4
+    blocks = n // _BLOCK
+    thr = np.uint64(threshold)
+    for c in _prange(blocks):
+        z = np.empty(q, np.uint64)
+        for k in range(q):
+            z[k] = _hash(seed, c * q + k)
+        for r in range(4):
+            shift = np.uint64(16 * r)
+            xr = x[c * _BLOCK + r * q:c * _BLOCK + (r + 1) * q]
+            outr = out[c * _BLOCK + r * q:c * _BLOCK + (r + 1) * q]
+            for k in range(q):
+                outr[k] = xr[k] * (scale * np.float32(((z[k] >> shift) & _LOW15) >= thr))
+    for i in range(blocks * _BLOCK, n):
+        bits = _hash(seed, i >> 2) >> np.uint64(16 * (i & 3))
+        out[i] = x[i] * (scale * np.float32((bits & _LOW15) >= thr))
 
 
 _prange = range
 
 
 def _compile():
-    global _kernels, _prange
+    global _kernels, _prange, _hash
     with _lock:
         if _kernels is None:
             import numba
 
             _prange = numba.prange
-            jit = numba.njit(cache=True, parallel=True)
-            _kernels = jit(_mask_scale), jit(_apply_mask)
+            _hash = numba.njit(cache=True, inline="always")(_hash)
+            _kernels = numba.njit(cache=True, parallel=True)(_masked)
     return _kernels
+
+
+def _apply(t, seed, threshold, scale):
+    out = torch.empty(t.numel(), dtype=torch.float32)
+    _numba_scan._run(_compile(), t.detach().contiguous().view(-1).numpy(), seed, np.int64(threshold), scale,
+                     out.numpy())
+    return out.view(t.shape)
 
 
 class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p):
-        mask_scale, _ = _compile()
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n]
-        threshold = _threshold(p)
-        scale = np.float32(_ONE / (_ONE - threshold))
-        out = torch.empty(n, dtype=torch.float32)
-        mask = torch.empty(n, dtype=torch.uint8)
-        _numba_scan._run(mask_scale, x.detach().contiguous().view(-1).numpy(), bits.numpy(), np.int16(threshold),
-                         scale, out.numpy(), mask.numpy())
-        ctx.save_for_backward(mask)
-        ctx.scale = scale
-        return out.view(x.shape)
+        # one int64 from torch's generator seeds the hash: torch.manual_seed governs the masks
+        ctx.seed = np.uint64(torch.empty((), dtype=torch.int64).random_().item())
+        ctx.threshold = _threshold(p)
+        ctx.scale = np.float32(_ONE / (_ONE - ctx.threshold))
+        return _apply(x, ctx.seed, ctx.threshold, ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):
-        _, apply_mask = _compile()
-        (mask,) = ctx.saved_tensors
-        out = torch.empty(mask.shape[0], dtype=torch.float32)
-        _numba_scan._run(apply_mask, grad.detach().contiguous().view(-1).numpy(), mask.numpy(), ctx.scale, out.numpy())
-        return out.view(grad.shape), None
+        return _apply(grad, ctx.seed, ctx.threshold, ctx.scale), None
 
 
 #: Set to 0 to use torch's dropout everywhere (e.g. to time the two side by side).
