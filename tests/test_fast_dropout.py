@@ -47,7 +47,51 @@ def test_rate_scale_and_expectation(p, compiled_calls):
     assert abs(both - q * q) < 5 * 2 * (q * q * (1 - q * q) / (N / 4)) ** 0.5
 
 
-def test_elements_past_the_last_whole_block():
+def _reference_mask(seed, n, threshold):
+    """The kept elements as the module docstring defines them, in plain Python integers."""
+    m64 = (1 << 64) - 1
+
+    def hash64(j):
+        z = (seed + j * 0x9E3779B97F4A7C15) & m64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        return z ^ (z >> 31)
+
+    block, q = fast_dropout._BLOCK, fast_dropout._BLOCK // 4
+    keep = []
+    for i in range(n):
+        if i < n // block * block:
+            c, r, k = i // block, i % block // q, i % q
+            bits = hash64(c * q + k) >> (16 * r)
+        else:
+            bits = hash64(i >> 2) >> (16 * (i & 3))
+        keep.append((bits & 0x7FFF) >= threshold)
+    return torch.tensor(keep)
+
+
+def test_mask_is_the_documented_hash_bit_for_bit(compiled_calls, monkeypatch):
+    n = 2 * fast_dropout._BLOCK + 777                     # two whole blocks and a tail
+    seed = 0x7EDCBA9876543210                             # random_() on int64 draws from [0, 2^63)
+    monkeypatch.setattr(torch.Tensor, "random_", lambda t: t.fill_(seed))
+    p = 0.3
+    x = torch.ones(n, requires_grad=True)
+    y = FastDropout(p).train()(x)
+    assert compiled_calls
+    expected = _reference_mask(seed, n, fast_dropout._threshold(p))
+    assert torch.equal(y.detach() != 0, expected)
+    y.backward(torch.ones(n))
+    assert torch.equal(x.grad != 0, expected)              # the backward makes the same mask
+
+
+def test_a_double_backward_raises():
+    x = torch.randn(20_000, requires_grad=True)
+    y = FastDropout(0.2).train()(x)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_elements_past_the_last_whole_block(compiled_calls):
     torch.manual_seed(2)
     n = 3 * fast_dropout._BLOCK + 4001
     y = FastDropout(0.5).train()(torch.ones(n))
@@ -57,6 +101,7 @@ def test_elements_past_the_last_whole_block():
         assert 350 < int(tail[phase::4].sum()) < 650, phase
     groups = tail[:4000].view(-1, 4).sum(dim=1)                       # one hash's four elements:
     assert int(((groups == 0) | (groups == 4)).sum()) < 250           # all alike 1/8 of the time
+    assert compiled_calls
 
 
 def test_gradient_is_the_same_mask_and_scale(compiled_calls):
@@ -72,7 +117,7 @@ def test_gradient_is_the_same_mask_and_scale(compiled_calls):
     torch.testing.assert_close(x.grad, torch.where(kept, g * scale[0], torch.zeros_like(g)))
 
 
-def test_repeatable_under_the_seed_independent_of_threads_and_fresh_per_call():
+def test_repeatable_under_the_seed_independent_of_threads_and_fresh_per_call(compiled_calls):
     x = torch.randn(300_000)
     d = FastDropout(0.2).train()
     saved = torch.get_num_threads()
@@ -87,6 +132,7 @@ def test_repeatable_under_the_seed_independent_of_threads_and_fresh_per_call():
     (a1, b1), (a2, b2) = outs
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
     assert not torch.equal(a1 != 0, b1 != 0)  # a new mask every call
+    assert compiled_calls
 
 
 def test_other_cases_are_torch_dropout(compiled_calls):

@@ -1,12 +1,13 @@
 """Dropout for float32 CPU tensors: a counter-based mask in one compiled pass (the `fast` extra).
 
 Why. On CPU, ``F.dropout`` draws one Bernoulli per element through torch's generic sampler:
-about 5-10 ns an element on a 2-core Xeon, which made dropout 15 % of a Mamba4Rec training
-batch (batch 2048, L 50, hidden 64). Here one int64 from torch's default generator seeds a hash
-(splitmix64's finaliser over a Weyl sequence) of each group of four elements' index; each
-16-bit quarter of a hash gives an element 15 uniform bits, and the element is kept where those
-bits are >= round(p * 2^15), then scaled. The loop vectorises (about 0.35 ns an element). The
-backward computes the same mask again from the same seed: nothing but the seed is kept for it.
+7-8 ns an element forward + backward at 1 thread (python -m benchmarks.bench_dropout), which
+made dropout 15 % of a Mamba4Rec training batch (batch 2048, L 50, hidden 64). Here one int64
+from torch's default generator seeds a hash (splitmix64's finaliser over a Weyl sequence) of
+each group of four elements' index; each 16-bit quarter of a hash gives an element 15 uniform
+bits, and the element is kept where those bits are >= round(p * 2^15), then scaled. The loop
+vectorises (about 0.35 ns an element). The backward computes the same mask again from the same
+seed: nothing but the seed is kept for it.
 
 Semantics: the same as ``nn.Dropout`` except that p is taken to the nearest multiple of 2^-15
 (p = 0.2 drops with probability 0.200012); kept elements are scaled by 1 / (1 - that p), so the
@@ -25,11 +26,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import numba_scan as _numba_scan
 
-#: Below this many elements F.dropout is quick enough and the kernel call not worth it (forward
-#: and backward at 1 thread: about equal at 4,096 elements, 2x faster here at 16,384).
+#: Below this many elements F.dropout is quick enough and the kernel call not worth it
+#: (python -m benchmarks.bench_dropout: forward + backward at 1 thread, the two about equal at
+#: 4,096 elements).
 MIN_ELEMENTS = 1 << 13
 _ONE = 1 << 15  # 15 random bits per element
 #: elements per block: a block's hashes fill it a quarter at a time (see _masked)
@@ -120,6 +123,7 @@ class _Dropout(torch.autograd.Function):
         return _apply(x, ctx.seed, ctx.threshold, ctx.scale)
 
     @staticmethod
+    @once_differentiable  # a double backward raises instead of returning a detached gradient
     def backward(ctx, grad):
         return _apply(grad, ctx.seed, ctx.threshold, ctx.scale), None
 
