@@ -39,8 +39,8 @@ def run(fn, tensors, gy):
     return y.detach(), [t.grad if t is not None else None for t in leaves]
 
 
-# batch 70 > numba_scan.CHUNKS: chunks of more than one sequence; L 1; d_conv 2 and 4; a
-# transposed (non-contiguous) x, as the block passes it
+# batch 70 > numba_scan.CHUNKS: chunks of more than one sequence; L 1; d_conv 2 and 4 (a
+# non-contiguous x, as the block passes it: test_non_contiguous_x)
 @pytest.mark.parametrize("batch,dim,L,d_conv,state", [(3, 8, 37, 4, True), (3, 8, 37, 4, False), (70, 4, 5, 4, True),
                                                       (2, 6, 1, 4, True), (4, 5, 9, 2, True), (2, 3, 6, 4, False)])
 def test_matches_torch(batch, dim, L, d_conv, state, compiled_calls):
@@ -55,10 +55,12 @@ def test_matches_torch(batch, dim, L, d_conv, state, compiled_calls):
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
-def test_non_contiguous_x():
+def test_non_contiguous_x(compiled_calls):
     (x, w, b, s), gy = inputs(2, 6, 11, 4, True)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, D, L) view of (B, L, D) storage
+    assert not xt.is_contiguous()
     y, grads = run(causal_conv_silu, (xt, w, b, s), gy)
+    assert len(compiled_calls) == 1
     y_ref, grads_ref = run(causal_conv_silu_torch, (x, w, b, s), gy)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-5, atol=1e-5)
@@ -95,6 +97,24 @@ def test_other_dtypes_take_torch(compiled_calls):
     torch.testing.assert_close(out, causal_conv_silu_torch(x.double(), w.double(), b.double(), s.double()))
     assert not compiled_calls
     assert not numba_conv.applies(x.bfloat16(), w, b) and numba_conv.applies(x, w, b, s)
+
+
+@pytest.mark.parametrize("bad", ["state batch", "state width", "weight dim", "bias"])
+def test_shapes_that_do_not_fit_are_refused(bad, compiled_calls):
+    """The compiled loops do not check bounds: a state, weight or bias of the wrong shape is a
+    ValueError naming the expected shape, not a read past the end."""
+    (x, w, b, s), _ = inputs(3, 4, 6, 4, True)
+    if bad == "state batch":
+        s = s[:2]
+    elif bad == "state width":
+        s = s[..., :2]
+    elif bad == "weight dim":
+        w = w[:3]
+    else:
+        b = b[:3]
+    with pytest.raises(ValueError, match="expected"):
+        causal_conv_silu(x, w, b, s)
+    assert not compiled_calls
 
 
 @pytest.mark.parametrize("impl", ["numba", "torch"])

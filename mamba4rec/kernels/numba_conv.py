@@ -6,8 +6,8 @@ d_conv - 1 inputs before position 0 (the carried conv state, or zeros) followed 
 
 Why. torch runs this as a cat (with a state), a depthwise Conv1d (oneDNN on CPU) and a SiLU, each
 a pass over (batch, d_inner, L) forward and more backward; the conv's backward was about 1 ms a
-call at a history batch's shapes, 9 % of ML-1M's history-mode step (docs/RESULTS.md, "Training
-step"). Here each (sequence, channel) row is one loop nest whose L + d_conv - 1 inputs stay in
+call at a history batch's shapes, 9 % of ML-1M's history-mode step (benchmarks/profile_train_step.py
+at 3240ab3). Here each (sequence, channel) row is one loop nest whose L + d_conv - 1 inputs stay in
 L1: the taps as d_conv passes of a fused multiply-add over t (vectorised), the sigmoid through
 numba_scan's fast exp. The backward recomputes the pre-activation rather than keep it. Per-chunk
 partial sums of the weight and bias gradients are added in a fixed order (numba_scan.CHUNKS
@@ -186,10 +186,24 @@ def applies(x, weight, bias, state=None) -> bool:
             and bias is not None)
 
 
+def _check_shapes(x, weight, bias, state):
+    """The compiled loops index without bounds checks: shapes that do not fit are refused here."""
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (x.shape[1], 1) or weight.shape[2] < 1:
+        raise ValueError(f"causal_conv_silu: x (batch, dim, L) and weight (dim, 1, d_conv) expected, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (x.shape[1],):
+        raise ValueError(f"causal_conv_silu: bias (dim,) = ({x.shape[1]},) expected, got {tuple(bias.shape)}")
+    want = (x.shape[0], x.shape[1], weight.shape[2] - 1)
+    if state is not None and tuple(state.shape) != want:
+        raise ValueError(f"causal_conv_silu: state (batch, dim, d_conv - 1) = {want} expected, got "
+                         f"{tuple(state.shape)}")
+
+
 def causal_conv_silu(x, weight, bias, state=None):
     """silu(causal depthwise conv) of x (batch, dim, L) with the Conv1d's weight (dim, 1, d_conv) and
     bias, starting from ``state`` (batch, dim, d_conv - 1; zeros when None). Differentiable in all
     four. The compiled loops where :func:`applies`, else :func:`causal_conv_silu_torch`."""
+    _check_shapes(x, weight, bias, state)
     if applies(x, weight, bias, state):
         return _CausalConvSiLU.apply(x, weight, bias, state)
     return causal_conv_silu_torch(x, weight, bias, state)
