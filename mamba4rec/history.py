@@ -41,8 +41,9 @@ from .sequence import SequenceTrainDataLoader, user_sequences
 from .streaming import StreamState
 
 #: Default ``history_chunk``: items per chunk of a row. Smaller chunks mean more, smaller calls
-#: of the layers; at 1024 a chunk's scan buffers (a few chunk x d_state blocks per thread) still
-#: fit in a CPU core's L2, and ML-1M's history step was the shortest of 256 to 2,400.
+#: of the layers (ML-1M's history step: 1024 against 256 in docs/RESULTS.md, "Training step");
+#: at 1024 a chunk's scan buffers (a few chunk x d_state blocks per thread) still fit in a CPU
+#: core's L2.
 DEFAULT_CHUNK = 1024
 EVAL_HISTORY = ("window", "whole")
 #: field of a history batch: the position (in the row's items) of each row's first trained target

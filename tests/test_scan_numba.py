@@ -275,7 +275,7 @@ def test_nan_in_A_or_delta_comes_out_as_nan_not_a_finite_number():
 
 
 @pytest.mark.parametrize("path", ["numba", "torch", "reference"])
-def test_minus_inf_delta_gives_dt_zero_exactly(path, numba_calls):
+def test_minus_inf_delta_pads_like_a_cut_row(path, numba_calls):
     fn = {"numba": selective_scan_numba, "torch": selective_scan_torch, "reference": selective_scan_ref}[path]
     check_padding_by_minus_inf(fn, "torch" if path == "reference" else path)  # the reference: torch's tolerances
     assert len(numba_calls) == (1 + 3 if path == "numba" else 0)  # the padded call, then each row cut

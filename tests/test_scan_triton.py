@@ -187,7 +187,7 @@ def test_scan_in_two_parts_is_the_whole_scan():
             torch.testing.assert_close(parts[k].grad, v.grad, rtol=rtol, atol=atol, msg=lambda m: f"d{k}: {m}")
 
 
-def test_minus_inf_delta_gives_dt_zero_exactly():
+def test_minus_inf_delta_pads_like_a_cut_row():
     """The padding of ragged rows (MambaBlock: delta = -inf): dt = 0 there, no gradient (scan_utils)."""
     check_padding_by_minus_inf(ss.selective_scan_fn, "triton", device=DEVICE)
 
