@@ -48,6 +48,15 @@ def tiny_config_dict(tmp_path, **overrides):
     return cfg
 
 
+def count_applies(monkeypatch, function_class) -> list:
+    """A list that gets one entry per call of ``function_class.apply`` (an autograd Function of
+    ours) for the rest of the test: which calls really ran the compiled kernels."""
+    calls = []
+    real = function_class.apply
+    monkeypatch.setattr(function_class, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _no_anomaly_detection():
     """RecBole's sine.py calls torch.autograd.set_detect_anomaly(True) when

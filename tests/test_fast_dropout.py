@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mamba4rec.kernels import fast_dropout
 from mamba4rec.kernels.fast_dropout import FastDropout
+from tests.conftest import count_applies
 
 pytest.importorskip("numba", reason="the compiled dropout needs numba (the fast extra)")
 #: The compiled kernels run in parallel: two threads, as the numba path gets on a 2-core machine.
@@ -19,10 +20,7 @@ N = 1 << 20
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    calls = []
-    real = fast_dropout._Dropout.apply
-    monkeypatch.setattr(fast_dropout._Dropout, "apply", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return count_applies(monkeypatch, fast_dropout._Dropout)
 
 
 @pytest.mark.parametrize("p", [0.2, 0.4, 0.5])

@@ -9,6 +9,7 @@ import torch
 
 from mamba4rec.kernels import numba_conv
 from mamba4rec.kernels.numba_conv import causal_conv_silu, causal_conv_silu_torch
+from tests.conftest import count_applies
 
 pytest.importorskip("numba", reason="the compiled conv needs numba (the fast extra)")
 pytestmark = pytest.mark.usefixtures("two_threads")
@@ -16,10 +17,7 @@ pytestmark = pytest.mark.usefixtures("two_threads")
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    calls = []
-    real = numba_conv._CausalConvSiLU.apply
-    monkeypatch.setattr(numba_conv._CausalConvSiLU, "apply", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return count_applies(monkeypatch, numba_conv._CausalConvSiLU)
 
 
 def inputs(batch, dim, L, d_conv, state, seed=0):

@@ -18,6 +18,7 @@ import mamba4rec.kernels as kernels
 from mamba4rec.kernels import numba_scan
 from mamba4rec.kernels.reference import selective_scan_ref
 from mamba4rec.kernels.torch_scan import selective_scan_torch
+from tests.conftest import count_applies
 from tests.scan_utils import (Case, assert_close, check_padding_by_minus_inf, compare_with_reference, detached_copy,
                               make_inputs, run_scan)
 
@@ -30,10 +31,7 @@ selective_scan_numba = numba_scan.selective_scan_numba
 @pytest.fixture
 def numba_calls(monkeypatch):
     """Counts calls that really ran the compiled kernels (not a hand-off to the torch scan)."""
-    calls = []
-    real = numba_scan._SelectiveScanNumba.apply
-    monkeypatch.setattr(numba_scan._SelectiveScanNumba, "apply", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return count_applies(monkeypatch, numba_scan._SelectiveScanNumba)
 
 
 def check_against_reference(case, layout="contiguous"):
