@@ -47,7 +47,6 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_S16, _S32, _S48 = np.uint64(16), np.uint64(32), np.uint64(48)
 _LOW15 = np.uint64(0x7FFF)
 
 
