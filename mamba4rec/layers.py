@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mamba4rec.kernels import get_scan_fn, resolve_scan_impl, update_state
 
 from mamba4rec.kernels.fast_dropout import FastDropout
-from mamba4rec.kernels.numba_conv import causal_conv_silu
+from mamba4rec.kernels.numba_conv import causal_conv_silu, causal_conv_silu_torch
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +98,10 @@ class MambaBlock(nn.Module):
         if lengths is not None:  # the conv window: the d_conv - 1 inputs before each row's end
             conv_state = _last_inputs(x, lengths, start, k)
         path = self.scan_path(x.device)
-        if path == "numba":  # conv and SiLU as one compiled pass (kernels/numba_conv.py), from the state
-            x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, start)
-        elif start is None:
-            x = F.silu(self.conv1d(x)[..., :L])                   # causal: drop the right padding
-        else:  # the d_conv - 1 inputs before position 0 are the state's, not zeros
-            x = F.silu(F.conv1d(torch.cat([start, x], dim=-1), self.conv1d.weight, self.conv1d.bias,
-                                groups=self.d_inner))
+        # causal conv + SiLU from the state (zeros when None): one compiled pass on the numba path
+        # (kernels/numba_conv.py), torch's ops on every other
+        conv = causal_conv_silu if path == "numba" else causal_conv_silu_torch
+        x = conv(x, self.conv1d.weight, self.conv1d.bias, start)
         x_dbl = self.x_proj(x.transpose(1, 2))                    # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)       # [B, Di, L]; bias goes to the scan
